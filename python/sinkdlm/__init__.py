@@ -1,0 +1,9 @@
+"""sinkdlm: sink-token attention and remasking kernels for diffusion language models."""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
+from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
+from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
+
+__all__ = ["sink_attention", "sink_attention_mask", "sink_attention_reference"]
+__version__ = "0.1.0"
