@@ -59,7 +59,9 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
         _fail("k", f"a head count dividing q's H = {H} (GQA)", f"Hkv = {Hkv}")
     if (sink_k is None) != (sink_v is None):
         given, missing = ("sink_k", "sink_v") if sink_v is None else ("sink_v", "sink_k")
-        raise ValueError(f"sink_attention: {given} was given without {missing}; pass both or neither")
+        raise ValueError(
+            f"sink_attention: {given} was given without {missing}; pass both or neither"
+        )
     if sink_k is not None:
         for name, t in (("sink_k", sink_k), ("sink_v", sink_v)):
             if not isinstance(t, torch.Tensor):
@@ -69,22 +71,33 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
             if t.device != q.device:
                 _fail(name, f"on {q.device} like q", t.device)
             if _shape(t) not in ((Hkv, D), (B, Hkv, D)):
-                _fail(name, f"(Hkv, D) = ({Hkv}, {D}) or (B, Hkv, D) = ({B}, {Hkv}, {D})",
-                      f"shape {_shape(t)}")
+                _fail(
+                    name,
+                    f"(Hkv, D) = ({Hkv}, {D}) or (B, Hkv, D) = ({B}, {Hkv}, {D})",
+                    f"shape {_shape(t)}",
+                )
         if sink_k.shape != sink_v.shape:
             _fail("sink_v", f"the shape of sink_k {_shape(sink_k)}", f"shape {_shape(sink_v)}")
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
-            _fail("sink_logit", "a floating-point tensor", getattr(sink_logit, "dtype", sink_logit),
-                  TypeError)
+            _fail(
+                "sink_logit",
+                "a floating-point tensor",
+                getattr(sink_logit, "dtype", sink_logit),
+                TypeError,
+            )
         if _shape(sink_logit) != (H,):
             _fail("sink_logit", f"(H,) = ({H},)", f"shape {_shape(sink_logit)}")
         if sink_logit.device != q.device:
             _fail("sink_logit", f"on {q.device} like q", sink_logit.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            _fail("key_padding_mask", "a bool tensor (True = real token)",
-                  getattr(key_padding_mask, "dtype", key_padding_mask), TypeError)
+            _fail(
+                "key_padding_mask",
+                "a bool tensor (True = real token)",
+                getattr(key_padding_mask, "dtype", key_padding_mask),
+                TypeError,
+            )
         if _shape(key_padding_mask) != (B, L):
             _fail("key_padding_mask", f"(B, L) = ({B}, {L})", f"shape {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
@@ -144,14 +157,22 @@ def _expand_sink(sink: torch.Tensor, batch: int) -> torch.Tensor:
     return sink.expand(batch, *sink.shape[-2:]) if sink.dim() == 2 else sink
 
 
-def _sink_attention_composite(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale,
-                              return_lse):
+def _sink_attention_composite(
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, return_lse
+):
     """Devices without a native kernel: SDPA on ``[sink ; kv]`` (whatever backend the device
     has), or the reference math where SDPA cannot express the request (logit sink, lse)."""
     if sink_logit is not None or return_lse:
         return sink_attention_reference(
-            q, k, v, sink_k, sink_v, sink_logit=sink_logit, key_padding_mask=key_padding_mask,
-            scale=scale, return_lse=return_lse,
+            q,
+            k,
+            v,
+            sink_k,
+            sink_v,
+            sink_logit=sink_logit,
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            return_lse=return_lse,
         )
     B, H, L, _ = q.shape
     attn_mask = None
@@ -192,7 +213,9 @@ def sink_attention_mask(
         ``F.scaled_dot_product_attention``.
     """
     if not 0 <= sink_position <= L:
-        raise ValueError(f"sink_attention_mask: sink_position must be in [0, {L}], got {sink_position}")
+        raise ValueError(
+            f"sink_attention_mask: sink_position must be in [0, {L}], got {sink_position}"
+        )
     device = key_padding_mask.device if key_padding_mask is not None else None
     n = L + 1
     mask = torch.ones(n, n, dtype=torch.bool, device=device)
@@ -200,15 +223,22 @@ def sink_attention_mask(
     mask[sink_position, sink_position] = True
     if key_padding_mask is None:
         return mask
-    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2 or key_padding_mask.shape[1] != L:
+    if (
+        key_padding_mask.dtype != torch.bool
+        or key_padding_mask.dim() != 2
+        or key_padding_mask.shape[1] != L
+    ):
         raise ValueError(
             f"sink_attention_mask: key_padding_mask must be bool (B, {L}), got "
             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
         )
     B = key_padding_mask.shape[0]
     real = torch.cat(
-        [key_padding_mask[:, :sink_position], key_padding_mask.new_ones(B, 1),
-         key_padding_mask[:, sink_position:]],
+        [
+            key_padding_mask[:, :sink_position],
+            key_padding_mask.new_ones(B, 1),
+            key_padding_mask[:, sink_position:],
+        ],
         dim=1,
     )
     return mask.unsqueeze(0) & real[:, None, :]
@@ -243,7 +273,9 @@ def sink_attention_reference(
     has_token = sink_k is not None
     if has_token:
         if not 0 <= sink_position <= L:
-            raise ValueError(f"sink_attention_reference: sink_position must be in [0, {L}], got {sink_position}")
+            raise ValueError(
+                f"sink_attention_reference: sink_position must be in [0, {L}], got {sink_position}"
+            )
         sk = _expand_sink(sink_k, B).repeat_interleave(group, dim=1).unsqueeze(2)
         sv = _expand_sink(sink_v, B).repeat_interleave(group, dim=1).unsqueeze(2)
         p = sink_position
@@ -293,8 +325,9 @@ def _sink_attention_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_ma
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
-def _sink_attention_bwd_fake(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
-                             key_padding_mask, out, lse, scale):
+def _sink_attention_bwd_fake(
+    grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
+):
     def like(t):
         return t.new_empty(t.shape) if t is not None else q.new_empty(0)
 
@@ -313,7 +346,17 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dsink_k, dsink_v, dsink_logit = torch.ops.sinkdlm.sink_attention_bwd(
-        grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse,
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        out,
+        lse,
         ctx.scale,
     )
     return (
