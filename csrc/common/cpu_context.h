@@ -27,9 +27,13 @@ struct CpuContext {
   GemmFn<T> gemm() const;
 };
 template <>
-inline GemmFn<float> CpuContext::gemm<float>() const { return sgemm; }
+inline GemmFn<float> CpuContext::gemm<float>() const {
+  return sgemm;
+}
 template <>
-inline GemmFn<double> CpuContext::gemm<double>() const { return dgemm; }
+inline GemmFn<double> CpuContext::gemm<double>() const {
+  return dgemm;
+}
 
 // Plain triple loop, used by the unit tests and when no BLAS is found at run time.
 template <typename T>

@@ -57,7 +57,7 @@ inline float16 to_float16(float f) {
   const uint32_t u = float_to_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
   if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
   if (a < 0x38800000u) {
     // Result is subnormal (or zero): scale into the subnormal range, round to nearest even.
@@ -72,35 +72,51 @@ inline float16 to_float16(float f) {
 
 // Uniform load/store into the accumulation type.
 template <typename acc_t>
-inline acc_t load(const float& x) { return static_cast<acc_t>(x); }
+inline acc_t load(const float& x) {
+  return static_cast<acc_t>(x);
+}
 template <typename acc_t>
-inline acc_t load(const double& x) { return static_cast<acc_t>(x); }
+inline acc_t load(const double& x) {
+  return static_cast<acc_t>(x);
+}
 template <typename acc_t>
-inline acc_t load(const bfloat16& x) { return static_cast<acc_t>(to_float(x)); }
+inline acc_t load(const bfloat16& x) {
+  return static_cast<acc_t>(to_float(x));
+}
 template <typename acc_t>
-inline acc_t load(const float16& x) { return static_cast<acc_t>(to_float(x)); }
+inline acc_t load(const float16& x) {
+  return static_cast<acc_t>(to_float(x));
+}
 
 template <typename T>
 struct Store;
 template <>
 struct Store<float> {
   template <typename A>
-  static float from(A x) { return static_cast<float>(x); }
+  static float from(A x) {
+    return static_cast<float>(x);
+  }
 };
 template <>
 struct Store<double> {
   template <typename A>
-  static double from(A x) { return static_cast<double>(x); }
+  static double from(A x) {
+    return static_cast<double>(x);
+  }
 };
 template <>
 struct Store<bfloat16> {
   template <typename A>
-  static bfloat16 from(A x) { return to_bfloat16(static_cast<float>(x)); }
+  static bfloat16 from(A x) {
+    return to_bfloat16(static_cast<float>(x));
+  }
 };
 template <>
 struct Store<float16> {
   template <typename A>
-  static float16 from(A x) { return to_float16(static_cast<float>(x)); }
+  static float16 from(A x) {
+    return to_float16(static_cast<float>(x));
+  }
 };
 
 template <typename T, typename A>

@@ -1,8 +1,8 @@
-#include "common/row_ops.h"
-
 #include <cmath>
 #include <cstring>
 #include <limits>
+
+#include "common/row_ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SINKDLM_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))

@@ -214,8 +214,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
       for (int64_t i0 = 0; i0 < L; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, L - i0);
         load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
-        load_tile(static_cast<const T*>(g.dout), g.dout_stride, b, h, i0, nq, D, A(1),
-                  dout.data());
+        load_tile(static_cast<const T*>(g.dout), g.dout_stride, b, h, i0, nq, D, A(1), dout.data());
         std::fill(dq.begin(), dq.end(), A(0));
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = i0 + r;
@@ -228,8 +227,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
             delta[r] = 0;
             continue;
           }
-          load_tile(static_cast<const T*>(g.out), g.out_stride, b, h, i, 1, D, A(1),
-                    out_r.data());
+          load_tile(static_cast<const T*>(g.out), g.out_stride, b, h, i, 1, D, A(1), out_r.data());
           lse_t[r] = lse[bh * L + i];
           // delta = rowsum(dO * O) - dlse: dS = P (dP - delta) then also carries d lse / d s = P.
           delta[r] = row::dot(dout_r, out_r.data(), D) - (dlse ? dlse[bh * L + i] : A(0));
@@ -249,7 +247,8 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
           gemm(false, true, nq, nk, D, A(1), qs.data(), D, k + j0 * ldk, ldk, A(0), s.data(), bk);
           mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
           for (int64_t r = 0; r < nq; ++r) row::exp_sub(s.data() + r * bk, nk, lse_t[r]);
-          // s now holds P. dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += dS K; dK += dS^T Qs.
+          // s now holds P. dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += dS K; dK += dS^T
+          // Qs.
           gemm(true, false, nk, D, nq, A(1), s.data(), bk, dout.data(), D, A(1), dvp + j0 * D, D);
           gemm(false, true, nq, nk, D, A(1), dout.data(), D, v + j0 * ldv, ldv, A(0), dp.data(),
                bk);

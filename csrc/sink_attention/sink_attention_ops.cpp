@@ -37,16 +37,16 @@ Strides4 strides4(const at::Tensor& t) {
 }
 
 const CpuContext& torch_cpu_context() {
-  static const CpuContext ctx = make_cpu_context(
-      [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  static const CpuContext ctx =
+      make_cpu_context([](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
         at::parallel_for(0, n, 1, fn);
       });
   return ctx;
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "sink_attention: ", name,
-              " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "sink_attention: ", name, " must have q's dtype ",
+              q.scalar_type(), ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == q.device(), "sink_attention: ", name, " must be on ", q.device(),
               ", got ", t.device());
 }
@@ -119,14 +119,16 @@ SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, cons
 std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
-    const std::optional<at::Tensor>& sink_logit,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
   std::vector<at::Tensor> keep;
   const SinkAttentionProblem p =
       make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, keep);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(acc_type(q.scalar_type())));
-  if (out.numel() > 0) sink_attention_fwd_cpu(p, out.data_ptr(), lse.data_ptr(), torch_cpu_context());
+  at::Tensor lse =
+      at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(acc_type(q.scalar_type())));
+  if (out.numel() > 0)
+    sink_attention_fwd_cpu(p, out.data_ptr(), lse.data_ptr(), torch_cpu_context());
   return {out, lse};
 }
 
@@ -146,9 +148,9 @@ sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Te
               "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
   check_same(grad_out, q, "grad_out");
   check_same(out, q, "out");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
-                  lse.size(2) == p.seqlen,
-              "sink_attention_bwd: lse must be (B, H, L), got ", lse.sizes());
+  TORCH_CHECK(
+      lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.seqlen,
+      "sink_attention_bwd: lse must be (B, H, L), got ", lse.sizes());
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor dlse_acc;
   if (grad_lse) {
