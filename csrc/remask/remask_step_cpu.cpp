@@ -1,0 +1,345 @@
+#include "remask/remask_step_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "remask/philox.h"
+
+namespace sinkdlm {
+namespace remask {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Logits are read in chunks that stay in L1 while the chunk's max, argmax and exp-sums are
+// taken, so memory sees one pass over the vocabulary.
+constexpr int64_t kChunk = 2048;
+
+struct BFloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
+
+inline float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline uint32_t bits_from_float(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+inline float to_float(float value) { return value; }
+inline float to_float(BFloat16 value) { return float_from_bits(uint32_t{value.bits} << 16); }
+inline float to_float(Float16 value) {
+  const uint32_t sign = uint32_t{value.bits & 0x8000u} << 16;
+  const uint32_t exponent_mantissa = value.bits & 0x7FFFu;
+  // The half's exponent and mantissa placed in float position, times 2^112, re-biases the
+  // exponent (15 -> 127) and turns half subnormals into exact floats; inf/nan are patched.
+  float magnitude = float_from_bits(exponent_mantissa << 13) * 0x1p112f;
+  magnitude = exponent_mantissa >= 0x7C00u ? float_from_bits((exponent_mantissa << 13) | 0x7F800000u)
+                                           : magnitude;
+  return float_from_bits(bits_from_float(magnitude) | sign);
+}
+
+// exp(x) for x <= 0, within ~2 ulp, branch-free so that `omp simd` loops vectorise it. Inputs
+// below -87 are clamped (their exp is < 2^-125, negligible against a softmax sum >= 1).
+inline float fast_exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float rounded = x * 1.44269504088896341f + kRoundMagic;
+  const int32_t n = static_cast<int32_t>(bits_from_float(rounded)) - 0x4B400000;
+  rounded -= kRoundMagic;
+  float r = x - rounded * 0.693145751953125f;  // ln 2 split in two for an exact reduction
+  r = r - rounded * 1.42860682030941723212e-6f;
+  float poly = 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  return poly * float_from_bits(static_cast<uint32_t>(n + 127) << 23);
+}
+
+struct PositionConfig {
+  Strategy strategy;
+  bool noisy;
+  float inv_temperature;
+  uint64_t seed;
+  uint32_t offset;
+};
+
+struct PositionResult {
+  int64_t token;
+  float confidence;
+};
+
+inline int64_t first_index_of(const float* values, int64_t n, float target) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (values[i] == target) return i;
+  }
+  return 0;
+}
+
+// One pass over a position's logits: candidate token and confidence.
+template <typename T>
+__attribute__((always_inline)) inline PositionResult scan_position(const T* row, int64_t vocab,
+                                                                   const PositionConfig& config,
+                                                                   int64_t b, int64_t l) {
+  alignas(64) float logits[kChunk];
+  alignas(64) float scores[kChunk];
+  const bool need_softmax = config.strategy != Strategy::kRandom;
+  const bool need_entropy = config.strategy == Strategy::kEntropy;
+  const bool need_second = config.strategy == Strategy::kMargin;
+
+  float best_score = -kInf, best_logit = -kInf;
+  int64_t best_index = 0;
+  float top1 = -kInf, top2 = -kInf;
+  // Online softmax: sum = sum e^(x - running_max), weighted = sum e^(x - running_max) (x - running_max).
+  float running_max = -kInf;
+  double sum = 0.0, weighted = 0.0;
+
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const T* src = row + start;
+    float chunk_max = -kInf;
+#pragma omp simd reduction(max : chunk_max)
+    for (int64_t i = 0; i < n; ++i) {
+      logits[i] = to_float(src[i]);
+      chunk_max = logits[i] > chunk_max ? logits[i] : chunk_max;
+    }
+
+    const float* candidate_scores = logits;
+    float score_max = chunk_max;
+    if (config.noisy) {
+      const float inv_temperature = config.inv_temperature;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) scores[i] = logits[i] * inv_temperature;
+      // Added in a separate loop so that no compiler fuses the multiply-add (the reference
+      // rounds the product first).
+      for (int64_t g = 0; g < n; g += 4) {
+        const philox::Uint4 words = philox::noise_block(config.seed, config.offset, b, l, start + g);
+        for (int64_t lane = 0; lane < 4 && g + lane < n; ++lane) {
+          scores[g + lane] += philox::uniform_to_gumbel(
+              philox::uint_to_uniform(philox::word(words, static_cast<uint32_t>(lane))));
+        }
+      }
+      score_max = -kInf;
+#pragma omp simd reduction(max : score_max)
+      for (int64_t i = 0; i < n; ++i) score_max = scores[i] > score_max ? scores[i] : score_max;
+      candidate_scores = scores;
+    }
+    if (score_max > best_score) {  // strict: ties keep the lower vocabulary index
+      const int64_t i = first_index_of(candidate_scores, n, score_max);
+      best_score = score_max;
+      best_index = start + i;
+      best_logit = logits[i];
+    }
+
+    if (need_second) {
+      const int64_t first = first_index_of(logits, n, chunk_max);
+      float second = -kInf;
+#pragma omp simd reduction(max : second)
+      for (int64_t i = 0; i < n; ++i) {
+        const float value = i == first ? -kInf : logits[i];
+        second = value > second ? value : second;
+      }
+      if (chunk_max > top1) {
+        top2 = std::max(top1, second);
+        top1 = chunk_max;
+      } else {
+        top2 = std::max(top2, chunk_max);
+      }
+    }
+
+    if (need_softmax) {
+      if (chunk_max > running_max) {
+        if (sum > 0.0) {
+          const double shift = static_cast<double>(running_max) - chunk_max;
+          const double scale = std::exp(shift);
+          weighted = scale * (weighted + sum * shift);
+          sum *= scale;
+        }
+        running_max = chunk_max;
+      }
+      const float reference = running_max;
+      float chunk_sum = 0.0f;
+      if (need_entropy) {
+        float chunk_weighted = 0.0f;
+#pragma omp simd reduction(+ : chunk_sum, chunk_weighted)
+        for (int64_t i = 0; i < n; ++i) {
+          const float shifted = logits[i] - reference;
+          const float e = fast_exp_nonpositive(shifted);
+          chunk_sum += e;
+          chunk_weighted += shifted > -87.0f ? e * shifted : 0.0f;  // 0 log 0 = 0 for -inf logits
+        }
+        weighted += chunk_weighted;
+      } else {
+#pragma omp simd reduction(+ : chunk_sum)
+        for (int64_t i = 0; i < n; ++i) chunk_sum += fast_exp_nonpositive(logits[i] - reference);
+      }
+      sum += chunk_sum;
+    }
+  }
+
+  double confidence = 0.0;
+  switch (config.strategy) {
+    case Strategy::kLowConfidence:
+      confidence = std::exp(static_cast<double>(best_logit) - running_max) / sum;
+      break;
+    case Strategy::kMargin:
+      confidence = (std::exp(static_cast<double>(top1) - running_max) -
+                    std::exp(static_cast<double>(top2) - running_max)) /
+                   sum;
+      break;
+    case Strategy::kEntropy:
+      confidence = weighted / sum - std::log(sum);
+      break;
+    case Strategy::kRandom:
+      confidence = philox::position_uniform(config.seed, config.offset, b, l);
+      break;
+  }
+  return PositionResult{best_index, static_cast<float>(confidence)};
+}
+
+// One clone per instruction set, picked at load time (the library is built for baseline x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SINKDLM_TARGET_CLONES
+#endif
+
+SINKDLM_TARGET_CLONES PositionResult scan_position_f32(const float* row, int64_t vocab,
+                                                       const PositionConfig& config, int64_t b,
+                                                       int64_t l) {
+  return scan_position(row, vocab, config, b, l);
+}
+SINKDLM_TARGET_CLONES PositionResult scan_position_f16(const Float16* row, int64_t vocab,
+                                                       const PositionConfig& config, int64_t b,
+                                                       int64_t l) {
+  return scan_position(row, vocab, config, b, l);
+}
+SINKDLM_TARGET_CLONES PositionResult scan_position_bf16(const BFloat16* row, int64_t vocab,
+                                                        const PositionConfig& config, int64_t b,
+                                                        int64_t l) {
+  return scan_position(row, vocab, config, b, l);
+}
+
+inline PositionResult scan_any(const RemaskStepParams& p, int64_t offset_elements,
+                               const PositionConfig& config, int64_t b, int64_t l) {
+  switch (p.logits_type) {
+    case LogitsType::kFloat16:
+      return scan_position_f16(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab,
+                               config, b, l);
+    case LogitsType::kBFloat16:
+      return scan_position_bf16(static_cast<const BFloat16*>(p.logits) + offset_elements,
+                                p.vocab, config, b, l);
+    case LogitsType::kFloat32:
+    default:
+      return scan_position_f32(static_cast<const float*>(p.logits) + offset_elements, p.vocab,
+                               config, b, l);
+  }
+}
+
+struct Window {
+  int64_t start, end;
+};
+
+inline Window row_window(const RemaskStepParams& p, int64_t b) {
+  if (p.window == nullptr) return Window{0, p.length};
+  return Window{p.window[2 * b], p.window[2 * b + 1]};
+}
+
+inline bool is_eligible(const RemaskStepParams& p, const Window& window, int64_t b, int64_t l) {
+  return l >= window.start && l < window.end &&
+         p.x[b * p.x_stride_b + l * p.x_stride_l] == p.mask_id;
+}
+
+int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, vocab)); }
+
+}  // namespace
+
+float bfloat16_bits_to_float(uint16_t bits) { return to_float(BFloat16{bits}); }
+float float16_bits_to_float(uint16_t bits) { return to_float(Float16{bits}); }
+
+void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for) {
+  const int64_t length = p.length;
+  const PositionConfig config{p.strategy, p.inv_temperature > 0.0f, p.inv_temperature, p.seed,
+                              p.offset};
+
+  // Pass 1, parallel over positions: eligible positions get their candidate (provisionally in
+  // x_new) and confidence; the others keep their token and get -inf.
+  parallel_for(0, p.batch * length, grain_for(p.vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t position = begin; position < end; ++position) {
+      const int64_t b = position / length, l = position % length;
+      if (!is_eligible(p, row_window(p, b), b, l)) {
+        p.x_new[position] = p.x[b * p.x_stride_b + l * p.x_stride_l];
+        p.confidence[position] = -kInf;
+        continue;
+      }
+      const PositionResult result =
+          scan_any(p, b * p.logits_stride_b + l * p.logits_stride_l, config, b, l);
+      p.x_new[position] = result.token;
+      p.confidence[position] = result.confidence;
+    }
+  });
+
+  // Pass 2, parallel over rows: keep the k best-ranked candidates (and, with a threshold, every
+  // candidate at least that confident); the other eligible positions stay masked.
+  parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys;
+    for (int64_t b = begin; b < end; ++b) {
+      const Window window = row_window(p, b);
+      const float* confidence = p.confidence + b * length;
+      keys.clear();
+      for (int64_t l = window.start; l < window.end; ++l) {
+        if (is_eligible(p, window, b, l)) keys.push_back(rank_key(confidence[l], l));
+      }
+      const int64_t eligible = static_cast<int64_t>(keys.size());
+      int64_t k = std::min(p.num_transfer[b], eligible);
+      if (p.has_threshold && eligible > 0) k = std::max<int64_t>(k, 1);
+      uint64_t cutoff = 0;
+      if (k > 0) {
+        std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<>());
+        cutoff = keys[k - 1];
+      }
+      for (int64_t l = 0; l < length; ++l) {
+        const int64_t position = b * length + l;
+        const bool eligible_here = is_eligible(p, window, b, l);
+        const bool pick = eligible_here && k > 0 &&
+                          (rank_key(confidence[l], l) >= cutoff ||
+                           (p.has_threshold && confidence[l] >= p.threshold));
+        p.transferred[position] = pick;
+        if (eligible_here && !pick) p.x_new[position] = p.mask_id;
+      }
+    }
+  });
+}
+
+void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_t length,
+                           int64_t vocab, float* gumbel, float* uniform,
+                           const ParallelFor& parallel_for) {
+  parallel_for(0, batch * length, grain_for(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t position = begin; position < end; ++position) {
+      const int64_t b = position / length, l = position % length;
+      if (gumbel != nullptr) {
+        for (int64_t v = 0; v < vocab; ++v) {
+          gumbel[position * vocab + v] = philox::gumbel(seed, offset, b, l, v);
+        }
+      }
+      if (uniform != nullptr) uniform[position] = philox::position_uniform(seed, offset, b, l);
+    }
+  });
+}
+
+}  // namespace remask
+}  // namespace sinkdlm
