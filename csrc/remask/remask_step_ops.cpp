@@ -64,9 +64,12 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
                     "remask_step: threshold must be a number, got nan");
   TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<uint32_t>::max(),
                     "remask_step: offset must be in [0, 2^32), got ", offset);
-  if (batch > 0) {
-    TORCH_CHECK_VALUE(num_transfer.min().item<int64_t>() >= 0,
-                      "remask_step: num_transfer must be >= 0, got ", num_transfer.min().item<int64_t>());
+  // Values are checked on the host (for CUDA tensors: a copy of B or 2B integers).
+  const at::Tensor num_transfer_host = num_transfer.to(at::kCPU).contiguous();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t count = num_transfer_host.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(count >= 0, "remask_step: num_transfer must be >= 0, got ", count,
+                      " in row ", b);
   }
 
   window_contiguous = at::Tensor();
@@ -80,12 +83,13 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
     TORCH_CHECK_VALUE(w.device() == logits.device(),
                       "remask_step: window must be on the logits' device ", logits.device(),
                       ", got ", w.device());
-    if (batch > 0) {
-      const at::Tensor starts = w.select(1, 0), ends = w.select(1, 1);
-      const bool in_range = (starts >= 0).all().item<bool>() && (ends <= length).all().item<bool>() &&
-                            (starts <= ends).all().item<bool>();
-      TORCH_CHECK_VALUE(in_range, "remask_step: window rows must satisfy 0 <= start <= end <= L = ",
-                        length, ", got ", w.cpu());
+    const at::Tensor window_host = w.to(at::kCPU).contiguous();
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t start = window_host.data_ptr<int64_t>()[2 * b];
+      const int64_t end = window_host.data_ptr<int64_t>()[2 * b + 1];
+      TORCH_CHECK_VALUE(0 <= start && start <= end && end <= length,
+                        "remask_step: window rows must satisfy 0 <= start <= end <= L = ", length,
+                        ", got [", start, ", ", end, ") in row ", b);
     }
     window_contiguous = w.contiguous();
   }
