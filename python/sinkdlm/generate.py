@@ -22,7 +22,9 @@ def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tenso
     return base.unsqueeze(1) + (step_index < remainder.unsqueeze(1)).to(num_masked.dtype)
 
 
-def dream_transfer_schedule(num_masked: torch.Tensor, steps: int, eps: float = 1e-3) -> torch.Tensor:
+def dream_transfer_schedule(
+    num_masked: torch.Tensor, steps: int, eps: float = 1e-3
+) -> torch.Tensor:
     """Dream's schedule: timesteps ``linspace(1, eps, steps + 1)`` (float32); the step from t to s
     fills ``int(n · (1 - s / t))`` of the n positions still masked, and the last step the rest.
 

@@ -131,7 +131,9 @@ def remask_step_reference(
     out non-eligible positions, per-row top-k (a stable sort, so ties go to the lower position).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"remask_step_reference: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ValueError(
+            f"remask_step_reference: strategy must be one of {STRATEGIES}, got {strategy!r}"
+        )
     batch, length, vocab = logits.shape
     device = logits.device
     num_transfer = _as_num_transfer(num_transfer, batch, device)
@@ -188,4 +190,3 @@ def _remask_step_fake(
         x.new_empty(shape, dtype=torch.bool),
         x.new_empty(shape, dtype=torch.float32),
     )
-
