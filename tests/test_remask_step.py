@@ -252,3 +252,15 @@ def test_torch_compile_fullgraph():
     assert_same_step(
         compiled(logits, x, num_transfer, window), step(logits, x, num_transfer, window)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_minus_infinity_logits(device, strategy):
+    # Vocabulary entries a model rules out (logit -inf) get probability 0 and add 0 to entropy.
+    logits, x, mask_id, num_transfer, window = make_inputs(4, 9, 3001, torch.float32, device, 5)
+    g = torch.Generator().manual_seed(1)
+    logits[torch.rand(logits.shape, generator=g).to(device) < 0.3] = float("-inf")
+    got, want = run_both(logits, x, mask_id, num_transfer, strategy=strategy, temperature=0.9)
+    assert_same_step(got, want)
+    assert torch.isfinite(got[2][x == mask_id]).all()
