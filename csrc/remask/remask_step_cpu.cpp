@@ -50,10 +50,15 @@ inline float to_float(Float16 value) {
   return float_from_bits(bits_from_float(magnitude) | sign);
 }
 
+// For x <= 0 (or -inf, nan): x < -87. An integer comparison of the bit patterns (for negative
+// floats, larger bits = more negative): a float comparison may trap, and GCC then refuses to
+// if-convert, i.e. to vectorise, the loop (unless -fno-trapping-math).
+inline bool below_minus_87(float x) { return bits_from_float(x) > 0xC2AE0000u; }
+
 // exp(x) for x <= 0, within ~2 ulp, branch-free so that `omp simd` loops vectorise it. Inputs
 // below -87 are clamped (their exp is < 2^-125, negligible against a softmax sum >= 1).
 inline float fast_exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = below_minus_87(x) ? -87.0f : x;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float rounded = x * 1.44269504088896341f + kRoundMagic;
   const int32_t n = static_cast<int32_t>(bits_from_float(rounded)) - 0x4B400000;
@@ -68,6 +73,139 @@ inline float fast_exp_nonpositive(float x) {
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
   return poly * float_from_bits(static_cast<uint32_t>(n + 127) << 23);
+}
+
+// ---- Vectorised leaf loops over one chunk, one clone per instruction set (picked at load time;
+// the library is built for baseline x86-64). Kept as small separate functions: GCC vectorises
+// them reliably, which it did not do for the same loops inlined into the per-position scan.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SINKDLM_TARGET_CLONES
+#endif
+
+template <typename T>
+__attribute__((always_inline)) inline float convert_and_max_impl(const T* src, int64_t n,
+                                                                 float* out) {
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = to_float(src[i]);
+    max = out[i] > max ? out[i] : max;
+  }
+  return max;
+}
+
+// Converts a chunk to float32 into `out` and returns its max.
+SINKDLM_TARGET_CLONES float convert_and_max(const float* src, int64_t n, float* out) {
+  return convert_and_max_impl(src, n, out);
+}
+SINKDLM_TARGET_CLONES float convert_and_max(const Float16* src, int64_t n, float* out) {
+  return convert_and_max_impl(src, n, out);
+}
+SINKDLM_TARGET_CLONES float convert_and_max(const BFloat16* src, int64_t n, float* out) {
+  return convert_and_max_impl(src, n, out);
+}
+
+SINKDLM_TARGET_CLONES void scale(const float* values, int64_t n, float factor, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = values[i] * factor;
+}
+
+SINKDLM_TARGET_CLONES float max_of(const float* values, int64_t n) {
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < n; ++i) max = values[i] > max ? values[i] : max;
+  return max;
+}
+
+// Max over all entries but `skip`.
+SINKDLM_TARGET_CLONES float max_except(const float* values, int64_t n, int64_t skip) {
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < n; ++i) {
+    const float value = i == skip ? -kInf : values[i];
+    max = value > max ? value : max;
+  }
+  return max;
+}
+
+// The exp-sums are written with GCC vector extensions: the same loops under `omp simd` were not
+// vectorised (GCC keeps float comparisons that may trap out of if-converted loops).
+// -Wpsabi: 32-byte vectors passed between functions of this translation unit only (all inline,
+// internal linkage), so the non-AVX ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Float8 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+typedef uint32_t Uint8 __attribute__((vector_size(32)));
+
+inline Float8 splat(float value) { return Float8{} + value; }
+
+inline Float8 load8(const float* values) {
+  Float8 v;
+  std::memcpy(&v, values, sizeof(v));
+  return v;
+}
+
+// Eight lanes of fast_exp_nonpositive (vector casts reinterpret the bits).
+inline Float8 fast_exp_nonpositive8(Float8 x, Int8& below) {
+  below = reinterpret_cast<Uint8&>(x) > 0xC2AE0000u;
+  x = below ? splat(-87.0f) : x;
+  const float kRoundMagic = 12582912.0f;
+  Float8 rounded = x * 1.44269504088896341f + kRoundMagic;
+  const Int8 n = reinterpret_cast<Int8&>(rounded) - 0x4B400000;
+  rounded -= kRoundMagic;
+  Float8 r = x - rounded * 0.693145751953125f;
+  r = r - rounded * 1.42860682030941723212e-6f;
+  Float8 poly = splat(1.0f / 720.0f);
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const Int8 scale_bits = (n + 127) << 23;
+  return poly * reinterpret_cast<const Float8&>(scale_bits);
+}
+
+inline float horizontal_sum(Float8 v) {
+  float sum = 0.0f;
+  for (int i = 0; i < 8; ++i) sum += v[i];
+  return sum;
+}
+
+// sum e^(x - reference) for x <= reference.
+SINKDLM_TARGET_CLONES float sum_exp(const float* values, int64_t n, float reference) {
+  Float8 sum8 = splat(0.0f);
+  Int8 below;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) sum8 += fast_exp_nonpositive8(load8(values + i) - reference, below);
+  float sum = horizontal_sum(sum8);
+  for (; i < n; ++i) sum += fast_exp_nonpositive(values[i] - reference);
+  return sum;
+}
+
+// sum e^(x - reference), and sum e^(x - reference) (x - reference) into *weighted.
+SINKDLM_TARGET_CLONES float sum_exp_weighted(const float* values, int64_t n, float reference,
+                                             float* weighted) {
+  Float8 sum8 = splat(0.0f), weighted8 = splat(0.0f);
+  Int8 below;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const Float8 shifted = load8(values + i) - reference;
+    const Float8 e = fast_exp_nonpositive8(shifted, below);
+    sum8 += e;
+    weighted8 += below ? splat(0.0f) : e * shifted;  // 0 log 0 = 0 for -inf logits
+  }
+  float sum = horizontal_sum(sum8), weighted_sum = horizontal_sum(weighted8);
+  for (; i < n; ++i) {
+    const float shifted = values[i] - reference;
+    const float e = fast_exp_nonpositive(shifted);
+    sum += e;
+    weighted_sum += below_minus_87(shifted) ? 0.0f : e * shifted;
+  }
+  *weighted = weighted_sum;
+  return sum;
 }
 
 struct PositionConfig {
@@ -92,9 +230,8 @@ inline int64_t first_index_of(const float* values, int64_t n, float target) {
 
 // One pass over a position's logits: candidate token and confidence.
 template <typename T>
-__attribute__((always_inline)) inline PositionResult scan_position(const T* row, int64_t vocab,
-                                                                   const PositionConfig& config,
-                                                                   int64_t b, int64_t l) {
+PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& config, int64_t b,
+                             int64_t l) {
   alignas(64) float logits[kChunk];
   alignas(64) float scores[kChunk];
   const bool need_softmax = config.strategy != Strategy::kRandom;
@@ -111,19 +248,12 @@ __attribute__((always_inline)) inline PositionResult scan_position(const T* row,
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const T* src = row + start;
-    float chunk_max = -kInf;
-#pragma omp simd reduction(max : chunk_max)
-    for (int64_t i = 0; i < n; ++i) {
-      logits[i] = to_float(src[i]);
-      chunk_max = logits[i] > chunk_max ? logits[i] : chunk_max;
-    }
+    const float chunk_max = convert_and_max(src, n, logits);
 
     const float* candidate_scores = logits;
     float score_max = chunk_max;
     if (config.noisy) {
-      const float inv_temperature = config.inv_temperature;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) scores[i] = logits[i] * inv_temperature;
+      scale(logits, n, config.inv_temperature, scores);
       // Added in a separate loop so that no compiler fuses the multiply-add (the reference
       // rounds the product first).
       for (int64_t g = 0; g < n; g += 4) {
@@ -133,9 +263,7 @@ __attribute__((always_inline)) inline PositionResult scan_position(const T* row,
               philox::uint_to_uniform(philox::word(words, static_cast<uint32_t>(lane))));
         }
       }
-      score_max = -kInf;
-#pragma omp simd reduction(max : score_max)
-      for (int64_t i = 0; i < n; ++i) score_max = scores[i] > score_max ? scores[i] : score_max;
+      score_max = max_of(scores, n);
       candidate_scores = scores;
     }
     if (score_max > best_score) {  // strict: ties keep the lower vocabulary index
@@ -146,13 +274,7 @@ __attribute__((always_inline)) inline PositionResult scan_position(const T* row,
     }
 
     if (need_second) {
-      const int64_t first = first_index_of(logits, n, chunk_max);
-      float second = -kInf;
-#pragma omp simd reduction(max : second)
-      for (int64_t i = 0; i < n; ++i) {
-        const float value = i == first ? -kInf : logits[i];
-        second = value > second ? value : second;
-      }
+      const float second = max_except(logits, n, first_index_of(logits, n, chunk_max));
       if (chunk_max > top1) {
         top2 = std::max(top1, second);
         top1 = chunk_max;
@@ -171,23 +293,13 @@ __attribute__((always_inline)) inline PositionResult scan_position(const T* row,
         }
         running_max = chunk_max;
       }
-      const float reference = running_max;
-      float chunk_sum = 0.0f;
       if (need_entropy) {
         float chunk_weighted = 0.0f;
-#pragma omp simd reduction(+ : chunk_sum, chunk_weighted)
-        for (int64_t i = 0; i < n; ++i) {
-          const float shifted = logits[i] - reference;
-          const float e = fast_exp_nonpositive(shifted);
-          chunk_sum += e;
-          chunk_weighted += shifted > -87.0f ? e * shifted : 0.0f;  // 0 log 0 = 0 for -inf logits
-        }
+        sum += sum_exp_weighted(logits, n, running_max, &chunk_weighted);
         weighted += chunk_weighted;
       } else {
-#pragma omp simd reduction(+ : chunk_sum)
-        for (int64_t i = 0; i < n; ++i) chunk_sum += fast_exp_nonpositive(logits[i] - reference);
+        sum += sum_exp(logits, n, running_max);
       }
-      sum += chunk_sum;
     }
   }
 
@@ -211,41 +323,18 @@ __attribute__((always_inline)) inline PositionResult scan_position(const T* row,
   return PositionResult{best_index, static_cast<float>(confidence)};
 }
 
-// One clone per instruction set, picked at load time (the library is built for baseline x86-64).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SINKDLM_TARGET_CLONES
-#endif
-
-SINKDLM_TARGET_CLONES PositionResult scan_position_f32(const float* row, int64_t vocab,
-                                                       const PositionConfig& config, int64_t b,
-                                                       int64_t l) {
-  return scan_position(row, vocab, config, b, l);
-}
-SINKDLM_TARGET_CLONES PositionResult scan_position_f16(const Float16* row, int64_t vocab,
-                                                       const PositionConfig& config, int64_t b,
-                                                       int64_t l) {
-  return scan_position(row, vocab, config, b, l);
-}
-SINKDLM_TARGET_CLONES PositionResult scan_position_bf16(const BFloat16* row, int64_t vocab,
-                                                        const PositionConfig& config, int64_t b,
-                                                        int64_t l) {
-  return scan_position(row, vocab, config, b, l);
-}
-
 inline PositionResult scan_any(const RemaskStepParams& p, int64_t offset_elements,
                                const PositionConfig& config, int64_t b, int64_t l) {
   switch (p.logits_type) {
     case LogitsType::kFloat16:
-      return scan_position_f16(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab,
+      return scan_position(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab,
                                config, b, l);
     case LogitsType::kBFloat16:
-      return scan_position_bf16(static_cast<const BFloat16*>(p.logits) + offset_elements,
+      return scan_position(static_cast<const BFloat16*>(p.logits) + offset_elements,
                                 p.vocab, config, b, l);
     case LogitsType::kFloat32:
     default:
-      return scan_position_f32(static_cast<const float*>(p.logits) + offset_elements, p.vocab,
+      return scan_position(static_cast<const float*>(p.logits) + offset_elements, p.vocab,
                                config, b, l);
   }
 }
