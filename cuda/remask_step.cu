@@ -99,7 +99,7 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
       s.top2 = logit;
     }
   }
-  if (c.need_softmax) {
+  if (c.need_softmax && logit > -INFINITY) {  // -inf adds nothing (and -inf - -inf is nan)
     if (logit > s.max) {
       if (s.sum > 0.0f) {
         const float shift = s.max - logit;

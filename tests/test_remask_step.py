@@ -261,6 +261,7 @@ def test_minus_infinity_logits(device, strategy):
     logits, x, mask_id, num_transfer, window = make_inputs(4, 9, 3001, torch.float32, device, 5)
     g = torch.Generator().manual_seed(1)
     logits[torch.rand(logits.shape, generator=g).to(device) < 0.3] = float("-inf")
+    logits[1, :, :2500] = float("-inf")  # whole leading chunks (CPU) and threads (CUDA) at -inf
     got, want = run_both(logits, x, mask_id, num_transfer, strategy=strategy, temperature=0.9)
     assert_same_step(got, want)
     assert torch.isfinite(got[2][x == mask_id]).all()

@@ -283,7 +283,7 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
       }
     }
 
-    if (need_softmax) {
+    if (need_softmax && chunk_max > -kInf) {  // an all -inf chunk adds nothing
       if (chunk_max > running_max) {
         if (sum > 0.0) {
           const double shift = static_cast<double>(running_max) - chunk_max;
