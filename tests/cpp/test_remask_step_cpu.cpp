@@ -210,6 +210,19 @@ TEST(RemaskStepCpu, NoiseIsAPureFunctionOfItsCounter) {
   remask_step_noise_cpu(42, 3, 2, 3, 5, gumbel.data(), uniform.data(), serial_for);
   EXPECT_EQ(gumbel[(1 * 3 + 2) * 5 + 4], philox::gumbel(42, 3, 1, 2, 4));
   EXPECT_EQ(uniform[1 * 3 + 2], philox::position_uniform(42, 3, 1, 2));
+  // The vectorised noise (32 entries at a time) has the scalar noise's bits.
+  std::vector<float> wide(2 * 3 * 101);
+  remask_step_noise_cpu(0xFEEDFACECAFEBEEFull, 9, 2, 3, 101, wide.data(), nullptr, serial_for);
+  for (int64_t i = 0; i < 2 * 3 * 101; ++i) {
+    const float scalar = philox::gumbel(0xFEEDFACECAFEBEEFull, 9, i / 303, (i / 101) % 3, i % 101);
+    ASSERT_EQ(wide[i], scalar) << "entry " << i;
+  }
+  // The log behind the noise, against libm.
+  for (float x : {3e-8f, 1e-5f, 0.1f, 0.70710677f, 0.70710683f, 0.999999f, 1.0f, 1.5f, 17.3f}) {
+    EXPECT_NEAR(philox::log_positive(x), std::log(static_cast<double>(x)),
+                3e-7 * std::max(1.0, std::abs(std::log(static_cast<double>(x)))))
+        << x;
+  }
   EXPECT_NE(philox::gumbel(42, 3, 1, 2, 4), philox::gumbel(43, 3, 1, 2, 4));
   EXPECT_NE(philox::gumbel(42, 3, 1, 2, 4), philox::gumbel(42, 4, 1, 2, 4));
   // Known-answer test: Random123's philox4x32-10 vector for counter = key = 0.
