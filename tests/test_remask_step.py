@@ -242,6 +242,10 @@ def test_opcheck(device, threshold):
     torch.library.opcheck(torch.ops.sinkdlm.remask_step.default, args)
 
 
+def test_opcheck_noise():
+    torch.library.opcheck(torch.ops.sinkdlm.remask_step_noise.default, (77, 5, 2, 3, 41))
+
+
 def test_torch_compile_fullgraph():
     logits, x, mask_id, num_transfer, window = make_inputs(2, 6, 64, torch.float32, "cpu")
 

@@ -172,10 +172,14 @@ TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
       "remask_step(Tensor logits, Tensor x, int mask_id, Tensor num_transfer, Tensor? window, "
       "str strategy, float temperature, float? threshold, int seed, int offset) -> "
       "(Tensor x_new, Tensor transferred, Tensor confidence)");
-  // No tensor inputs: a catch-all kernel, always on the CPU.
-  m.def("remask_step_noise(int seed, int offset, int batch, int length, int vocab) -> "
-        "(Tensor gumbel, Tensor uniform)",
-        &sinkdlm::remask::remask_step_noise_impl);
+  m.def(
+      "remask_step_noise(int seed, int offset, int batch, int length, int vocab) -> "
+      "(Tensor gumbel, Tensor uniform)");
+}
+
+// No tensor inputs to dispatch on: one kernel for every backend, producing CPU tensors.
+TORCH_LIBRARY_IMPL(sinkdlm, CompositeExplicitAutograd, m) {
+  m.impl("remask_step_noise", &sinkdlm::remask::remask_step_noise_impl);
 }
 
 TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {

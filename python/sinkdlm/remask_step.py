@@ -190,3 +190,8 @@ def _remask_step_fake(
         x.new_empty(shape, dtype=torch.bool),
         x.new_empty(shape, dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("sinkdlm::remask_step_noise")
+def _remask_step_noise_fake(seed, offset, batch, length, vocab):
+    return torch.empty(batch, length, vocab), torch.empty(batch, length)
