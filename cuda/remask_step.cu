@@ -2,13 +2,13 @@
 // position, 16-byte loads) computing max, log-sum-exp, the noisy argmax, the second max and the
 // entropy together; kernel 2 picks each row's most confident positions with a block-wide radix
 // select over unique 64-bit ranking keys and scatters the result.
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <climits>
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "../csrc/remask/philox.h"
 #include "remask_step.h"
@@ -117,9 +117,8 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
 }
 
 __device__ __forceinline__ void combine(ScanState& a, const ScanState& b, const ScanConfig& c) {
-  if (b.best_index != INT_MAX &&
-      (a.best_index == INT_MAX || b.best_score > a.best_score ||
-       (b.best_score == a.best_score && b.best_index < a.best_index))) {
+  if (b.best_index != INT_MAX && (a.best_index == INT_MAX || b.best_score > a.best_score ||
+                                  (b.best_score == a.best_score && b.best_index < a.best_index))) {
     a.best_score = b.best_score;
     a.best_logit = b.best_logit;
     a.best_index = b.best_index;
@@ -315,9 +314,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) {
     const int64_t position = b * length + l;
     const bool eligible_here = is_eligible(p, b, l);
-    const bool pick = eligible_here && k > 0 &&
-                      (rank_key(confidence[l], l) >= cutoff ||
-                       (p.has_threshold && confidence[l] >= p.threshold));
+    const bool pick =
+        eligible_here && k > 0 &&
+        (rank_key(confidence[l], l) >= cutoff || (p.has_threshold && confidence[l] >= p.threshold));
     p.transferred[position] = pick;
     if (eligible_here && !pick) p.x_new[position] = p.mask_id;
   }

@@ -97,7 +97,8 @@ SINKDLM_HD float bits_float(uint32_t bits) {
 // Natural log of a positive normal float within ~2 ulp, from basic operations only (libm's and
 // CUDA's logf differ in the last bit). x = m 2^e with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, odd series to s^9.
-// remask_step_cpu.cpp has an 8-lane copy (log_positive8) with the same operations in the same order.
+// remask_step_cpu.cpp has an 8-lane copy (log_positive8) with the same operations in the same
+// order.
 constexpr uint32_t kSqrt2Bits = 0x3FB504F3u;
 constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723212e-6f;
 SINKDLM_HD float log_positive(float x) {
@@ -140,10 +141,11 @@ SINKDLM_HD float gumbel(uint64_t seed, uint32_t offset, int64_t b, int64_t l, in
 }
 
 SINKDLM_HD float position_uniform(uint64_t seed, uint32_t offset, int64_t b, int64_t l) {
-  return uint_to_uniform(philox4x32_10(Uint4{kRandomStrategyWord, static_cast<uint32_t>(l),
-                                             static_cast<uint32_t>(b), offset},
-                                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))
-                             .x);
+  return uint_to_uniform(
+      philox4x32_10(
+          Uint4{kRandomStrategyWord, static_cast<uint32_t>(l), static_cast<uint32_t>(b), offset},
+          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))
+          .x);
 }
 
 }  // namespace philox

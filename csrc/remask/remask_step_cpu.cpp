@@ -45,8 +45,9 @@ inline float to_float(Float16 value) {
   // The half's exponent and mantissa placed in float position, times 2^112, re-biases the
   // exponent (15 -> 127) and turns half subnormals into exact floats; inf/nan are patched.
   float magnitude = float_from_bits(exponent_mantissa << 13) * 0x1p112f;
-  magnitude = exponent_mantissa >= 0x7C00u ? float_from_bits((exponent_mantissa << 13) | 0x7F800000u)
-                                           : magnitude;
+  magnitude = exponent_mantissa >= 0x7C00u
+                  ? float_from_bits((exponent_mantissa << 13) | 0x7F800000u)
+                  : magnitude;
   return float_from_bits(bits_from_float(magnitude) | sign);
 }
 
@@ -240,8 +241,8 @@ SINKDLM_TARGET_CLONES void gumbel32(uint64_t seed, uint32_t offset, int64_t b, i
 
 // out[i] = philox::gumbel(seed, offset, b, l, v) for v in [v_start, v_start + n), v_start a
 // multiple of 4.
-void gumbel_range(uint64_t seed, uint32_t offset, int64_t b, int64_t l, int64_t v_start,
-                  int64_t n, float* out) {
+void gumbel_range(uint64_t seed, uint32_t offset, int64_t b, int64_t l, int64_t v_start, int64_t n,
+                  float* out) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) gumbel32(seed, offset, b, l, v_start + i, out + i);
   for (; i < n; ++i) out[i] = philox::gumbel(seed, offset, b, l, v_start + i);
@@ -315,7 +316,8 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
   float best_score = -kInf, best_logit = -kInf;
   int64_t best_index = 0;
   float top1 = -kInf, top2 = -kInf;
-  // Online softmax: sum = sum e^(x - running_max), weighted = sum e^(x - running_max) (x - running_max).
+  // Online softmax: sum = sum e^(x - running_max), weighted = sum e^(x - running_max) (x -
+  // running_max).
   float running_max = -kInf;
   double sum = 0.0, weighted = 0.0;
 
@@ -397,15 +399,15 @@ inline PositionResult scan_any(const RemaskStepParams& p, int64_t offset_element
                                const PositionConfig& config, int64_t b, int64_t l) {
   switch (p.logits_type) {
     case LogitsType::kFloat16:
-      return scan_position(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab,
-                               config, b, l);
+      return scan_position(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab, config,
+                           b, l);
     case LogitsType::kBFloat16:
-      return scan_position(static_cast<const BFloat16*>(p.logits) + offset_elements,
-                                p.vocab, config, b, l);
+      return scan_position(static_cast<const BFloat16*>(p.logits) + offset_elements, p.vocab,
+                           config, b, l);
     case LogitsType::kFloat32:
     default:
-      return scan_position(static_cast<const float*>(p.logits) + offset_elements, p.vocab,
-                               config, b, l);
+      return scan_position(static_cast<const float*>(p.logits) + offset_elements, p.vocab, config,
+                           b, l);
   }
 }
 
@@ -423,7 +425,9 @@ inline bool is_eligible(const RemaskStepParams& p, const Window& window, int64_t
          p.x[b * p.x_stride_b + l * p.x_stride_l] == p.mask_id;
 }
 
-int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, vocab)); }
+int64_t grain_for(int64_t vocab) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, vocab));
+}
 
 }  // namespace
 

@@ -15,8 +15,8 @@ namespace remask {
 
 // parallel_for(begin, end, grain, body): run body(b0, b1) over disjoint sub-ranges covering
 // [begin, end). The torch op passes at::parallel_for, tests pass a serial loop.
-using ParallelFor = std::function<void(int64_t, int64_t, int64_t,
-                                       const std::function<void(int64_t, int64_t)>&)>;
+using ParallelFor =
+    std::function<void(int64_t, int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
 
 // Runs one remasking step. Arguments must already be validated (shapes, window inside [0, L],
 // mask_id inside the vocabulary, num_transfer >= 0).

@@ -38,9 +38,8 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
   TORCH_CHECK_VALUE(logits.dim() == 3, "remask_step: logits must be (B, L, V), got shape ",
                     logits.sizes());
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(
-      dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-      "remask_step: logits must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "remask_step: logits must be float32, float16 or bfloat16, got ", dtype);
   const int64_t batch = logits.size(0), length = logits.size(1), vocab = logits.size(2);
   TORCH_CHECK_VALUE(vocab > 0, "remask_step: logits must have a non-empty vocabulary (V > 0)");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == batch && x.size(1) == length,
@@ -56,8 +55,8 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
   TORCH_CHECK_VALUE(x.device() == logits.device() && num_transfer.device() == logits.device(),
                     "remask_step: x and num_transfer must be on the logits' device ",
                     logits.device(), ", got ", x.device(), " and ", num_transfer.device());
-  TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < vocab, "remask_step: mask_id must be in [0, V = ",
-                    vocab, "), got ", mask_id);
+  TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < vocab,
+                    "remask_step: mask_id must be in [0, V = ", vocab, "), got ", mask_id);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
                     "remask_step: temperature must be finite and >= 0, got ", temperature);
   TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold),
@@ -68,8 +67,8 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
   const at::Tensor num_transfer_host = num_transfer.to(at::kCPU).contiguous();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t count = num_transfer_host.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(count >= 0, "remask_step: num_transfer must be >= 0, got ", count,
-                      " in row ", b);
+    TORCH_CHECK_VALUE(count >= 0, "remask_step: num_transfer must be >= 0, got ", count, " in row ",
+                      b);
   }
 
   window_contiguous = at::Tensor();
@@ -134,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cpu_impl(
   const at::Tensor num_transfer_contiguous = num_transfer.contiguous();
   at::Tensor logits_used, window_used;
   RemaskStepParams params;
-  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy,
-                         temperature, threshold, seed, offset, logits_used, window_used, params);
+  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy, temperature,
+                         threshold, seed, offset, logits_used, window_used, params);
   const auto shape = x.sizes();
   at::Tensor x_new = at::empty(shape, x.options());
   at::Tensor transferred = at::empty(shape, x.options().dtype(at::kBool));

@@ -21,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
   const at::Tensor num_transfer_contiguous = num_transfer.contiguous();
   at::Tensor logits_used, window_used;
   RemaskStepParams params;
-  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy,
-                         temperature, threshold, seed, offset, logits_used, window_used, params);
+  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy, temperature,
+                         threshold, seed, offset, logits_used, window_used, params);
   const auto shape = x.sizes();
   at::Tensor x_new = at::empty(shape, x.options());
   at::Tensor transferred = at::empty(shape, x.options().dtype(at::kBool));

@@ -52,8 +52,7 @@ __host__ __device__ __forceinline__
 #else
 inline
 #endif
-    uint64_t
-    rank_key(float confidence, int64_t position) {
+    uint64_t rank_key(float confidence, int64_t position) {
 #if defined(__CUDA_ARCH__)
   uint32_t bits = __float_as_uint(confidence);
 #else

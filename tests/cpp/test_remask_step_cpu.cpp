@@ -47,7 +47,8 @@ Outputs expected(const Case& c, const std::vector<float>& logits, const std::vec
   const float inv_t = c.temperature > 0 ? static_cast<float>(1.0 / c.temperature) : 0.0f;
   std::vector<int64_t> candidate(B * L);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t start = c.with_window ? window[2 * b] : 0, end = c.with_window ? window[2 * b + 1] : L;
+    const int64_t start = c.with_window ? window[2 * b] : 0,
+                  end = c.with_window ? window[2 * b + 1] : L;
     for (int64_t l = start; l < end; ++l) {
       if (x[b * L + l] != mask_id) continue;
       const float* row = &logits[(b * L + l) * V];
@@ -83,7 +84,8 @@ Outputs expected(const Case& c, const std::vector<float>& logits, const std::vec
       if (x[b * L + l] == mask_id) order.push_back(l);
     }
     const float* conf = &out.confidence[b * L];
-    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return conf[i] > conf[j]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t i, int64_t j) { return conf[i] > conf[j]; });
     int64_t k = std::min<int64_t>(num_transfer[b], order.size());
     if (c.has_threshold && !order.empty()) k = std::max<int64_t>(k, 1);
     for (size_t r = 0; r < order.size(); ++r) {
@@ -150,16 +152,17 @@ void run_case(const Case& c, uint32_t rng_seed) {
 
 TEST(RemaskStepCpu, AllStrategiesTemperaturesWindowsThresholds) {
   uint32_t rng_seed = 1;
-  for (Strategy strategy : {Strategy::kLowConfidence, Strategy::kMargin, Strategy::kEntropy,
-                            Strategy::kRandom}) {
+  for (Strategy strategy :
+       {Strategy::kLowConfidence, Strategy::kMargin, Strategy::kEntropy, Strategy::kRandom}) {
     for (float temperature : {0.0f, 0.7f}) {
       for (bool with_window : {false, true}) {
         for (bool has_threshold : {false, true}) {
           // V = 37 (odd, below one chunk) and 4099 (several chunks plus a remainder).
           for (int64_t vocab : {37, 4099}) {
             const float threshold = strategy == Strategy::kEntropy ? -2.0f : 0.3f;
-            run_case(Case{3, 9, vocab, strategy, temperature, has_threshold, threshold, with_window},
-                     rng_seed++);
+            run_case(
+                Case{3, 9, vocab, strategy, temperature, has_threshold, threshold, with_window},
+                rng_seed++);
           }
         }
       }
@@ -173,7 +176,7 @@ TEST(RemaskStepCpu, TiesPickLowerTokenAndLowerPosition) {
   std::vector<uint16_t> logits(B * L * V);
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t v = 0; v < V; ++v) logits[l * V + v] = 0x3F80;  // bf16 1.0
-    logits[l * V + 3] = 0x4000;                                   // bf16 2.0
+    logits[l * V + 3] = 0x4000;                                  // bf16 2.0
     logits[l * V + 5] = 0x4000;
   }
   std::vector<int64_t> x(L, mask_id), num_transfer{2}, x_new(L);
