@@ -1,8 +1,10 @@
-"""sinkdlm: sink-token attention for diffusion language models."""
+"""sinkdlm: sink-token attention and remasking kernels for diffusion language models."""
 
-import torch  # noqa: F401  (loads torch's libraries before any extension)
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
+from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
 from . import train  # noqa: F401  (sinkdlm.train.masked_diffusion_loss)
 from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
 
 __all__ = ["sink_attention", "sink_attention_mask", "sink_attention_reference"]
+__version__ = "0.1.0"

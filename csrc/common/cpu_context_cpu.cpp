@@ -1,0 +1,76 @@
+#include "common/cpu_context.h"
+
+// Fortran BLAS entry points. torch's libtorch_cpu exports them (from MKL or OpenBLAS);
+// weak, so a process without BLAS (the unit tests) links and uses reference_gemm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace sinkdlm {
+
+template <typename T>
+void reference_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T acc = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const T x = trans_a ? a[p * lda + i] : a[i * lda + p];
+        const T y = trans_b ? b[j * ldb + p] : b[p * ldb + j];
+        acc += x * y;
+      }
+      T& out = c[i * ldc + j];
+      out = alpha * acc + (beta == T(0) ? T(0) : beta * out);
+    }
+  }
+}
+template void reference_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*,
+                                    int64_t, const float*, int64_t, float, float*, int64_t);
+template void reference_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*,
+                                     int64_t, const double*, int64_t, double, double*, int64_t);
+
+namespace {
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+template <typename T, typename Blas>
+void blas_gemm(Blas blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+               const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ta = trans_b ? 'T' : 'N';
+  const char tb = trans_a ? 'T' : 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  // BLAS rejects leading dimensions below the stored extent even when unused (k == 1 etc.).
+  const int la = static_cast<int>(ldb > 1 ? ldb : 1), lb = static_cast<int>(lda > 1 ? lda : 1);
+  const int lc = static_cast<int>(ldc > 1 ? ldc : 1);
+  blas(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+void sgemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  blas_gemm<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void dgemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  blas_gemm<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace
+
+CpuContext make_cpu_context(ParallelFor parallel_for) {
+  CpuContext ctx;
+  ctx.parallel_for = std::move(parallel_for);
+  ctx.sgemm = sgemm_ ? &sgemm_blas : &reference_gemm<float>;
+  ctx.dgemm = dgemm_ ? &dgemm_blas : &reference_gemm<double>;
+  return ctx;
+}
+
+void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n > 0) fn(0, n);
+}
+
+}  // namespace sinkdlm

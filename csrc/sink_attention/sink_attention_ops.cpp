@@ -1,0 +1,209 @@
+// torch.ops.sinkdlm.sink_attention_{fwd,bwd}: schema, argument checks and the CPU impl.
+// The Python wrapper (sinkdlm/sink_attention.py) validates arguments with friendlier
+// messages and adds autograd and fake kernels; these checks guard direct callers of the op.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/cpu_context.h"
+#include "sink_attention/sink_attention_cpu.h"
+
+namespace sinkdlm {
+namespace {
+
+ScalarType to_core(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ScalarType::kFloat32;
+    case at::kDouble:
+      return ScalarType::kFloat64;
+    case at::kHalf:
+      return ScalarType::kFloat16;
+    case at::kBFloat16:
+      return ScalarType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "sink_attention: q must be float32, float64, float16 or bfloat16, got ",
+                  t);
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Strides4 strides4(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+const CpuContext& torch_cpu_context() {
+  static const CpuContext ctx =
+      make_cpu_context([](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+        at::parallel_for(0, n, 1, fn);
+      });
+  return ctx;
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "sink_attention: ", name, " must have q's dtype ",
+              q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "sink_attention: ", name, " must be on ", q.device(),
+              ", got ", t.device());
+}
+
+// Checks shapes and returns the problem with the small side inputs converted to the
+// accumulation type (their owners are kept alive in `keep`).
+SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& sink_k,
+                                  const std::optional<at::Tensor>& sink_v,
+                                  const std::optional<at::Tensor>& sink_logit,
+                                  const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                  std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "sink_attention: q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  check_same(k, q, "k");
+  check_same(v, q, "v");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes(), "sink_attention: k and v must have the same shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(2) == L && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "sink_attention: k must be (B, Hkv, L, D) with H % Hkv == 0 for q ", q.sizes(),
+              ", got ", k.sizes());
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  SinkAttentionProblem p{};
+  p.dtype = to_core(q.scalar_type());
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.seqlen = L, p.head_dim = D, p.scale = scale;
+  p.q = q.data_ptr(), p.q_stride = strides4(q);
+  p.k = k.data_ptr(), p.k_stride = strides4(k);
+  p.v = v.data_ptr(), p.v_stride = strides4(v);
+  TORCH_CHECK(sink_k.has_value() == sink_v.has_value(),
+              "sink_attention: sink_k and sink_v must be given together");
+  if (sink_k) {
+    for (const auto* s : {&*sink_k, &*sink_v}) {
+      check_same(*s, q, "sink_k/sink_v");
+      const bool ok = (s->dim() == 2 && s->size(0) == Hkv && s->size(1) == D) ||
+                      (s->dim() == 3 && s->size(0) == B && s->size(1) == Hkv && s->size(2) == D);
+      TORCH_CHECK(ok, "sink_attention: sink_k/sink_v must be (Hkv, D) or (B, Hkv, D) = (", Hkv,
+                  ", ", D, ") or (", B, ", ", Hkv, ", ", D, "), got ", s->sizes());
+    }
+    TORCH_CHECK(sink_k->sizes() == sink_v->sizes(),
+                "sink_attention: sink_k and sink_v must have the same shape");
+    keep.push_back(sink_k->to(acc).contiguous());
+    keep.push_back(sink_v->to(acc).contiguous());
+    p.sink_k = keep[keep.size() - 2].data_ptr();
+    p.sink_v = keep.back().data_ptr();
+    p.sink_batch_stride = sink_k->dim() == 3 ? Hkv * D : 0;
+  }
+  if (sink_logit) {
+    TORCH_CHECK(sink_logit->dim() == 1 && sink_logit->size(0) == H &&
+                    at::isFloatingType(sink_logit->scalar_type()) &&
+                    sink_logit->device() == q.device(),
+                "sink_attention: sink_logit must be a floating (H,) = (", H, ",) tensor on ",
+                q.device(), ", got ", sink_logit->scalar_type(), sink_logit->sizes());
+    keep.push_back(sink_logit->to(acc).contiguous());
+    p.sink_logit = keep.back().data_ptr();
+  }
+  if (key_padding_mask) {
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == L &&
+                    key_padding_mask->device() == q.device(),
+                "sink_attention: key_padding_mask must be bool (B, L) = (", B, ", ", L, ") on ",
+                q.device(), ", got ", key_padding_mask->scalar_type(), key_padding_mask->sizes());
+    keep.push_back(key_padding_mask->contiguous());
+    p.key_padding_mask = keep.back().data_ptr<bool>();
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
+    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  std::vector<at::Tensor> keep;
+  const SinkAttentionProblem p =
+      make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, keep);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse =
+      at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(acc_type(q.scalar_type())));
+  if (out.numel() > 0)
+    sink_attention_fwd_cpu(p, out.data_ptr(), lse.data_ptr(), torch_cpu_context());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& sink_k,
+                          const std::optional<at::Tensor>& sink_v,
+                          const std::optional<at::Tensor>& sink_logit,
+                          const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+                          const at::Tensor& lse, double scale) {
+  std::vector<at::Tensor> keep;
+  const SinkAttentionProblem p =
+      make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, keep);
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  check_same(grad_out, q, "grad_out");
+  check_same(out, q, "out");
+  TORCH_CHECK(
+      lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.seqlen,
+      "sink_attention_bwd: lse must be (B, H, L), got ", lse.sizes());
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  at::Tensor dlse_acc;
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "sink_attention_bwd: grad_lse must be ",
+                lse.sizes(), ", got ", grad_lse->sizes());
+    dlse_acc = grad_lse->to(acc).contiguous();
+  }
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const auto acc_opts = q.options().dtype(acc);
+  at::Tensor dsink_k = sink_k ? at::empty(sink_k->sizes(), acc_opts) : at::empty({0}, q.options());
+  at::Tensor dsink_v = sink_v ? at::empty(sink_v->sizes(), acc_opts) : at::empty({0}, q.options());
+  at::Tensor dsink_logit =
+      sink_logit ? at::empty({p.heads}, acc_opts) : at::empty({0}, q.options());
+  if (q.numel() > 0) {
+    SinkAttentionGrads g{};
+    g.dout = grad_out.data_ptr(), g.dout_stride = strides4(grad_out);
+    g.out = out.data_ptr(), g.out_stride = strides4(out);
+    g.lse = lse_acc.data_ptr();
+    g.dlse = grad_lse ? dlse_acc.data_ptr() : nullptr;
+    g.dq = dq.data_ptr(), g.dk = dk.data_ptr(), g.dv = dv.data_ptr();
+    g.dsink_k = sink_k ? dsink_k.data_ptr() : nullptr;
+    g.dsink_v = sink_v ? dsink_v.data_ptr() : nullptr;
+    g.dsink_logit = sink_logit ? dsink_logit.data_ptr() : nullptr;
+    sink_attention_bwd_cpu(p, g, torch_cpu_context());
+  } else {
+    dq.zero_(), dk.zero_(), dv.zero_(), dsink_k.zero_(), dsink_v.zero_(), dsink_logit.zero_();
+  }
+  if (sink_k) {
+    dsink_k = dsink_k.to(sink_k->scalar_type());
+    dsink_v = dsink_v.to(sink_v->scalar_type());
+  }
+  if (sink_logit) dsink_logit = dsink_logit.to(sink_logit->scalar_type());
+  return {dq, dk, dv, dsink_k, dsink_v, dsink_logit};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
+  m.def(
+      "sink_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? sink_k, Tensor? sink_v, "
+      "Tensor? sink_logit, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sink_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, Tensor out, "
+      "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink_k, "
+      "Tensor dsink_v, Tensor dsink_logit)");
+}
+
+TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {
+  m.impl("sink_attention_fwd", &sink_attention_fwd_cpu_op);
+  m.impl("sink_attention_bwd", &sink_attention_bwd_cpu_op);
+}
+
+}  // namespace sinkdlm

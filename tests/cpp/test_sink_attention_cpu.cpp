@@ -1,0 +1,282 @@
+// The torch-free sink-attention core against a naive double-precision reference that
+// materialises every score. Outputs are poisoned with NaN first; every element is checked.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/cpu_context.h"
+#include "common/half.h"
+#include "sink_attention/sink_attention_cpu.h"
+
+namespace sinkdlm {
+namespace {
+
+struct Config {
+  int64_t B, H, Hkv, L, D;
+  bool sink_token, shared_sink, sink_logit, padding, transposed;
+};
+
+struct Naive {
+  std::vector<double> out, lse, dq, dk, dv, dsk, dsv, dlam;
+};
+
+// Layout helper: contiguous (B, H, L, D), or (B, L, H, D) memory seen as (B, H, L, D).
+Strides4 layout(const Config& c, int64_t heads) {
+  if (c.transposed) return {c.L * heads * c.D, c.D, heads * c.D, 1};
+  return {heads * c.L * c.D, c.L * c.D, c.D, 1};
+}
+int64_t at(const Strides4& s, int64_t b, int64_t h, int64_t i, int64_t d) {
+  return b * s.b + h * s.h + i * s.l + d * s.d;
+}
+
+Naive naive(const Config& c, const std::vector<double>& q, const std::vector<double>& k,
+            const std::vector<double>& v, const std::vector<double>& sk,
+            const std::vector<double>& sv, const std::vector<double>& lam,
+            const std::vector<char>& mask, const std::vector<double>& dout, double scale) {
+  const int64_t group = c.H / c.Hkv;
+  const Strides4 sq = layout(c, c.H), skv = layout(c, c.Hkv);
+  Naive r;
+  r.out.assign(c.B * c.H * c.L * c.D, 0);
+  r.lse.assign(c.B * c.H * c.L, 0);
+  r.dq.assign(r.out.size(), 0);
+  r.dk.assign(c.B * c.Hkv * c.L * c.D, 0);
+  r.dv.assign(r.dk.size(), 0);
+  const int64_t sink_b = c.shared_sink ? 1 : c.B;
+  r.dsk.assign(sink_b * c.Hkv * c.D, 0);
+  r.dsv.assign(r.dsk.size(), 0);
+  r.dlam.assign(c.H, 0);
+  const int64_t n = c.L + 2;  // keys, then the sink token, then the logit sink
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h) {
+      const int64_t hk = h / group;
+      const int64_t soff = ((c.shared_sink ? 0 : b) * c.Hkv + hk) * c.D;
+      for (int64_t i = 0; i < c.L; ++i) {
+        if (c.padding && !mask[b * c.L + i]) continue;
+        const int64_t row = (b * c.H + h) * c.L + i;
+        std::vector<double> s(n, -INFINITY);
+        for (int64_t j = 0; j < c.L; ++j) {
+          if (c.padding && !mask[b * c.L + j]) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < c.D; ++d) dot += q[at(sq, b, h, i, d)] * k[at(skv, b, hk, j, d)];
+          s[j] = dot * scale;
+        }
+        if (c.sink_token) {
+          double dot = 0;
+          for (int64_t d = 0; d < c.D; ++d) dot += q[at(sq, b, h, i, d)] * sk[soff + d];
+          s[c.L] = dot * scale;
+        }
+        if (c.sink_logit) s[c.L + 1] = lam[h];
+        double mx = -INFINITY;
+        for (double x : s) mx = std::max(mx, x);
+        double sum = 0;
+        for (double x : s) sum += std::exp(x - mx);
+        const double lse = mx + std::log(sum);
+        r.lse[row] = lse;
+        std::vector<double> p(n);
+        for (int64_t j = 0; j < n; ++j) p[j] = std::exp(s[j] - lse);
+        auto value = [&](int64_t j, int64_t d) {
+          if (j < c.L) return v[at(skv, b, hk, j, d)];
+          return j == c.L ? sv[soff + d] : 0.0;
+        };
+        auto key = [&](int64_t j, int64_t d) {
+          return j < c.L ? k[at(skv, b, hk, j, d)] : sk[soff + d];
+        };
+        double delta = 0;
+        for (int64_t d = 0; d < c.D; ++d) {
+          double o = 0;
+          for (int64_t j = 0; j <= c.L; ++j) o += p[j] * value(j, d);
+          r.out[row * c.D + d] = o;
+          delta += o * dout[row * c.D + d];
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          if (p[j] == 0) continue;
+          double dp = 0;
+          for (int64_t d = 0; d < c.D; ++d) dp += dout[row * c.D + d] * value(j, d);
+          const double ds = p[j] * (dp - delta);
+          if (j == c.L + 1) {
+            r.dlam[h] += ds;
+            continue;
+          }
+          for (int64_t d = 0; d < c.D; ++d) {
+            const double qd = q[at(sq, b, h, i, d)];
+            r.dq[row * c.D + d] += ds * key(j, d) * scale;
+            const int64_t kv = ((b * c.Hkv + hk) * c.L + j) * c.D + d;
+            if (j < c.L) {
+              r.dk[kv] += ds * qd * scale;
+              r.dv[kv] += p[j] * dout[row * c.D + d];
+            } else {
+              r.dsk[soff + d] += ds * qd * scale;
+              r.dsv[soff + d] += p[j] * dout[row * c.D + d];
+            }
+          }
+        }
+      }
+    }
+  return r;
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<double>& x) {
+  std::vector<T> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = store<T>(x[i]);
+  return y;
+}
+template <typename T>
+std::vector<double> uncast(const std::vector<T>& x) {
+  std::vector<double> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = load<double>(x[i]);
+  return y;
+}
+
+void expect_close(const std::vector<double>& got, const std::vector<double>& want, double tol,
+                  const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], tol * (1 + std::abs(want[i]))) << what << " at " << i;
+}
+
+template <typename T>
+void run(const Config& c, ScalarType dtype, double tol) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  std::mt19937 rng(1234 + c.L * 7 + c.D);
+  std::normal_distribution<double> normal;
+  auto randn = [&](int64_t n) {
+    std::vector<double> x(n);
+    for (auto& e : x) e = normal(rng);
+    return x;
+  };
+  const int64_t nq = c.B * c.H * c.L * c.D, nkv = c.B * c.Hkv * c.L * c.D;
+  const int64_t sink_b = c.shared_sink ? 1 : c.B;
+  // Round the inputs to T first, so the reference sees exactly what the kernel sees.
+  auto q = uncast(cast<T>(randn(nq))), k = uncast(cast<T>(randn(nkv)));
+  auto v = uncast(cast<T>(randn(nkv))), dout = uncast(cast<T>(randn(nq)));
+  const auto sk = randn(sink_b * c.Hkv * c.D), sv = randn(sink_b * c.Hkv * c.D);
+  const auto lam = randn(c.H);
+  std::vector<char> mask(c.B * c.L, 1);
+  if (c.padding)
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t i = 0; i < c.L; ++i) mask[b * c.L + i] = (i + b) % 3 != 0 || c.L == 1;
+  std::unique_ptr<bool[]> mask_arr(new bool[mask.size()]);
+  for (size_t i = 0; i < mask.size(); ++i) mask_arr[i] = mask[i];
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+  const Naive want = naive(c, q, k, v, sk, sv, lam, mask, dout, scale);
+
+  const auto qt = cast<T>(q), kt = cast<T>(k), vt = cast<T>(v), dot = cast<T>(dout);
+  const auto ska = cast<A>(sk), sva = cast<A>(sv), lama = cast<A>(lam);
+  SinkAttentionProblem p{};
+  p.dtype = dtype;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  p.scale = scale;
+  p.q = qt.data(), p.q_stride = layout(c, c.H);
+  p.k = kt.data(), p.k_stride = layout(c, c.Hkv);
+  p.v = vt.data(), p.v_stride = layout(c, c.Hkv);
+  if (c.sink_token) {
+    p.sink_k = ska.data(), p.sink_v = sva.data();
+    p.sink_batch_stride = c.shared_sink ? 0 : c.Hkv * c.D;
+  }
+  if (c.sink_logit) p.sink_logit = lama.data();
+  if (c.padding) p.key_padding_mask = mask_arr.get();
+
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  std::vector<T> out(nq, store<T>(nan)), dq(nq, store<T>(nan)), dk(nkv, store<T>(nan)),
+      dv(nkv, store<T>(nan));
+  std::vector<A> lse(c.B * c.H * c.L, nan), dsk(ska.size(), nan), dsv(ska.size(), nan),
+      dlam(c.H, nan);
+  const CpuContext ctx = make_cpu_context(serial_for);
+  sink_attention_fwd_cpu(p, out.data(), lse.data(), ctx);
+  expect_close(uncast(out), want.out, tol, "out");
+  expect_close(uncast(lse), want.lse, tol, "lse");
+
+  SinkAttentionGrads g{};
+  g.dout = dot.data(), g.dout_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
+  g.out = out.data(), g.out_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
+  g.lse = lse.data();
+  g.dq = dq.data(), g.dk = dk.data(), g.dv = dv.data();
+  if (c.sink_token) g.dsink_k = dsk.data(), g.dsink_v = dsv.data();
+  if (c.sink_logit) g.dsink_logit = dlam.data();
+  sink_attention_bwd_cpu(p, g, ctx);
+  expect_close(uncast(dq), want.dq, tol, "dq");
+  expect_close(uncast(dk), want.dk, tol, "dk");
+  expect_close(uncast(dv), want.dv, tol, "dv");
+  if (c.sink_token) {
+    expect_close(uncast(dsk), want.dsk, tol, "dsink_k");
+    expect_close(uncast(dsv), want.dsv, tol, "dsink_v");
+  }
+  if (c.sink_logit) expect_close(uncast(dlam), want.dlam, tol, "dsink_logit");
+}
+
+class SinkAttentionCpu : public ::testing::TestWithParam<Config> {};
+
+TEST_P(SinkAttentionCpu, Float64MatchesNaive) {
+  run<double>(GetParam(), ScalarType::kFloat64, 1e-10);
+}
+TEST_P(SinkAttentionCpu, Float32MatchesNaive) {
+  run<float>(GetParam(), ScalarType::kFloat32, 2e-4);
+}
+TEST_P(SinkAttentionCpu, BFloat16MatchesNaive) {
+  run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2);
+}
+TEST_P(SinkAttentionCpu, Float16MatchesNaive) {
+  run<float16>(GetParam(), ScalarType::kFloat16, 5e-3);
+}
+
+// L = 1, L not a multiple of the 64 x 256 tiles, L spanning several key tiles; GQA and MQA;
+// every sink form; padding; transposed (B, L, H, D) inputs.
+INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
+                         ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
+                                           Config{2, 4, 2, 7, 16, true, false, true, true, false},
+                                           Config{1, 2, 1, 65, 32, false, false, true, false, true},
+                                           Config{3, 4, 4, 33, 80, true, true, true, true, true},
+                                           Config{2, 8, 2, 300, 64, true, false, false, true,
+                                                  false},
+                                           Config{1, 2, 2, 257, 8, false, false, false, true, true},
+                                           Config{2, 4, 1, 70, 24, true, true, true, false, false}),
+                         [](const ::testing::TestParamInfo<Config>& info) {
+                           const Config& c = info.param;
+                           std::string name = "B" + std::to_string(c.B) + "_H" +
+                                              std::to_string(c.H) + "_Hkv" + std::to_string(c.Hkv) +
+                                              "_L" + std::to_string(c.L) + "_D" +
+                                              std::to_string(c.D);
+                           if (c.sink_token) name += c.shared_sink ? "_sharedsink" : "_batchsink";
+                           if (c.sink_logit) name += "_logit";
+                           if (c.padding) name += "_pad";
+                           if (c.transposed) name += "_strided";
+                           return name;
+                         });
+
+TEST(HalfConversion, RoundTripsAndRounds) {
+  for (float x : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f, 3.14159f}) {
+    EXPECT_EQ(to_float(to_float16(x)), static_cast<float>(static_cast<_Float16>(x))) << x;
+    EXPECT_EQ(to_float(to_bfloat16(x)),
+              to_float(bfloat16{static_cast<uint16_t>(
+                  (float_to_bits(x) + 0x7fff + ((float_to_bits(x) >> 16) & 1)) >> 16)}))
+        << x;
+  }
+  EXPECT_TRUE(std::isinf(to_float(to_float16(1e6f))));
+  EXPECT_TRUE(std::isnan(to_float(to_bfloat16(std::nanf("")))));
+}
+
+TEST(ReferenceGemm, MatchesBlasConventions) {
+  // Row-major C = A^T B^T with A (k x m) and B (n x k), leading dimensions wider than rows.
+  const int64_t m = 3, n = 2, k = 4, lda = 5, ldb = 6, ldc = 3;
+  std::vector<double> a(k * lda), b(n * ldb), c(m * ldc, 1.0);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = 0.5 * static_cast<double>(i) - 3;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = 1.0 - 0.25 * static_cast<double>(i);
+  const std::vector<double> c0 = c;
+  reference_gemm<double>(true, true, m, n, k, 2.0, a.data(), lda, b.data(), ldb, 0.5, c.data(),
+                         ldc);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t p = 0; p < k; ++p) acc += a[p * lda + i] * b[j * ldb + p];
+      EXPECT_DOUBLE_EQ(c[i * ldc + j], 2.0 * acc + 0.5 * c0[i * ldc + j]);
+    }
+}
+
+}  // namespace
+}  // namespace sinkdlm

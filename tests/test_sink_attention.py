@@ -1,0 +1,371 @@
+"""sinkdlm.sink_attention against the paper's literal form (sink_attention_reference)."""
+
+import itertools
+
+import pytest
+import sinkdlm
+import torch
+from sinkdlm.sink_attention import _sink_attention_composite
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs = pytest.mark.parametrize("device", DEVICES)
+
+# (B, H, Hkv) cycles through batch sizes 1-3 and head layouts MHA 1/1, 4/4, GQA 8/2, MQA 4/1,
+# so every L x D pair meets a different combination.
+LENGTHS = [1, 7, 64, 129, 300]
+HEAD_DIMS = [16, 64, 80, 128]
+HEADS = [(1, 1, 1), (2, 4, 4), (3, 8, 2), (1, 4, 1)]
+SHAPES = [
+    (*HEADS[i % len(HEADS)], L, D) for i, (L, D) in enumerate(itertools.product(LENGTHS, HEAD_DIMS))
+]
+SINKS = ["none", "shared", "per_batch", "logit", "shared+logit"]
+
+TOL = {  # (atol, rtol) against the float64 reference, inputs rounded to the dtype first
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def make_inputs(B, H, Hkv, L, D, sink, padding, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+    q, k, v = randn(B, H, L, D), randn(B, Hkv, L, D), randn(B, Hkv, L, D)
+    sink_k = sink_v = sink_logit = kpm = None
+    if sink in ("shared", "shared+logit"):
+        sink_k, sink_v = randn(Hkv, D), randn(Hkv, D)
+    elif sink == "per_batch":
+        sink_k, sink_v = randn(B, Hkv, D), randn(B, Hkv, D)
+    if "logit" in sink:
+        sink_logit = randn(H) + 1.0
+    if padding:
+        lengths = torch.randint(1, L + 1, (B,), generator=g)
+        kpm = (torch.arange(L)[None, :] < lengths[:, None]).flip(-1).to(device)  # left padding
+    return q, k, v, sink_k, sink_v, sink_logit, kpm
+
+
+def run_both(q, k, v, sink_k, sink_v, sink_logit, kpm, scale=None):
+    """Forward + backward through sink_attention and the float64 reference; same cotangents."""
+    tensors = [q, k, v, sink_k, sink_v, sink_logit]
+    ours = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    out, lse = sinkdlm.sink_attention(
+        *ours[:5], sink_logit=ours[5], key_padding_mask=kpm, scale=scale, return_lse=True
+    )
+    r_out, r_lse = sinkdlm.sink_attention_reference(
+        *ref[:5],
+        sink_logit=ref[5],
+        key_padding_mask=kpm,
+        scale=scale,
+        return_lse=True,
+        sink_position=q.shape[2] // 2,
+    )
+    g = torch.Generator().manual_seed(1)
+    d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    (
+        (out.double() * d_out.to(out.device)).sum() + (lse.double() * d_lse.to(out.device)).sum()
+    ).backward()
+    ((r_out * d_out.to(r_out.device)).sum() + (r_lse * d_lse.to(r_out.device)).sum()).backward()
+    return (out, lse, ours), (r_out, r_lse, ref)
+
+
+def assert_close_all(got, want, dtype, names):
+    atol, rtol = TOL[dtype]
+    for name, a, b in zip(names, got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a is not None, name
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(
+            a.double().cpu(),
+            b.double().cpu(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+
+
+NAMES = ["out", "lse", "dq", "dk", "dv", "dsink_k", "dsink_v", "dsink_logit"]
+
+
+def check(q, k, v, sink_k, sink_v, sink_logit, kpm, dtype, scale=None):
+    (out, lse, ours), (r_out, r_lse, ref) = run_both(
+        q, k, v, sink_k, sink_v, sink_logit, kpm, scale
+    )
+    assert out.dtype == q.dtype and out.is_contiguous() and out.shape == q.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    grads = [t.grad if t is not None else None for t in ours]
+    r_grads = [t.grad if t is not None else None for t in ref]
+    assert_close_all([out, lse, *grads], [r_out, r_lse, *r_grads], dtype, NAMES)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}L{}D{}".format(*s))
+def test_matches_reference_float64(shape, sink, padding):
+    check(*make_inputs(*shape, sink, padding), torch.float64)
+
+
+@needs
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:]
+)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 2, 129, 64), (1, 2, 1, 7, 80), (3, 8, 8, 64, 128)],
+    ids=lambda s: "B{}H{}Hkv{}L{}D{}".format(*s),
+)
+@pytest.mark.parametrize("sink", ["per_batch", "shared+logit"])
+def test_low_precision(device, dtype, shape, sink):
+    check(*make_inputs(*shape, sink, True, dtype=dtype, device=device), dtype)
+
+
+@needs
+@pytest.mark.parametrize("layout", ["bhld_transposed", "strided_last_dim", "sliced"])
+def test_non_contiguous_inputs(device, layout):
+    B, H, Hkv, L, D = 2, 4, 2, 70, 32
+    q, k, v, sk, sv, lam, kpm = make_inputs(B, H, Hkv, L, D, "shared+logit", True, device=device)
+
+    def view(x):
+        if layout == "bhld_transposed":  # what Hugging Face hands over: (B, L, H, D).transpose
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        if layout == "strided_last_dim":  # unit stride nowhere
+            return torch.stack([x, torch.full_like(x, float("nan"))], dim=-1)[..., 0]
+        return torch.cat([x, torch.full_like(x, float("nan"))], dim=2)[:, :, :L]
+
+    q, k, v = view(q), view(k), view(v)
+    assert not q.is_contiguous()
+    check(q, k, v, sk, sv, lam, kpm, torch.float64, scale=0.3)
+
+
+def test_position_of_the_sink_does_not_matter():
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 9, 16, "per_batch", True)
+    outs = [
+        sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm, sink_position=p)
+        for p in (0, 4, 9)
+    ]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-12, rtol=1e-12)
+
+
+def test_sink_attention_mask():
+    m = sinkdlm.sink_attention_mask(4, sink_position=2)
+    assert m.shape == (5, 5) and m.dtype == torch.bool
+    assert m[2].tolist() == [False, False, True, False, False]  # the sink sees only itself
+    assert m[:, 2].all()  # everyone sees the sink
+    assert m[[0, 1, 3, 4]][:, [0, 1, 3, 4]].all()
+    kpm = torch.tensor([[True, True, False, True]])
+    mb = sinkdlm.sink_attention_mask(4, sink_position=0, key_padding_mask=kpm)
+    assert mb.shape == (1, 5, 5)
+    assert mb[0, :, 3].tolist() == [False] * 5  # the padded token (index 2 -> 3) is no key
+    assert mb[0, 0].tolist() == [True, False, False, False, False]
+    with pytest.raises(ValueError, match="sink_position must be in"):
+        sinkdlm.sink_attention_mask(4, sink_position=5)
+
+
+def test_dense_mask_through_sdpa_equals_sink_attention():
+    """The mask is meant for SDPA users: check that route against the operator."""
+    q, k, v, sk, sv, _, kpm = make_inputs(2, 4, 4, 11, 16, "shared", True)
+    B, H, L, D = q.shape
+    p = 5
+
+    def insert(x, t):
+        return torch.cat([x[:, :, :p], t.expand(B, H, D).unsqueeze(2), x[:, :, p:]], dim=2)
+
+    mask = sinkdlm.sink_attention_mask(L, p, kpm)[:, None]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        insert(q, sk), insert(k, sk), insert(v, sv), attn_mask=mask
+    )
+    dense = torch.cat([dense[:, :, :p], dense[:, :, p + 1 :]], dim=2)
+    ours = sinkdlm.sink_attention(q, k, v, sk, sv, key_padding_mask=kpm)
+    real = kpm[:, None, :, None]
+    torch.testing.assert_close(ours * real, dense * real, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sink", ["none", "per_batch", "shared"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+def test_composite_path_matches_reference(sink, padding):
+    """The route taken on devices without a native kernel (SDPA on [sink ; kv])."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 8, 2, 33, 16, sink, padding)
+    got = _sink_attention_composite(q, k, v, sk, sv, lam, kpm, 0.25, False)
+    want = sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm, scale=0.25)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sink", ["shared+logit", "per_batch", "logit"])
+def test_gradcheck(sink):
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 6, 8, sink, True)
+    inputs = [t.requires_grad_() if t is not None else None for t in (q, k, v, sk, sv, lam)]
+
+    def f(q, k, v, sk, sv, lam):
+        out, lse = sinkdlm.sink_attention(
+            q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+        )
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def opcheck_cases():
+    yield make_inputs(2, 4, 2, 9, 16, "shared+logit", True, dtype=torch.float32), 0.25
+    yield make_inputs(1, 2, 2, 5, 8, "per_batch", False, dtype=torch.float64), 0.5
+    yield make_inputs(2, 2, 1, 3, 8, "none", False, dtype=torch.bfloat16), 0.35
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_opcheck(case):
+    (q, k, v, sk, sv, lam, kpm), scale = list(opcheck_cases())[case]
+    args = [
+        t.requires_grad_() if t is not None and t.is_floating_point() else t
+        for t in (q, k, v, sk, sv, lam)
+    ]
+    torch.library.opcheck(torch.ops.sinkdlm.sink_attention_fwd.default, (*args, kpm, scale))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, sk, sv, lam, kpm = make_inputs(
+        2, 4, 2, 17, 16, "shared+logit", True, dtype=torch.float32
+    )
+    for t in (q, k, v, sk, sv, lam):
+        t.requires_grad_()
+
+    def loss(q, k, v, sk, sv, lam):
+        out = sinkdlm.sink_attention(q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm)
+        return (out * out).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(loss(q, k, v, sk, sv, lam), (q, k, sk, lam))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v, sk, sv, lam), (q, k, sk, lam))
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_only_lse_used_in_loss():
+    q, k, v, sk, sv, lam, kpm = make_inputs(1, 2, 2, 5, 8, "shared", False)
+    q.requires_grad_()
+    _, lse = sinkdlm.sink_attention(q, k, v, sk, sv, return_lse=True)
+    (g,) = torch.autograd.grad(lse.sum(), q)
+    qr = q.detach().clone().requires_grad_()
+    _, r_lse = sinkdlm.sink_attention_reference(qr, k, v, sk, sv, return_lse=True)
+    (gr,) = torch.autograd.grad(r_lse.sum(), qr)
+    torch.testing.assert_close(g, gr)
+
+
+def test_padded_rows_are_zero_and_finite():
+    q, k, v, sk, sv, lam, _ = make_inputs(2, 2, 2, 6, 8, "none", False)
+    kpm = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    out, lse = sinkdlm.sink_attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out[0, :, :2] == 0).all() and (lse[0, :, :2] == 0).all()
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+
+def _good():
+    q, k, v, sk, sv, lam, kpm = make_inputs(
+        2, 4, 2, 5, 8, "shared+logit", True, dtype=torch.float32
+    )
+    return dict(q=q, k=k, v=v, sink_k=sk, sink_v=sv, sink_logit=lam, key_padding_mask=kpm)
+
+
+BAD = {
+    "q rank": (dict(q=torch.randn(2, 4, 5)), ValueError, r"q must be 4-D \(B, H, L, D\)"),
+    "k batch": (dict(k=torch.randn(3, 2, 5, 8)), ValueError, r"k must be \(B, Hkv, L, D\)"),
+    "v length": (dict(v=torch.randn(2, 2, 6, 8)), ValueError, r"v must be \(B, Hkv, L, D\)"),
+    "head dim": (
+        dict(k=torch.randn(2, 2, 5, 4), v=torch.randn(2, 2, 5, 4)),
+        ValueError,
+        r"k must be .*= \(2, Hkv, 5, 8\)",
+    ),
+    "gqa": (
+        dict(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)),
+        ValueError,
+        r"dividing q's H = 4",
+    ),
+    "dtype mix": (
+        dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float64)),
+        TypeError,
+        r"k must be torch.float32 like q",
+    ),
+    "int q": (
+        dict(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)),
+        TypeError,
+        r"q must be float32, float64, float16 or bfloat16",
+    ),
+    "device mix": (
+        dict(v=torch.randn(2, 2, 5, 8, device="meta")),
+        ValueError,
+        r"v must be on cpu like q",
+    ),
+    "sink shape": (
+        dict(sink_k=torch.randn(4, 8), sink_v=torch.randn(4, 8)),
+        ValueError,
+        r"sink_k must be \(Hkv, D\) = \(2, 8\) or \(B, Hkv, D\)",
+    ),
+    "sink_k alone": (dict(sink_v=None), ValueError, r"sink_k was given without sink_v"),
+    "sink_v alone": (dict(sink_k=None), ValueError, r"sink_v was given without sink_k"),
+    "sink dtype": (
+        dict(
+            sink_v=torch.randn(2, 8, dtype=torch.float64),
+            sink_k=torch.randn(2, 8, dtype=torch.float64),
+        ),
+        TypeError,
+        r"sink_k must be torch.float32 like q",
+    ),
+    "logit shape": (
+        dict(sink_logit=torch.randn(2)),
+        ValueError,
+        r"sink_logit must be \(H,\) = \(4,\)",
+    ),
+    "logit int": (
+        dict(sink_logit=torch.ones(4, dtype=torch.int32)),
+        TypeError,
+        r"sink_logit must be a floating-point tensor",
+    ),
+    "mask dtype": (
+        dict(key_padding_mask=torch.ones(2, 5)),
+        TypeError,
+        r"key_padding_mask must be a bool tensor",
+    ),
+    "mask shape": (
+        dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must be \(B, L\) = \(2, 5\)",
+    ),
+    "not a tensor": (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_clearly(case):
+    override, exc, pattern = BAD[case]
+    kwargs = {**_good(), **override}
+    with pytest.raises(exc, match=pattern):
+        sinkdlm.sink_attention(
+            kwargs.pop("q"),
+            kwargs.pop("k"),
+            kwargs.pop("v"),
+            kwargs.pop("sink_k"),
+            kwargs.pop("sink_v"),
+            **kwargs,
+        )
+
+
+def test_op_called_directly_checks_too():
+    """The raw op (bypassing the Python checks) must refuse, not read out of bounds."""
+    g = _good()
+    with pytest.raises(RuntimeError, match="sink_k/sink_v must be"):
+        torch.ops.sinkdlm.sink_attention_fwd(
+            g["q"], g["k"], g["v"], torch.randn(3, 8), torch.randn(3, 8), None, None, 1.0
+        )
+    with pytest.raises(RuntimeError, match="H % Hkv == 0"):
+        torch.ops.sinkdlm.sink_attention_fwd(
+            g["q"], torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), None, None, None, None, 1.0
+        )
