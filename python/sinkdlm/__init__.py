@@ -3,8 +3,8 @@
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
-from . import train  # noqa: F401  (sinkdlm.train.masked_diffusion_loss)
 from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
+from .train import masked_diffusion_loss  # noqa: F401  (also binds sinkdlm.train)
 
 __all__ = ["sink_attention", "sink_attention_mask", "sink_attention_reference"]
 __version__ = "0.1.0"
