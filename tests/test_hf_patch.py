@@ -219,13 +219,19 @@ def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
     assert not torch.equal(after, first)
 
 
-def test_torch_compile_runs():
+def test_torch_compile_runs_fullgraph_with_gradients():
     model = patched_copy(tiny_model("llama"))
     ids, attention = batch()
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=attention).logits
-        got = torch.compile(model, backend="eager")(input_ids=ids, attention_mask=attention).logits
+    want = model(input_ids=ids, attention_mask=attention).logits
+    want.sum().backward()
+    want_grad = model.model.sink_embedding.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = compiled(input_ids=ids, attention_mask=attention).logits
+    got.sum().backward()
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.model.sink_embedding.weight.grad, want_grad)
+    assert sinkdlm.hf.has_sink_token(compiled)
 
 
 def test_peft_lora_keeps_the_sink_trainable():
