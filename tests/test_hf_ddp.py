@@ -33,6 +33,7 @@ def _train_rank(rank, world, port, out_dir):
     model = sinkdlm.hf.add_sink_token(transformers.LlamaForCausalLM(config))
     start = model.model.sink_embedding.weight.detach().clone()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert sinkdlm.hf.has_sink_token(ddp)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     data = torch.Generator().manual_seed(100 + rank)  # different data per rank
     noise = torch.Generator().manual_seed(200 + rank)

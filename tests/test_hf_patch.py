@@ -265,3 +265,17 @@ def test_kv_cache_and_bare_implementation_raise():
     ids, _ = batch()
     with pytest.raises(RuntimeError, match="add_sink_token"):
         model(input_ids=ids)
+
+
+def test_bf16_autocast_on_float32_weights():
+    """Trainer's --bf16: float32 weights under autocast (rotary leaves q/k float32, v bfloat16)."""
+    model = patched_copy(tiny_model("qwen2"))
+    ids, attention = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attention).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=ids, attention_mask=attention).logits
+    got.float().sum().backward()
+    real = attention.bool()
+    torch.testing.assert_close(got[real].float(), want[real], rtol=5e-2, atol=5e-2)
+    assert model.model.sink_embedding.weight.grad.abs().sum() > 0

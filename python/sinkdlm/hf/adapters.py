@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sink_attention import sink_attention
-from .native import expand_sink_output
+from .native import autocast_inputs, expand_sink_output
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _make_llada_attention(module, layer_key, channel, sink_position):
         else:
             if config.rope:
                 q, k = module.rotary_emb(q, k)
-            out = sink_attention(q, k, v, *sink.kv[layer_key]).transpose(1, 2)
+            out = sink_attention(*autocast_inputs(q, k, v, *sink.kv[layer_key])).transpose(1, 2)
         return module.attn_out(out.reshape(batch, length, width)), present
 
     return attention
@@ -176,7 +176,7 @@ def _make_dream_forward(module, layer_key, channel, sink_position):
             sink.kv[layer_key] = (k[0, :, 0], v[0, :, 0])
             out = expand_sink_output(v, q.shape[1])
         else:
-            out = sink_attention(q, k, v, *sink.kv[layer_key],
+            out = sink_attention(*autocast_inputs(q, k, v, *sink.kv[layer_key]),
                                  key_padding_mask=_dream_key_padding(attention_mask, length))
             out = out.transpose(1, 2)
         return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value

@@ -41,6 +41,16 @@ def expand_sink_output(value, num_heads):
     return value.repeat_interleave(groups, dim=1).transpose(1, 2).contiguous()
 
 
+def autocast_inputs(*tensors):
+    """Under autocast, SDPA runs in the autocast dtype; sink attention does the same (rotary
+    embeddings otherwise leave q/k in float32 next to a bfloat16 v)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def key_padding_from_mask(attention_mask, key_length):
     """The (B, L) bool key-padding mask (True = real) carried by a transformers attention mask."""
     if attention_mask is None:
@@ -92,7 +102,7 @@ def sinkdlm_attention_forward(module, query, key, value, attention_mask, dropout
         raise NotImplementedError(
             f"sequence of {key.shape[2]} tokens exceeds this layer's sliding window ({window}); "
             "sink attention is full bidirectional attention")
-    sink_k, sink_v = sink.kv[layer_key]
+    query, key, value, sink_k, sink_v = autocast_inputs(query, key, value, *sink.kv[layer_key])
     out = sink_attention(query, key, value, sink_k, sink_v, scale=scaling,
                          key_padding_mask=key_padding_from_mask(attention_mask, key.shape[2]))
     return out.transpose(1, 2).contiguous(), None

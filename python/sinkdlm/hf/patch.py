@@ -150,8 +150,8 @@ def _backend_for(model, host):
     if adapter is not None:
         return _AdapterBackend(adapter)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    can_set = getattr(model, "_can_set_attn_implementation", None)
-    if model_type in native.NATIVE_MODEL_TYPES and can_set is not None and can_set():
+    can_set = getattr(model, "_can_set_attn_implementation", None)  # absent in older releases
+    if model_type in native.NATIVE_MODEL_TYPES and (can_set is None or can_set()):
         return _NativeBackend()
     raise ValueError(
         f"sinkdlm cannot add the sink token to {type(model).__name__} (model_type={model_type!r}). "
