@@ -128,7 +128,10 @@ def main():
     checkpointing = ("activation_checkpointing" if "activation_checkpointing" in fields
                      else "gradient_checkpointing")
     training_args = transformers.TrainingArguments(
-        **{checkpointing: args.gradient_checkpointing}, output_dir=args.output_dir,
+        # non-reentrant: reentrant checkpoints cannot share the sink pass between layers
+        **{checkpointing: args.gradient_checkpointing,
+           f"{checkpointing}_kwargs": {"use_reentrant": False}},
+        output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, bf16=args.bf16, logging_steps=args.logging_steps,

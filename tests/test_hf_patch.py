@@ -131,6 +131,9 @@ def test_gradient_checkpointing_keeps_gradients():
     model.train()
     model(input_ids=ids, attention_mask=attention).logits.sum().backward()
     torch.testing.assert_close(model.model.sink_embedding.weight.grad, want)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model(input_ids=ids, attention_mask=attention)
 
 
 def test_init_options():

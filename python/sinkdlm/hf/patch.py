@@ -270,11 +270,44 @@ def remove_sink_token(model):
     return model
 
 
+def _reject_reentrant_checkpointing(host):
+    """Reentrant checkpoints replay each layer's backward separately, and each replay would walk
+    the shared sink pass again; only non-reentrant checkpointing composes with the sink."""
+    for module in host.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if (module.__dict__.get("gradient_checkpointing") is True
+                and getattr(func, "keywords", {}).get("use_reentrant") is True):
+            raise ValueError(
+                "the sink token needs non-reentrant gradient checkpointing: enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)")
+
+
 def _make_forward(state):
     def forward(*args, **kwargs):
+        if state.host.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _reject_reentrant_checkpointing(state.host)
         return state.backend.main(state, _sink_kv(state), args, kwargs)
 
     return forward
+
+
+@contextlib.contextmanager
+def _no_activation_checkpointing(host):
+    """The sink pass is one token: checkpointing it saves nothing, and a reentrant checkpoint
+    would run it without grad, cutting the sink embedding off from the loss."""
+    switched = []
+    for module in host.modules():
+        if module.__dict__.get("gradient_checkpointing") is True:
+            switched.append((module, "gradient_checkpointing", True))
+            module.gradient_checkpointing = False
+        if module.__dict__.get("_activation_checkpoint_fn") is not None:  # LLaDA's blocks
+            switched.append((module, "_activation_checkpoint_fn", module._activation_checkpoint_fn))
+            module._activation_checkpoint_fn = None
+    try:
+        yield
+    finally:
+        for module, name, value in switched:
+            setattr(module, name, value)
 
 
 def _compute_sink_kv(state):
@@ -282,7 +315,8 @@ def _compute_sink_kv(state):
     device = next(sink.parameters()).device
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     position_ids = torch.full((1, 1), state.sink_position, dtype=torch.long, device=device)
-    return state.backend.sink_pass(state, sink(ids), position_ids)
+    with _no_activation_checkpointing(state.host):
+        return state.backend.sink_pass(state, sink(ids), position_ids)
 
 
 def _weights_key(state):
