@@ -187,3 +187,14 @@ def test_adapter_kv_cache_is_rejected():
     past = [(torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))] * 2
     with pytest.raises(NotImplementedError, match="KV caches"):
         model(input_ids=ids, past_key_values=past, use_cache=False)
+
+
+def test_deepcopy_of_a_patched_dream_model_is_independent():
+    model = sinkdlm.hf.add_sink_token(dream("sdpa", torch.float32))
+    ids, real = ids_and_padding()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=dream_mask(real)).logits
+        twin.model.layers[0].self_attn.v_proj.weight.mul_(2)
+        assert not torch.equal(twin(input_ids=ids, attention_mask=dream_mask(real)).logits, want)
+        assert torch.equal(model(input_ids=ids, attention_mask=dream_mask(real)).logits, want)

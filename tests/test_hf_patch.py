@@ -282,3 +282,18 @@ def test_bf16_autocast_on_float32_weights():
     real = attention.bool()
     torch.testing.assert_close(got[real].float(), want[real], rtol=5e-2, atol=5e-2)
     assert model.model.sink_embedding.weight.grad.abs().sum() > 0
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    """EMA and similar copies: the copy runs its own weights and its own sink."""
+    model = patched_copy(tiny_model("llama"))
+    ids, attention = batch()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attention).logits
+        assert torch.equal(twin(input_ids=ids, attention_mask=attention).logits, want)
+        twin.model.sink_embedding.weight.zero_()
+        assert not torch.equal(twin(input_ids=ids, attention_mask=attention).logits, want)
+        assert torch.equal(model(input_ids=ids, attention_mask=attention).logits, want)
+    sinkdlm.hf.remove_sink_token(twin)
+    assert sinkdlm.hf.has_sink_token(model) and not sinkdlm.hf.has_sink_token(twin)

@@ -11,12 +11,13 @@ forwards reuse the sink K/V while the weights are unchanged.
 
 import contextlib
 import os
+import types
 import warnings
 
 import torch
 
 from . import native
-from .adapters import adapter_for, supported_adapters
+from .adapters import LINK, LayerLink, adapter_for, supported_adapters
 
 SINK_MODULE = "sink_embedding"
 _STATE = "_sinkdlm_state"
@@ -88,16 +89,18 @@ class _AdapterBackend:
     def install(self, state):
         modules = [m for m in state.host.modules()
                    if type(m).__name__ in self.adapter.attention_classes]
+        method = self.adapter.method
         for layer_key, module in enumerate(modules):
-            method = self.adapter.method
             saved = module.__dict__.get(method)
-            setattr(module, method, self.adapter.make_method(
-                module, layer_key, lambda: state.channel, state.sink_position))
-            self.patched.append((module, method, saved))
+            module.__dict__[LINK] = LayerLink(state, layer_key)
+            setattr(module, method, types.MethodType(self.adapter.replacement, module))
+            self.patched.append((module, saved))
 
     def uninstall(self, state):
-        for module, method, saved in self.patched:
+        method = self.adapter.method
+        for module, saved in self.patched:
             delattr(module, method)
+            del module.__dict__[LINK]
             if saved is not None:
                 setattr(module, method, saved)
         self.patched = []
@@ -239,7 +242,9 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
     state = _SinkState(inner, host, backend, sink_position)
     backend.install(state)
     host.__dict__[_STATE] = state
-    host.forward = _make_forward(state)
+    # A method bound to the host, its state in the host's __dict__: copy.deepcopy of the model
+    # rebinds both to the copy.
+    host.forward = types.MethodType(_patched_forward, host)
     inner.config.sinkdlm = {"format": _FORMAT, "sink_position": sink_position,
                             "backend": backend.name}
     if train_only_sink:
@@ -282,13 +287,11 @@ def _reject_reentrant_checkpointing(host):
                 "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)")
 
 
-def _make_forward(state):
-    def forward(*args, **kwargs):
-        if state.host.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            _reject_reentrant_checkpointing(state.host)
-        return state.backend.main(state, _sink_kv(state), args, kwargs)
-
-    return forward
+def _patched_forward(host, *args, **kwargs):
+    state = host.__dict__[_STATE]
+    if host.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _reject_reentrant_checkpointing(host)
+    return state.backend.main(state, _sink_kv(state), args, kwargs)
 
 
 @contextlib.contextmanager
