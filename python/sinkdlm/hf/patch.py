@@ -10,6 +10,7 @@ forwards reuse the sink K/V while the weights are unchanged.
 """
 
 import contextlib
+import json
 import os
 import types
 import warnings
@@ -124,14 +125,17 @@ def _unwrap(model):
     """The transformers model under PEFT, DDP/FSDP (``.module``) and torch.compile wrappers."""
     while True:
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
+            inner = model.get_base_model()
         elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            inner = model._orig_mod
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
                 type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")):
-            model = model.module
+            inner = model.module
         else:
             return model
+        if inner is model:
+            return model
+        model = inner
 
 
 def _host(model):
@@ -163,16 +167,35 @@ def _backend_for(model, host):
         "sinkdlm.hf.register_adapter (see sinkdlm/hf/adapters.py).")
 
 
+def _checkpoint_files(path):
+    """The .safetensors files of a local directory or of a hub id already in the local cache."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    from transformers.utils import cached_file
+
+    try:
+        index = cached_file(path, "model.safetensors.index.json", local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index) as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            return [cached_file(path, shard, local_files_only=True) for shard in shards]
+        single = cached_file(path, "model.safetensors", local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False)
+        return [] if single is None else [single]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def _saved_sink_weight(model):
-    """The sink embedding saved next to a checkpoint whose config records sinkdlm, or None."""
+    """The sink embedding saved with a checkpoint whose config records sinkdlm, or None."""
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if not path or not os.path.isdir(path):
+    if not path:
         return None
     from safetensors import safe_open
 
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
+    for name in _checkpoint_files(str(path)):
+        with safe_open(name, framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith(f"{SINK_MODULE}.weight"):
                     return handle.get_tensor(key)
@@ -237,10 +260,9 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
             raise ValueError(f"saved sink embedding has shape {tuple(saved.shape)}, the model's "
                              f"hidden size needs {tuple(weight.shape)}")
         weight = saved.to(device=weight.device, dtype=weight.dtype)
-    host.add_module(SINK_MODULE, SinkEmbedding(weight))
-
     state = _SinkState(inner, host, backend, sink_position)
-    backend.install(state)
+    backend.install(state)  # first: if it refuses the model, nothing has changed yet
+    host.add_module(SINK_MODULE, SinkEmbedding(weight))
     host.__dict__[_STATE] = state
     # A method bound to the host, its state in the host's __dict__: copy.deepcopy of the model
     # rebinds both to the copy.
