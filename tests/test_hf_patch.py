@@ -258,8 +258,14 @@ def test_peft_lora_keeps_the_sink_trainable():
 
 def test_unknown_architecture_raises_with_the_supported_list():
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)
     with pytest.raises(ValueError, match="Supported.*llama.*LLaDALlamaBlock"):
-        sinkdlm.hf.add_sink_token(transformers.GPT2LMHeadModel(config))
+        sinkdlm.hf.add_sink_token(model)
+    assert not sinkdlm.hf.has_sink_token(model)
+    assert not any("sink" in name for name, _ in model.named_parameters())
+    assert not hasattr(model.config, "sinkdlm")
+    with sinkdlm.hf.sink_kv_cache(model):  # a no-op on models without the sink
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_kv_cache_and_bare_implementation_raise():

@@ -369,11 +369,13 @@ def sink_kv_cache(model):
     parameter's storage and version counter (so an optimizer step, load_state_dict or .to()
     invalidates it) and dropped when the outermost context exits. Forwards with gradients enabled
     always recompute (their graph must reach the sink embedding). Weights changed through
-    ``.data`` bypass version counters and are not noticed.
+    ``.data`` bypass version counters and are not noticed. On a model without the sink token
+    this does nothing, so samplers can use it unconditionally.
     """
     state = _state(model)
     if state is None:
-        raise ValueError("sink_kv_cache needs a model patched by sinkdlm.hf.add_sink_token")
+        yield model
+        return
     state.cache_depth += 1
     try:
         yield model
