@@ -11,6 +11,7 @@ from .remask_step import (
     remask_step_seed,
 )
 from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
+from .train import masked_diffusion_loss  # noqa: F401  (also binds sinkdlm.train)
 
 __all__ = [
     "dream_transfer_schedule",

@@ -1,0 +1,16 @@
+"""Hugging Face integration: give a transformers diffusion LM the sink token, train, save, reload.
+
+    model = sinkdlm.hf.add_sink_token(model)   # one call; nothing else in the script changes
+    model.save_pretrained(path)
+    model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
+"""
+
+from . import native
+from .adapters import SinkAdapter, register_adapter
+from .patch import add_sink_token, has_sink_token, remove_sink_token, sink_kv_cache
+from .shims import from_pretrained
+
+native.register()
+
+__all__ = ["SinkAdapter", "add_sink_token", "from_pretrained", "has_sink_token", "register_adapter",
+           "remove_sink_token", "sink_kv_cache"]

@@ -1,0 +1,385 @@
+"""add_sink_token / remove_sink_token: one learned sink token for a Hugging Face DLM.
+
+How it works. The sink attends only to itself, so its hidden state in every layer depends on its
+embedding alone. Each forward of the patched model therefore first runs the sink embedding alone
+(batch 1, length 1, rotary position ``sink_position``) through the model's own layers with the
+attention in "sink mode" (o = V, K/V recorded per layer), then runs the user's sequence unchanged,
+every attention layer calling ``sinkdlm.sink_attention`` with that layer's sink K/V. Both passes
+are one autograd graph, so gradients reach the sink embedding; under ``sink_kv_cache`` inference
+forwards reuse the sink K/V while the weights are unchanged.
+"""
+
+import contextlib
+import json
+import os
+import types
+import warnings
+
+import torch
+
+from . import native
+from .adapters import LINK, LayerLink, adapter_for, supported_adapters
+
+SINK_MODULE = "sink_embedding"
+_STATE = "_sinkdlm_state"
+_FORMAT = 1
+
+
+class SinkEmbedding(torch.nn.Module):
+    """A one-row embedding table holding the learned sink token; ``weight`` is (hidden_size,).
+
+    forward(ids) with ids all 0, shape (*S) -> (*S, hidden_size). It is a module (not a bare
+    parameter) so PEFT can list it in ``modules_to_save``.
+    """
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.weight.unsqueeze(0))
+
+
+class _SinkState:
+    """What add_sink_token changed on one model, and the sink K/V cache."""
+
+    def __init__(self, model, host, backend, sink_position):
+        self.model = model
+        self.host = host
+        self.backend = backend
+        self.sink_position = sink_position
+        self.had_instance_forward = "forward" in host.__dict__
+        self.original_forward = host.forward
+        self.channel = None  # adapters: the SinkKV the patched attention methods read
+        self.requires_grad = None  # flags saved by train_only_sink
+        self.cache_depth = 0
+        self.cache_key = None
+        self.cache_kv = None
+        self.original_attn = None
+
+
+class _NativeBackend:
+    """transformers-native models: AttentionInterface "sinkdlm", sink K/V passed as a kwarg."""
+
+    name = "attention_interface"
+
+    def install(self, state):
+        native.register()
+        state.original_attn = state.model.config._attn_implementation
+        state.model.set_attn_implementation(native.ATTN_IMPLEMENTATION)
+
+    def uninstall(self, state):
+        state.model.set_attn_implementation(state.original_attn)
+
+    def sink_pass(self, state, embeds, position_ids):
+        return native.run_sink_pass(state.original_forward, embeds, position_ids)
+
+    def main(self, state, sink_kv, args, kwargs):
+        return native.call_with_sink(state.original_forward, sink_kv, args, kwargs)
+
+
+class _AdapterBackend:
+    """Remote-code models: a registered adapter swaps their attention method per instance."""
+
+    name = "adapter"
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.patched = []
+
+    def install(self, state):
+        modules = [m for m in state.host.modules()
+                   if type(m).__name__ in self.adapter.attention_classes]
+        method = self.adapter.method
+        for layer_key, module in enumerate(modules):
+            saved = module.__dict__.get(method)
+            module.__dict__[LINK] = LayerLink(state, layer_key)
+            setattr(module, method, types.MethodType(self.adapter.replacement, module))
+            self.patched.append((module, saved))
+
+    def uninstall(self, state):
+        method = self.adapter.method
+        for module, saved in self.patched:
+            delattr(module, method)
+            del module.__dict__[LINK]
+            if saved is not None:
+                setattr(module, method, saved)
+        self.patched = []
+
+    def sink_pass(self, state, embeds, position_ids):
+        collector = native.SinkKV(collect=True)
+        state.channel = collector
+        try:
+            self.adapter.run_sink_pass(state.original_forward, embeds, position_ids)
+        finally:
+            state.channel = None
+        return collector.kv
+
+    def main(self, state, sink_kv, args, kwargs):
+        # Left set after the call: gradient checkpointing re-runs the layers during backward.
+        state.channel = native.SinkKV(sink_kv)
+        return state.original_forward(*args, **kwargs)
+
+
+def _unwrap(model):
+    """The transformers model under PEFT, DDP/FSDP (``.module``) and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            inner = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+                type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def _host(model):
+    host = getattr(model, "base_model", model)
+    return host if isinstance(host, torch.nn.Module) else model
+
+
+def _state(model):
+    return _host(_unwrap(model)).__dict__.get(_STATE)
+
+
+def has_sink_token(model) -> bool:
+    """True if ``add_sink_token`` patched this model (PEFT / DDP / compiled wrappers allowed)."""
+    return _state(model) is not None
+
+
+def _backend_for(model, host):
+    adapter = adapter_for(host)
+    if adapter is not None:
+        return _AdapterBackend(adapter)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    can_set = getattr(model, "_can_set_attn_implementation", None)  # absent in older releases
+    if model_type in native.NATIVE_MODEL_TYPES and (can_set is None or can_set()):
+        return _NativeBackend()
+    raise ValueError(
+        f"sinkdlm cannot add the sink token to {type(model).__name__} (model_type={model_type!r}). "
+        f"Supported: transformers-native model types {list(native.NATIVE_MODEL_TYPES)} and "
+        f"remote-code attention classes {supported_adapters()}. Add an architecture with "
+        "sinkdlm.hf.register_adapter (see sinkdlm/hf/adapters.py).")
+
+
+def _checkpoint_files(path):
+    """The .safetensors files of a local directory or of a hub id already in the local cache."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    from transformers.utils import cached_file
+
+    try:
+        index = cached_file(path, "model.safetensors.index.json", local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index) as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            return [cached_file(path, shard, local_files_only=True) for shard in shards]
+        single = cached_file(path, "model.safetensors", local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False)
+        return [] if single is None else [single]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _saved_sink_weight(model):
+    """The sink embedding saved with a checkpoint whose config records sinkdlm, or None."""
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not path:
+        return None
+    from safetensors import safe_open
+
+    for name in _checkpoint_files(str(path)):
+        with safe_open(name, framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(f"{SINK_MODULE}.weight"):
+                    return handle.get_tensor(key)
+    return None
+
+
+def _initial_weight(model, init):
+    table = model.get_input_embeddings().weight
+    if init == "mean":
+        return table.detach().float().mean(dim=0).to(table.dtype)
+    if init == "zeros":
+        return torch.zeros_like(table[0]).detach()
+    if isinstance(init, int) and not isinstance(init, bool):
+        if not 0 <= init < table.shape[0]:
+            raise ValueError(f"init token id {init} is outside the vocabulary "
+                             f"[0, {table.shape[0]})")
+        return table[init].detach().clone()
+    raise ValueError(f"init must be 'mean', 'zeros' or a token id (int), got {init!r}")
+
+
+def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=False):
+    """Gives a Hugging Face diffusion LM one learned sink token; returns the same model.
+
+    Nothing else in a training script changes: same input_ids (B, L), attention_mask, labels and
+    logits (B, L, V). Adds ``sink_embedding.weight`` (hidden_size,) to the base model (seen by
+    optimizers, state_dict, FSDP, PEFT), routes every attention layer through
+    ``sinkdlm.sink_attention`` (bidirectional), and records ``config.sinkdlm``.
+
+    Args:
+        model: a transformers model (Llama / Mistral / Qwen2 / Qwen3 families, or a remote-code
+            model with a registered adapter: LLaDA, Dream), possibly wrapped by PEFT.
+        sink_position: rotary position of the sink; the user's tokens keep positions 0..L-1. -1 is
+            the paper's model (sink at 0, tokens shifted by one: rotary depends only on offsets).
+        init: "mean" (mean input embedding), "zeros", or a token id whose embedding is copied.
+            Ignored when the model was loaded from a checkpoint saved with the sink token: the
+            saved embedding is used.
+        train_only_sink: freeze every other parameter (remove_sink_token restores the flags).
+
+    A second call on a patched model does nothing.
+    """
+    if has_sink_token(model):
+        return model
+    inner = _unwrap(model)
+    host = _host(inner)
+    recorded = getattr(inner.config, "sinkdlm", None)
+    saved = None
+    if isinstance(recorded, dict):
+        if sink_position not in (-1, recorded["sink_position"]):
+            raise ValueError(f"this checkpoint was trained with sink_position="
+                             f"{recorded['sink_position']}, got sink_position={sink_position}")
+        sink_position = recorded["sink_position"]
+        saved = _saved_sink_weight(inner)
+        if saved is None:
+            warnings.warn("config.sinkdlm is set but no saved sink embedding was found next to the "
+                          f"checkpoint; initialising it with init={init!r}", stacklevel=2)
+    if not isinstance(sink_position, int):
+        raise ValueError(f"sink_position must be an int, got {sink_position!r}")
+    backend = _backend_for(inner, host)
+    weight = _initial_weight(inner, init)
+    if saved is not None:
+        if saved.shape != weight.shape:
+            raise ValueError(f"saved sink embedding has shape {tuple(saved.shape)}, the model's "
+                             f"hidden size needs {tuple(weight.shape)}")
+        weight = saved.to(device=weight.device, dtype=weight.dtype)
+    state = _SinkState(inner, host, backend, sink_position)
+    backend.install(state)  # first: if it refuses the model, nothing has changed yet
+    host.add_module(SINK_MODULE, SinkEmbedding(weight))
+    host.__dict__[_STATE] = state
+    # A method bound to the host, its state in the host's __dict__: copy.deepcopy of the model
+    # rebinds both to the copy.
+    host.forward = types.MethodType(_patched_forward, host)
+    inner.config.sinkdlm = {"format": _FORMAT, "sink_position": sink_position,
+                            "backend": backend.name}
+    if train_only_sink:
+        sink_weight = getattr(host, SINK_MODULE).weight
+        state.requires_grad = {p: p.requires_grad for p in inner.parameters()}
+        for p in inner.parameters():
+            p.requires_grad_(p is sink_weight)
+    return model
+
+
+def remove_sink_token(model):
+    """Undoes add_sink_token: original forward, attention and requires_grad flags; returns model."""
+    state = _state(model)
+    if state is None:
+        return model
+    host = state.host
+    state.backend.uninstall(state)
+    del host.forward
+    if state.had_instance_forward:
+        host.forward = state.original_forward
+    if state.requires_grad is not None:
+        for p, flag in state.requires_grad.items():
+            p.requires_grad_(flag)
+    delattr(host, SINK_MODULE)
+    del host.__dict__[_STATE]
+    if hasattr(state.model.config, "sinkdlm"):
+        del state.model.config.sinkdlm
+    return model
+
+
+def _reject_reentrant_checkpointing(host):
+    """Reentrant checkpoints replay each layer's backward separately, and each replay would walk
+    the shared sink pass again; only non-reentrant checkpointing composes with the sink."""
+    for module in host.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if (module.__dict__.get("gradient_checkpointing") is True
+                and getattr(func, "keywords", {}).get("use_reentrant") is True):
+            raise ValueError(
+                "the sink token needs non-reentrant gradient checkpointing: enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)")
+
+
+def _patched_forward(host, *args, **kwargs):
+    state = host.__dict__[_STATE]
+    if host.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _reject_reentrant_checkpointing(host)
+    return state.backend.main(state, _sink_kv(state), args, kwargs)
+
+
+@contextlib.contextmanager
+def _no_activation_checkpointing(host):
+    """The sink pass is one token: checkpointing it saves nothing, and a reentrant checkpoint
+    would run it without grad, cutting the sink embedding off from the loss."""
+    switched = []
+    for module in host.modules():
+        if module.__dict__.get("gradient_checkpointing") is True:
+            switched.append((module, "gradient_checkpointing", True))
+            module.gradient_checkpointing = False
+        if module.__dict__.get("_activation_checkpoint_fn") is not None:  # LLaDA's blocks
+            switched.append((module, "_activation_checkpoint_fn", module._activation_checkpoint_fn))
+            module._activation_checkpoint_fn = None
+    try:
+        yield
+    finally:
+        for module, name, value in switched:
+            setattr(module, name, value)
+
+
+def _compute_sink_kv(state):
+    sink = getattr(state.host, SINK_MODULE)
+    device = next(sink.parameters()).device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    position_ids = torch.full((1, 1), state.sink_position, dtype=torch.long, device=device)
+    with _no_activation_checkpointing(state.host):
+        return state.backend.sink_pass(state, sink(ids), position_ids)
+
+
+def _weights_key(state):
+    params = tuple((p.data_ptr(), p._version) for p in state.host.parameters())
+    autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    return params, autocast, state.host.training
+
+
+def _sink_kv(state):
+    """Per-layer sink K/V; reused inside sink_kv_cache for gradient-free forwards."""
+    if state.cache_depth == 0 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _compute_sink_kv(state)
+    key = _weights_key(state)
+    if state.cache_key != key:
+        state.cache_kv = _compute_sink_kv(state)
+        state.cache_key = key
+    return state.cache_kv
+
+
+@contextlib.contextmanager
+def sink_kv_cache(model):
+    """Inside this context, forwards without gradient compute the sink K/V once and reuse them.
+
+    A sampler's many forwards then pay for the sink pass once. The cache is keyed by every
+    parameter's storage and version counter (so an optimizer step, load_state_dict or .to()
+    invalidates it) and dropped when the outermost context exits. Forwards with gradients enabled
+    always recompute (their graph must reach the sink embedding). Weights changed through
+    ``.data`` bypass version counters and are not noticed. On a model without the sink token
+    this does nothing, so samplers can use it unconditionally.
+    """
+    state = _state(model)
+    if state is None:
+        yield model
+        return
+    state.cache_depth += 1
+    try:
+        yield model
+    finally:
+        state.cache_depth -= 1
+        if state.cache_depth == 0:
+            state.cache_key = state.cache_kv = None

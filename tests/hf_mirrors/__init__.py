@@ -1,0 +1,1 @@
+"""Small stand-ins for remote-code DLM modeling files (structure and signatures only)."""
