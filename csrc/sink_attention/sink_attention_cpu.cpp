@@ -82,37 +82,71 @@ void mask_padded_keys(const bool* key_mask, int64_t j0, int64_t nk, A* s, int64_
       for (int64_t r = 0; r < n; ++r) s[r * ld + c] = kNegInf<A>;
 }
 
+// What the forward and the backward share: sizes, K/V rows ready for the GEMMs, and the
+// sink of each (batch, kv head) in the accumulation type.
+template <typename T>
+struct Setup {
+  using A = typename AccOf<T>::type;
+  Setup(const SinkAttentionProblem& p, const CpuContext& ctx)
+      : p(p),
+        B(p.batch),
+        H(p.heads),
+        Hkv(p.kv_heads),
+        L(p.seqlen),
+        D(p.head_dim),
+        group(H / Hkv),
+        bk(std::min(kBlockK, L)),
+        scale(static_cast<A>(p.scale)),
+        gemm(ctx.gemm<A>()),
+        K(static_cast<const T*>(p.k), p.k_stride, B, Hkv, L, D, ctx),
+        V(static_cast<const T*>(p.v), p.v_stride, B, Hkv, L, D, ctx),
+        sink_logit(static_cast<const A*>(p.sink_logit)) {}
+
+  const A* sink_k(int64_t b, int64_t hk) const { return sink_row(p.sink_k, b, hk); }
+  const A* sink_v(int64_t b, int64_t hk) const { return sink_row(p.sink_v, b, hk); }
+  const bool* key_mask(int64_t b) const {
+    return p.key_padding_mask ? p.key_padding_mask + b * L : nullptr;
+  }
+
+  const SinkAttentionProblem& p;
+  const int64_t B, H, Hkv, L, D, group, bk;
+  const A scale;
+  const GemmFn<A> gemm;
+  const KVRows<T, A> K, V;
+  const A* const sink_logit;
+
+ private:
+  const A* sink_row(const void* sink, int64_t b, int64_t hk) const {
+    return sink ? static_cast<const A*>(sink) + b * p.sink_batch_stride + hk * D : nullptr;
+  }
+};
+
 template <typename T>
 void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuContext& ctx) {
   using A = typename AccOf<T>::type;
-  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seqlen, D = p.head_dim;
-  const int64_t group = H / Hkv;
-  const A scale = static_cast<A>(p.scale);
-  const KVRows<T, A> K(static_cast<const T*>(p.k), p.k_stride, B, Hkv, L, D, ctx);
-  const KVRows<T, A> V(static_cast<const T*>(p.v), p.v_stride, B, Hkv, L, D, ctx);
-  const auto* sink_k = static_cast<const A*>(p.sink_k);
-  const auto* sink_v = static_cast<const A*>(p.sink_v);
-  const auto* sink_logit = static_cast<const A*>(p.sink_logit);
+  const Setup<T> st(p, ctx);
+  const int64_t B = st.B, H = st.H, L = st.L, D = st.D, bk = st.bk;
+  const A scale = st.scale;
+  const auto* sink_logit = st.sink_logit;
+  const GemmFn<A> gemm = st.gemm;
   T* out = static_cast<T*>(out_ptr);
   A* lse = static_cast<A*>(lse_ptr);
-  const GemmFn<A> gemm = ctx.gemm<A>();
   const int64_t q_tiles = (L + kBlockQ - 1) / kBlockQ;
-  const int64_t bk = std::min(kBlockK, L);
 
   ctx.parallel_for(B * H * q_tiles, [&](int64_t begin, int64_t end) {
     std::vector<A> qs(kBlockQ * D), s(kBlockQ * bk), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (H * q_tiles), h = (item / q_tiles) % H, hk = h / group;
+      const int64_t b = item / (H * q_tiles), h = (item / q_tiles) % H, hk = h / st.group;
       const int64_t i0 = (item % q_tiles) * kBlockQ, nq = std::min(kBlockQ, L - i0);
-      const A* k = K.rows(b, hk);
-      const A* v = V.rows(b, hk);
-      const int64_t ldk = K.ld(), ldv = V.ld();
-      const bool* key_mask = p.key_padding_mask ? p.key_padding_mask + b * L : nullptr;
+      const A* k = st.K.rows(b, hk);
+      const A* v = st.V.rows(b, hk);
+      const int64_t ldk = st.K.ld(), ldv = st.V.ld();
+      const bool* key_mask = st.key_mask(b);
       load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
 
       // The sink opens every row's online softmax: running max, sum and accumulator.
-      const A* sk = sink_k ? sink_k + b * p.sink_batch_stride + hk * D : nullptr;
-      const A* sv = sink_v ? sink_v + b * p.sink_batch_stride + hk * D : nullptr;
+      const A* sk = st.sink_k(b, hk);
+      const A* sv = st.sink_v(b, hk);
       for (int64_t r = 0; r < nq; ++r) {
         A* acc_r = acc.data() + r * D;
         std::fill(acc_r, acc_r + D, A(0));
@@ -176,25 +210,21 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
 template <typename T>
 void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuContext& ctx) {
   using A = typename AccOf<T>::type;
-  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seqlen, D = p.head_dim;
-  const int64_t group = H / Hkv;
-  const A scale = static_cast<A>(p.scale);
-  const KVRows<T, A> K(static_cast<const T*>(p.k), p.k_stride, B, Hkv, L, D, ctx);
-  const KVRows<T, A> V(static_cast<const T*>(p.v), p.v_stride, B, Hkv, L, D, ctx);
-  const auto* sink_k = static_cast<const A*>(p.sink_k);
-  const auto* sink_v = static_cast<const A*>(p.sink_v);
-  const auto* sink_logit = static_cast<const A*>(p.sink_logit);
+  const Setup<T> st(p, ctx);
+  const int64_t B = st.B, H = st.H, Hkv = st.Hkv, L = st.L, D = st.D, group = st.group;
+  const int64_t bk = st.bk;
+  const A scale = st.scale;
+  const bool has_sink = p.sink_k != nullptr;
+  const auto* sink_logit = st.sink_logit;
   const auto* lse = static_cast<const A*>(g.lse);
   const auto* dlse = static_cast<const A*>(g.dlse);
-  const GemmFn<A> gemm = ctx.gemm<A>();
-  const int64_t q_tiles = (L + kBlockQ - 1) / kBlockQ;
-  const int64_t bk = std::min(kBlockK, L);
+  const GemmFn<A> gemm = st.gemm;
 
   // Per query head partial gradients, reduced over each GQA group (and the batch, for a
   // shared sink) in a fixed order afterwards: no atomics, bit-identical run to run.
   std::vector<A> dk_part(static_cast<size_t>(B * H * L * D), A(0));
   std::vector<A> dv_part(dk_part.size(), A(0));
-  std::vector<A> dsk_part(sink_k ? B * H * D : 0, A(0)), dsv_part(dsk_part.size(), A(0));
+  std::vector<A> dsk_part(has_sink ? B * H * D : 0, A(0)), dsv_part(dsk_part.size(), A(0));
   std::vector<A> dlam_part(sink_logit ? B * H : 0, A(0));
 
   ctx.parallel_for(B * H, [&](int64_t begin, int64_t end) {
@@ -202,14 +232,14 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
     std::vector<A> s(kBlockQ * bk), dp(kBlockQ * bk), lse_t(kBlockQ), delta(kBlockQ);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
-      const A* k = K.rows(b, hk);
-      const A* v = V.rows(b, hk);
-      const int64_t ldk = K.ld(), ldv = V.ld();
-      const bool* key_mask = p.key_padding_mask ? p.key_padding_mask + b * L : nullptr;
+      const A* k = st.K.rows(b, hk);
+      const A* v = st.V.rows(b, hk);
+      const int64_t ldk = st.K.ld(), ldv = st.V.ld();
+      const bool* key_mask = st.key_mask(b);
       A* dkp = dk_part.data() + bh * L * D;
       A* dvp = dv_part.data() + bh * L * D;
-      const A* sk = sink_k ? sink_k + b * p.sink_batch_stride + hk * D : nullptr;
-      const A* sv = sink_v ? sink_v + b * p.sink_batch_stride + hk * D : nullptr;
+      const A* sk = st.sink_k(b, hk);
+      const A* sv = st.sink_v(b, hk);
 
       for (int64_t i0 = 0; i0 < L; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, L - i0);
@@ -286,7 +316,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
   });
 
   // Sink gradients: over the group, and over the batch when the sink is shared.
-  if (sink_k) {
+  if (has_sink) {
     A* dsk = static_cast<A*>(g.dsink_k);
     A* dsv = static_cast<A*>(g.dsink_v);
     const int64_t sink_batches = p.sink_batch_stride == 0 ? 1 : B;
