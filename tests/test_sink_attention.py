@@ -3,8 +3,9 @@
 import itertools
 
 import pytest
-import sinkdlm
 import torch
+
+import sinkdlm
 from sinkdlm.sink_attention import _sink_attention_composite
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -12,9 +12,9 @@ namespace sinkdlm {
 namespace {
 
 // Query rows per work item and keys per tile. A tile's scores (kBlockQ x kBlockK floats,
-// 64 KiB) and its K/V rows stay in L2 while both GEMMs of the tile run.
+// 128 KiB) and its K/V rows stay in L2 while both GEMMs of the tile run.
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
+constexpr int64_t kBlockK = 512;
 
 template <typename T>
 struct AccOf {

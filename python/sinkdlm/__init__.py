@@ -3,8 +3,26 @@
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
+from .generate import dream_transfer_schedule, generate, llada_transfer_schedule
+from .remask_step import (
+    remask_step,
+    remask_step_noise,
+    remask_step_reference,
+    remask_step_seed,
+)
 from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
 from .train import masked_diffusion_loss  # noqa: F401  (also binds sinkdlm.train)
 
-__all__ = ["sink_attention", "sink_attention_mask", "sink_attention_reference"]
+__all__ = [
+    "dream_transfer_schedule",
+    "generate",
+    "llada_transfer_schedule",
+    "remask_step",
+    "remask_step_noise",
+    "remask_step_reference",
+    "remask_step_seed",
+    "sink_attention",
+    "sink_attention_mask",
+    "sink_attention_reference",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""sinkdlm.remask_step against the plain-PyTorch reference (LLaDA's way, float64 softmax)."""
+
+import pytest
+import sinkdlm
+import torch
+
+STRATEGIES = ["low_confidence", "margin", "entropy", "random"]
+
+
+def _cuda_built() -> bool:
+    return torch.cuda.is_available() and sinkdlm._C.build_info()["cuda_linked"]
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not _cuda_built(), reason="needs a GPU and sinkdlm built against a CUDA torch"
+        ),
+    ),
+]
+
+
+def make_inputs(batch, length, vocab, dtype, device, seed=0):
+    """Random logits and tokens where row 0 has no mask at all, row 1 few masks and
+    the others a mix; num_transfer asks for more than some rows have."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=g) * 3).to(dtype)
+    mask_id = vocab - 2
+    x = torch.randint(0, vocab - 2, (batch, length), generator=g)
+    x[torch.rand(batch, length, generator=g) < 0.6] = mask_id
+    x[0] = torch.randint(0, vocab - 2, (length,), generator=g)  # no masks
+    if batch > 1:
+        x[1] = 5
+        x[1, : min(2, length)] = mask_id  # fewer masks than asked
+    num_transfer = torch.randint(0, length + 2, (batch,), generator=g)
+    if batch > 1:
+        num_transfer[1] = length
+    starts = torch.randint(0, length + 1, (batch,), generator=g)
+    ends = starts + (torch.rand(batch, generator=g) * (length - starts + 1)).long()
+    window = torch.stack([starts, ends], dim=1)
+    return logits.to(device), x.to(device), mask_id, num_transfer.to(device), window.to(device)
+
+
+def assert_same_step(got, want):
+    x_new, transferred, confidence = got
+    ref_x_new, ref_transferred, ref_confidence = want
+    assert x_new.dtype == torch.int64 and transferred.dtype == torch.bool
+    assert confidence.dtype == torch.float32
+    torch.testing.assert_close(x_new.cpu(), ref_x_new.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(transferred.cpu(), ref_transferred.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(confidence.cpu(), ref_confidence.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def run_both(logits, x, mask_id, num_transfer, seed=123, **kwargs):
+    got = sinkdlm.remask_step(
+        logits, x, mask_id, num_transfer, generator=torch.Generator().manual_seed(seed), **kwargs
+    )
+    want = sinkdlm.remask_step_reference(
+        logits, x, mask_id, num_transfer, generator=torch.Generator().manual_seed(seed), **kwargs
+    )
+    return got, want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("use_window", [False, True])
+@pytest.mark.parametrize("threshold", [None, "mid"])
+def test_matches_reference(device, strategy, temperature, use_window, threshold):
+    # V = 4101: not a multiple of any vector width, several CPU chunks.
+    logits, x, mask_id, num_transfer, window = make_inputs(5, 13, 4101, torch.float32, device)
+    if threshold == "mid":  # a threshold some but not all positions pass
+        conf = sinkdlm.remask_step_reference(logits, x, mask_id, 0, strategy=strategy)[2]
+        threshold = conf[torch.isfinite(conf)].median().item()
+    got, want = run_both(
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        strategy=strategy,
+        temperature=temperature,
+        threshold=threshold,
+        window=window if use_window else None,
+    )
+    assert_same_step(got, want)
+    assert not got[1][0].any(), "a row without masks got a position filled"
+    assert (got[1].sum(1) <= (x == mask_id).sum(1)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 300])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_half_precision_and_small_vocab(device, dtype, vocab, strategy):
+    batch, length = 3, 9
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(batch, length, vocab, generator=g) * 4).to(dtype).to(device)
+    x = torch.zeros(batch, length, dtype=torch.int64)
+    x[torch.rand(batch, length, generator=g) < 0.7] = vocab - 1
+    num_transfer = torch.tensor([1, 3, 20])
+    got, want = run_both(
+        logits, x.to(device), vocab - 1, num_transfer.to(device), strategy=strategy, temperature=0.5
+    )
+    assert_same_step(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["low_confidence", "margin", "entropy"])
+def test_bfloat16_ties(device, strategy):
+    # Integer-valued bfloat16 logits: argmax ties (lowest token wins) and, since positions
+    # repeat one of three rows, exact confidence ties (lowest position wins).
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(-3, 4, (3, 4099), generator=g).to(torch.bfloat16)
+    pick = torch.randint(0, 3, (2, 17), generator=g)
+    logits = rows[pick].to(device)
+    assert (logits == logits.max(-1, keepdim=True).values).sum(-1).min() > 1
+    mask_id = 4098
+    x = torch.full((2, 17), mask_id, dtype=torch.int64)
+    x[:, ::5] = 11
+    got, want = run_both(
+        logits, x.to(device), mask_id, torch.tensor([4, 9], device=device), strategy=strategy
+    )
+    assert_same_step(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    logits, x, mask_id, num_transfer, window = make_inputs(4, 11, 517, torch.float32, device, 3)
+    strided_logits = logits.transpose(0, 1).contiguous().transpose(0, 1)  # batch-strided
+    vocab_strided = torch.cat([logits, logits], dim=2)[..., ::2]  # vocabulary stride 2
+    strided_x = x.t().contiguous().t()
+    for lg in (strided_logits, vocab_strided):
+        got = sinkdlm.remask_step(lg, strided_x, mask_id, num_transfer, window=window)
+        want = sinkdlm.remask_step_reference(lg, x, mask_id, num_transfer, window=window)
+        assert_same_step(got, want)
+
+
+def test_generator_reproducibility():
+    logits, x, mask_id, num_transfer, _ = make_inputs(3, 20, 300, torch.float32, "cpu")
+    first = sinkdlm.remask_step(
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        temperature=2.0,
+        generator=torch.Generator().manual_seed(5),
+    )
+    again = sinkdlm.remask_step(
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        temperature=2.0,
+        generator=torch.Generator().manual_seed(5),
+    )
+    other = sinkdlm.remask_step(
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        temperature=2.0,
+        generator=torch.Generator().manual_seed(6),
+    )
+    assert torch.equal(first[0], again[0])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_noise_is_gumbel_and_shape_independent():
+    gumbel, uniform = sinkdlm.remask_step_noise(99, 3, 4, 50, 1000)
+    assert gumbel.shape == (4, 50, 1000) and uniform.shape == (4, 50)
+    # Gumbel(0, 1): mean = Euler-Mascheroni constant, variance pi^2 / 6.
+    assert abs(gumbel.double().mean().item() - 0.5772) < 0.01
+    assert abs(gumbel.double().var().item() - 1.6449) < 0.03
+    assert 0 < uniform.min() and uniform.max() < 1
+    small_gumbel, small_uniform = sinkdlm.remask_step_noise(99, 3, 2, 7, 33)
+    assert torch.equal(small_gumbel, gumbel[:2, :7, :33])
+    assert torch.equal(small_uniform, uniform[:2, :7])
+    assert not torch.equal(sinkdlm.remask_step_noise(99, 4, 2, 7, 33)[0], small_gumbel)
+
+
+def test_temperature_samples_softmax():
+    # One position, many seeds: token frequencies follow softmax(logits / T).
+    logits = torch.tensor([[[0.0, 1.0, 2.0, -1.0, 0.5]]])
+    x = torch.tensor([[4]])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        token = sinkdlm.remask_step(logits, x, 4, 1, temperature=1.5, generator=gen)[0]
+        counts[token] += 1
+    expected = torch.softmax(logits[0, 0] / 1.5, -1)
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(logits=a["logits"][0]), "logits must be"),
+        (lambda a: a.update(logits=a["logits"].double()), "float32, float16 or bfloat16"),
+        (lambda a: a.update(x=a["x"][:, :-1]), "x must be"),
+        (lambda a: a.update(x=a["x"].int()), "x must be int64"),
+        (lambda a: a.update(num_transfer=torch.tensor([1, -1])), "num_transfer must be >= 0"),
+        (lambda a: a.update(num_transfer=torch.tensor([1])), "num_transfer must be"),
+        (lambda a: a.update(mask_id=50), "mask_id must be in"),
+        (lambda a: a.update(mask_id=-1), "mask_id must be in"),
+        (lambda a: a.update(window=torch.tensor([[0, 7], [2, 1]])), "window rows"),
+        (lambda a: a.update(window=torch.tensor([[0, 8], [0, 2]])), "window rows"),
+        (lambda a: a.update(window=torch.tensor([0, 2])), "window must be"),
+        (lambda a: a.update(strategy="topk"), "strategy must be one of"),
+        (lambda a: a.update(temperature=-1.0), "temperature must be"),
+    ],
+)
+def test_bad_input_raises(change, message):
+    args = dict(
+        logits=torch.randn(2, 7, 50),
+        x=torch.full((2, 7), 3),
+        mask_id=3,
+        num_transfer=torch.tensor([1, 2]),
+        window=None,
+        strategy="low_confidence",
+        temperature=0.0,
+    )
+    change(args)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        sinkdlm.remask_step(
+            args["logits"],
+            args["x"],
+            args["mask_id"],
+            args["num_transfer"],
+            window=args["window"],
+            strategy=args["strategy"],
+            temperature=args["temperature"],
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_opcheck(device, threshold):
+    logits, x, mask_id, num_transfer, window = make_inputs(3, 8, 97, torch.bfloat16, device)
+    args = (logits, x, mask_id, num_transfer, window, "margin", 0.5, threshold, 1234, 2)
+    torch.library.opcheck(torch.ops.sinkdlm.remask_step.default, args)
+
+
+def test_opcheck_noise():
+    torch.library.opcheck(torch.ops.sinkdlm.remask_step_noise.default, (77, 5, 2, 3, 41))
+
+
+def test_torch_compile_fullgraph():
+    logits, x, mask_id, num_transfer, window = make_inputs(2, 6, 64, torch.float32, "cpu")
+
+    def step(logits, x, num_transfer, window):
+        return sinkdlm.remask_step(logits, x, mask_id, num_transfer, window=window)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert_same_step(
+        compiled(logits, x, num_transfer, window), step(logits, x, num_transfer, window)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_minus_infinity_logits(device, strategy):
+    # Vocabulary entries a model rules out (logit -inf) get probability 0 and add 0 to entropy.
+    logits, x, mask_id, num_transfer, window = make_inputs(4, 9, 3001, torch.float32, device, 5)
+    g = torch.Generator().manual_seed(1)
+    logits[torch.rand(logits.shape, generator=g).to(device) < 0.3] = float("-inf")
+    logits[1, :, :2500] = float("-inf")  # whole leading chunks (CPU) and threads (CUDA) at -inf
+    got, want = run_both(logits, x, mask_id, num_transfer, strategy=strategy, temperature=0.9)
+    assert_same_step(got, want)
+    assert torch.isfinite(got[2][x == mask_id]).all()
