@@ -18,9 +18,10 @@ import argparse
 import glob
 import os
 
-import sinkdlm.hf
 import torch
 import transformers
+
+import sinkdlm.hf
 from sinkdlm.train import masked_diffusion_loss
 
 BYTE_VOCAB = 257  # the tiny default model reads UTF-8 bytes; id 256 is its mask token

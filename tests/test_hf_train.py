@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sinkdlm.train import masked_diffusion_loss
 
 VOCAB, MASK_ID = 11, 10
