@@ -21,9 +21,10 @@ import platform
 import time
 from pathlib import Path
 
-import sinkdlm
 import torch
 from tqdm.auto import tqdm
+
+import sinkdlm
 
 MASK_IDS = {126464: 126336, 152064: 151666}  # LLaDA-8B, Dream-7B
 RESULTS = Path(__file__).resolve().parent / "results"

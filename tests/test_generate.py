@@ -4,9 +4,10 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import sinkdlm
 import torch
 from torch import nn
+
+import sinkdlm
 
 VOCAB, MASK_ID, PAD_ID = 40, 39, 0
 

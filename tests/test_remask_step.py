@@ -1,8 +1,9 @@
 """sinkdlm.remask_step against the plain-PyTorch reference (LLaDA's way, float64 softmax)."""
 
 import pytest
-import sinkdlm
 import torch
+
+import sinkdlm
 
 STRATEGIES = ["low_confidence", "margin", "entropy", "random"]
 
