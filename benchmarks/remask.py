@@ -115,7 +115,11 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"V={r['vocab']}" for r in rows]
-    kinds = [("fused_s", "fused"), ("eager_s", "reference eager"), ("compiled_s", "compiled")]
+    kinds = [
+        ("fused_s", "fused"),
+        ("eager_s", "reference eager"),
+        ("compiled_s", "reference compiled"),
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.25
     for k, (key, name) in enumerate(kinds):
