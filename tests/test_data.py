@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from sinkdlm import data
 
 pytestmark = pytest.mark.skipif(

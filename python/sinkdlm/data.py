@@ -34,7 +34,7 @@ class CorpusMissingError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Directory for cached tokenizers and token tensors (``$SINKDLM_CACHE`` or ~/.cache/sinkdlm)."""
+    """Cache directory for tokenizers and token chunks: ``$SINKDLM_CACHE`` or ~/.cache/sinkdlm."""
     root = os.environ.get("SINKDLM_CACHE") or Path.home() / ".cache" / "sinkdlm"
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
