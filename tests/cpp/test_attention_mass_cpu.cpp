@@ -109,8 +109,9 @@ void run_case(const Case& c, double tol) {
 }
 
 TEST(AttentionMassCpu, MatchesDenseFloat64) {
-  for (const Case& c : {Case{2, 4, 2, 70, 16, true, false, true}, Case{1, 3, 3, 1, 8, false, false, false},
-                        Case{3, 2, 1, 65, 5, true, true, true}, Case{2, 2, 2, 9, 4, false, true, false}})
+  for (const Case& c :
+       {Case{2, 4, 2, 70, 16, true, false, true}, Case{1, 3, 3, 1, 8, false, false, false},
+        Case{3, 2, 1, 65, 5, true, true, true}, Case{2, 2, 2, 9, 4, false, true, false}})
     run_case<double>(c, 1e-12);
 }
 
