@@ -68,7 +68,7 @@ def test_sink_tokens_match_literal_inserted_tokens(variant):
     am = torch.ones(3, 11, dtype=torch.bool)
     am[1, 7:] = False
     am[2, 10:] = False
-    got = model(ids, attention_mask=am)
+    got = model(ids, attention_mask=am).logits
     want = literal_sink_forward(model, ids, am)
     real = am[..., None].expand_as(got)
     torch.testing.assert_close(got[real], want[real], rtol=1e-10, atol=1e-10)
@@ -81,8 +81,8 @@ def test_no_sink_padding_invariance():
     ids = torch.randint(2, SIZE["vocab_size"], (1, 9))
     am = torch.ones(1, 9, dtype=torch.bool)
     am[0, 6:] = False
-    padded = model(ids, attention_mask=am)[0, :6]
-    trimmed = model(ids[:, :6])[0]
+    padded = model(ids, attention_mask=am).logits[0, :6]
+    trimmed = model(ids[:, :6]).logits[0]
     torch.testing.assert_close(padded, trimmed, rtol=1e-10, atol=1e-10)
 
 
@@ -90,11 +90,11 @@ def test_gate_multiplies_attention_output():
     torch.manual_seed(2)
     model = DiffusionLM(variant_config("gate", **SIZE))
     ids = torch.randint(2, SIZE["vocab_size"], (2, 8))
-    base = model(ids)
+    base = model(ids).logits
     with torch.no_grad():  # gate -> 0 removes attention entirely
         for att in model.attention_layers():
             att.gate.bias.fill_(-1e4)
-    no_attn = model(ids)
+    no_attn = model(ids).logits
     assert not torch.allclose(base, no_attn)
     ref = model.embed(ids)
     for blk in model.layers:
@@ -129,7 +129,7 @@ def test_smdm_loss_formula():
     t = torch.rand(2, 1, generator=gen)
     p = 0.9 * t + 0.1
     masked = torch.rand(2, 10, generator=gen) < p
-    logits = model(torch.where(masked, 1, ids))
+    logits = model(torch.where(masked, 1, ids)).logits
     ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     want = (ce * masked / p).sum() / ids.numel()
     torch.testing.assert_close(got, want)
@@ -151,7 +151,7 @@ def test_save_load_roundtrip(tmp_path, variant):
     again = load_model(path)
     assert again.config == model.config
     ids = torch.randint(2, SIZE["vocab_size"], (1, 6))
-    torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_bad_config_is_rejected():
@@ -159,3 +159,18 @@ def test_bad_config_is_rejected():
         variant_config("baseline", **SIZE).__class__(vocab_size=5, mask_id=1, sink="bogus")
     with pytest.raises(ValueError, match="unknown variant"):
         variant_config("sink3", **SIZE)
+
+
+def test_smdm_loss_matches_masked_diffusion_loss():
+    train = pytest.importorskip("sinkdlm.train", reason="sinkdlm.train lands with the hf branch")
+    model = DiffusionLM(variant_config("sink1", **SIZE))
+    ids = torch.randint(2, SIZE["vocab_size"], (3, 10))
+    am = torch.ones(3, 10, dtype=torch.bool)
+    am[2, 7:] = False
+    ours = smdm_loss(
+        model, ids, mask_id=1, attention_mask=am, generator=torch.Generator().manual_seed(9)
+    )
+    theirs = train.masked_diffusion_loss(
+        model, ids, mask_id=1, attention_mask=am, generator=torch.Generator().manual_seed(9)
+    )
+    torch.testing.assert_close(ours, theirs)

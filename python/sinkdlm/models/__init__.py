@@ -2,13 +2,14 @@
 
 from .config import VARIANTS, DiffusionLMConfig, variant_config
 from .loss import draw_masks, evaluate_masked_diffusion, smdm_loss, smdm_terms
-from .transformer import AttentionCall, DiffusionLM, load_model, save_model
+from .transformer import AttentionCall, DiffusionLM, DiffusionLMOutput, load_model, save_model
 
 __all__ = [
     "VARIANTS",
     "AttentionCall",
     "DiffusionLM",
     "DiffusionLMConfig",
+    "DiffusionLMOutput",
     "draw_masks",
     "evaluate_masked_diffusion",
     "load_model",

@@ -58,6 +58,14 @@ class AttentionCall:
     sink_logit: torch.Tensor | None
 
 
+@dataclass
+class DiffusionLMOutput:
+    """Model output: logits (B,L,V). Shaped like a Hugging Face output so that
+    sinkdlm.train.masked_diffusion_loss and sinkdlm.generate accept the model as is."""
+
+    logits: torch.Tensor
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -228,11 +236,11 @@ class Block(nn.Module):
 
 
 class DiffusionLM(nn.Module):
-    """Bidirectional masked-diffusion LM; ``forward(input_ids, attention_mask=None)`` -> logits.
+    """Bidirectional masked-diffusion LM: ``forward(input_ids, attention_mask=None)``.
 
-    input_ids int64 (B,L); attention_mask bool/int (B,L), 1 = real token. Returns float logits
-    (B,L,vocab_size). Sink tokens (if configured) are internal: never in the input, never masked,
-    never in the loss.
+    input_ids int64 (B,L); attention_mask bool/int (B,L), 1 = real token. Returns a
+    DiffusionLMOutput whose ``logits`` are (B,L,vocab_size) in the parameters' dtype. Sink tokens
+    (if configured) are internal: never in the input, never masked, never in the loss.
     """
 
     def __init__(self, cfg: DiffusionLMConfig):
@@ -283,7 +291,7 @@ class DiffusionLM(nn.Module):
             sink_cos, sink_sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
         for blk in self.layers:
             x, sink_h = blk(x, cos, sin, kpm, sink_h, sink_cos, sink_sin)
-        return self.lm_head(self.norm(x))
+        return DiffusionLMOutput(self.lm_head(self.norm(x)))
 
 
 def save_model(model: DiffusionLM, path) -> None:
