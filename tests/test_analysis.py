@@ -210,16 +210,19 @@ def test_recorder_collects_consistent_trace(variant, tmp_path):
     am = torch.ones(2, 12, dtype=torch.bool)
     am[1, 9:] = False
     with AttentionRecorder(model, layers=[0, 2]) as rec, torch.no_grad():
-        for step in range(4):  # a toy unmasking trajectory
-            noisy = ids.clone()
-            noisy[:, step * 3 :] = 1
-            model(noisy, attention_mask=am)
+        x = torch.ones_like(ids)  # all masked
+        for step in range(4):  # a toy unmasking trajectory, updated in place as samplers do
+            model(x, attention_mask=am)
+            x[:, step * 3 : step * 3 + 3] = ids[:, step * 3 : step * 3 + 3]
     assert all(m.attention_observer is None for m in model.attention_layers())
     trace = rec.trace()
     n_sinks = {"baseline": 0, "gate": 0, "sink1": 1, "sink4": 4, "sink_logit": 1}[variant]
     assert trace.mass.shape == (4, 2, 2, 4, 12)
     assert trace.sink_mass.shape == (4, 2, 2, 4, n_sinks)
     assert trace.input_ids.shape == (4, 2, 12) and (trace.input_ids[0] == 1).all()
+    assert (trace.input_ids[2, :, :6] == ids[:, :6]).all() and (
+        trace.input_ids[2, :, 6:] == 1
+    ).all()
     # keys + designated sinks hold all attention of every head
     total = trace.mass.sum(-1) + trace.sink_mass.sum(-1)
     torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-5, atol=1e-5)

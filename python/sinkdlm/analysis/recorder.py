@@ -130,7 +130,8 @@ class AttentionRecorder:
             self._current = None
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._current = {"input_ids": ids.detach().cpu(), "layers": {}}
+        # A copy: samplers update the ids in place after each step.
+        self._current = {"input_ids": ids.detach().to("cpu", copy=True), "layers": {}}
 
     def _finish_step(self):
         if self._current is not None and len(self._current["layers"]) == len(self._modules):
@@ -200,7 +201,7 @@ def _reduce_call(call) -> dict:
         sink_value_norm = sink_v.float().norm(dim=-1).repeat_interleave(group, 1).T  # (H,S)
     else:
         sink_value_norm = torch.zeros(h, 0)
-    real = torch.ones(b, n, dtype=torch.bool) if kpm is None else kpm.cpu()
+    real = torch.ones(b, n, dtype=torch.bool) if kpm is None else kpm.to("cpu", copy=True)
     return {
         "mass": mass.float().cpu(),
         "sink_mass": (torch.stack(shares, -1) if shares else mass.new_zeros(b, h, 0)).float().cpu(),
