@@ -24,7 +24,7 @@ __device__ __forceinline__ T warp_sum(T x) {
 template <typename T>
 __global__ void __launch_bounds__(kKeys* kWarps)
     attention_mass_kernel(const AttentionMassParams<T> p) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_tile = reinterpret_cast<T*>(smem_raw);  // [head_dim][kKeys]
   __shared__ T partial[kWarps][kKeys];
   __shared__ T sink_partial[kWarps];
