@@ -11,12 +11,13 @@ from .remask_step import (
     remask_step_seed,
 )
 from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
-from .train import masked_diffusion_loss  # noqa: F401  (also binds sinkdlm.train)
+from .train import masked_diffusion_loss
 
 __all__ = [
     "dream_transfer_schedule",
     "generate",
     "llada_transfer_schedule",
+    "masked_diffusion_loss",
     "remask_step",
     "remask_step_noise",
     "remask_step_reference",
