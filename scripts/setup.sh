@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs sinkdlm into the current Python environment, editable, against a CPU torch 2.13.
+# Installs sinkdlm into the current Python environment, editable, against a CPU torch 2.13,
+# after the Debian packages it needs (scripts/system-deps.sh).
 #   - torch is pinned: `torch==2.13.0` is the CPU wheel; any other request pulls GBs of CUDA
 #     wheels. On a machine with your own (CUDA) torch >= 2.11 installed, set SINKDLM_KEEP_TORCH=1.
 #   - --no-build-isolation: an isolated build would download a second torch just to compile
@@ -7,6 +8,7 @@
 #   - nvcc on PATH: every CUDA source is compiled too (linked only if torch is a CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/system-deps.sh
 PY=${PYTHON:-python3}
 if [ "${SINKDLM_KEEP_TORCH:-0}" != 1 ]; then
   $PY -m pip install -q torch==2.13.0
