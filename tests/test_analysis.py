@@ -2,8 +2,10 @@ import importlib
 import math
 
 import pytest
-import sinkdlm
 import torch
+from devices import devices
+
+import sinkdlm
 from sinkdlm.analysis import (
     AttentionRecorder,
     attention_mass,
@@ -18,7 +20,7 @@ from sinkdlm.analysis.recorder import SinkTrace
 from sinkdlm.models import DiffusionLM, variant_config
 
 am_module = importlib.import_module("sinkdlm.analysis.attention_mass")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = devices()
 
 
 def dense_lse(q, k, sink_k, sink_logit, kpm, scale):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from sinkdlm import data
 
 pytestmark = pytest.mark.skipif(

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 import sinkdlm
 from sinkdlm import data
 from sinkdlm.__main__ import main

@@ -26,7 +26,7 @@ def ids_and_padding(length=9, size=2, seed=1):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (size, length), generator=gen)
     real = torch.ones(size, length, dtype=torch.bool)
-    real[-1, length - 3:] = False
+    real[-1, length - 3 :] = False
     return ids, real
 
 
@@ -54,8 +54,9 @@ def llada_literal(model, sink_weight, ids):
 
     def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
         groups = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1),
-                                              v.repeat_interleave(groups, 1), attn_mask=mask)
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask
+        )
 
     for block in literal.model.transformer.blocks:
         block._scaled_dot_product_attention = masked_sdpa
@@ -103,8 +104,10 @@ def write_remote_code_checkpoint(model, path):
     model.save_pretrained(path)
     shutil.copy(MIRRORS / "modeling_llada_mirror.py", path)
     config = json.loads((path / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "modeling_llada_mirror.LLaDAConfig",
-                          "AutoModel": "modeling_llada_mirror.LLaDAModelLM"}
+    config["auto_map"] = {
+        "AutoConfig": "modeling_llada_mirror.LLaDAConfig",
+        "AutoModel": "modeling_llada_mirror.LLaDAModelLM",
+    }
     (path / "config.json").write_text(json.dumps(config))
 
 
@@ -142,7 +145,7 @@ def dream(attention="sdpa", dtype=torch.float64, seed=0):
 
 def dream_mask(real):
     """Dream's own padding mask: (B, 1, L, L) bool, real query AND real key."""
-    return (real[:, None, :, None] & real[:, None, None, :])
+    return real[:, None, :, None] & real[:, None, None, :]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
@@ -157,9 +160,11 @@ def test_dream_adapter_matches_literal_sink_token(attention, dtype):
     literal_mask[:, :, 0] = True  # padded query rows see the sink, so they stay finite
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-        want = model(inputs_embeds=torch.cat([sink.to(dtype).expand(size, 1, -1), embeds], 1),
-                     position_ids=torch.arange(length + 1).expand(size, -1),
-                     attention_mask=literal_mask.unsqueeze(1)).logits[:, 1:]
+        want = model(
+            inputs_embeds=torch.cat([sink.to(dtype).expand(size, 1, -1), embeds], 1),
+            position_ids=torch.arange(length + 1).expand(size, -1),
+            attention_mask=literal_mask.unsqueeze(1),
+        ).logits[:, 1:]
         got_4d = patched(input_ids=ids, attention_mask=dream_mask(real)).logits
         got_2d = patched(input_ids=ids, attention_mask=real.long()).logits
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)

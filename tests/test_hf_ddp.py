@@ -27,9 +27,14 @@ def _train_rank(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on every rank
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = sinkdlm.hf.add_sink_token(transformers.LlamaForCausalLM(config))
     start = model.model.sink_embedding.weight.detach().clone()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -43,8 +48,10 @@ def _train_rank(rank, world, port, out_dir):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.save({"start": start, "end": model.model.sink_embedding.weight.detach().clone()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"start": start, "end": model.model.sink_embedding.weight.detach().clone()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

@@ -19,10 +19,29 @@ def test_finetune_trains_the_sink_and_saves_a_reloadable_model(tmp_path, monkeyp
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [
-        str(EXAMPLE), "--output_dir", str(out), "--max_steps", "3", "--batch_size", "2",
-        "--seq_len", "32", "--lr", "1e-2", "--logging_steps", "1", "--save_steps", "1000",
-        "--use_cpu", "--train_only_sink"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(EXAMPLE),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "32",
+            "--lr",
+            "1e-2",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "1000",
+            "--use_cpu",
+            "--train_only_sink",
+        ],
+    )
     example.main()
 
     reloaded = sinkdlm.hf.from_pretrained(out).eval()

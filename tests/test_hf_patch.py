@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from devices import devices  # noqa: E402
+
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402
 from sinkdlm.hf import native  # noqa: E402
@@ -22,10 +24,18 @@ FAMILIES = {
 
 def tiny_model(family, dtype=torch.float32, seed=0, **overrides):
     """2 layers, hidden 32, 4 query heads sharing 2 KV heads (GQA)."""
-    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                    max_position_embeddings=64, tie_word_embeddings=False,
-                    attn_implementation="sdpa")
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     if family == "mistral":
         settings["sliding_window"] = None
     settings.update(overrides)
@@ -38,7 +48,7 @@ def batch(length=9, size=2, seed=1):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (size, length), generator=gen)
     attention = torch.ones(size, length, dtype=torch.long)
-    attention[-1, length - 3:] = 0  # right padding on the last row
+    attention[-1, length - 3 :] = 0  # right padding on the last row
     return ids, attention
 
 
@@ -52,9 +62,12 @@ def literal_logits(model, sink_weight, ids, attention):
     mask = sinkdlm.sink_attention_mask(length, 0, key_padding_mask=real)
     mask = mask.clone()
     mask[:, :, 0] = True  # padded query rows see the sink, so they stay finite
-    positions = torch.arange(length + 1).expand(size, -1)
-    out = model(inputs_embeds=torch.cat([sink, embeds], dim=1), position_ids=positions,
-                attention_mask=mask.unsqueeze(1)).logits
+    positions = torch.arange(length + 1, device=ids.device).expand(size, -1)
+    out = model(
+        inputs_embeds=torch.cat([sink, embeds], dim=1),
+        position_ids=positions,
+        attention_mask=mask.unsqueeze(1),
+    ).logits
     return out[:, 1:]
 
 
@@ -66,12 +79,13 @@ def patched_copy(model, **kwargs):
     return patched
 
 
+@pytest.mark.parametrize("device", devices(native_cuda=False))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_matches_literal_sink_token(family, dtype):
-    model = tiny_model(family, dtype)
+def test_matches_literal_sink_token(family, dtype, device):
+    model = tiny_model(family, dtype).to(device)
     patched = patched_copy(model)
-    ids, attention = batch()
+    ids, attention = (t.to(device) for t in batch())
     with torch.no_grad():
         got = patched(input_ids=ids, attention_mask=attention).logits
         want = literal_logits(model, patched.model.sink_embedding.weight, ids, attention)
@@ -95,8 +109,11 @@ def test_sink_position_is_relative():
     ids, attention = batch()
     with torch.no_grad():
         plain = at_minus_one(input_ids=ids, attention_mask=attention).logits
-        shifted = at_zero(input_ids=ids, attention_mask=attention,
-                          position_ids=torch.arange(1, ids.shape[1] + 1).expand_as(ids)).logits
+        shifted = at_zero(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=torch.arange(1, ids.shape[1] + 1).expand_as(ids),
+        ).logits
         unshifted = at_zero(input_ids=ids, attention_mask=attention).logits
     torch.testing.assert_close(shifted, plain, rtol=1e-5, atol=1e-6)  # float32 rotary tables
     assert not torch.allclose(unshifted, plain, atol=1e-4)
@@ -117,7 +134,8 @@ def test_gradients_reach_the_sink_and_train_only_sink_freezes_the_rest():
     others = [name for name, p in frozen.named_parameters() if p is not sink and p.grad is not None]
     assert others == []
     assert [n for n, p in frozen.named_parameters() if p.requires_grad] == [
-        "model.sink_embedding.weight"]
+        "model.sink_embedding.weight"
+    ]
 
 
 def test_gradient_checkpointing_keeps_gradients():

@@ -32,8 +32,15 @@ def test_loss_matches_formula_and_respects_prompt_and_padding():
     prompt[:, :2] = True
     model = _RecordingModel()
     gen = torch.Generator().manual_seed(123)
-    loss = masked_diffusion_loss(model, ids, mask_id=MASK_ID, attention_mask=attention,
-                                 prompt_mask=prompt, eps=eps, generator=gen)
+    loss = masked_diffusion_loss(
+        model,
+        ids,
+        mask_id=MASK_ID,
+        attention_mask=attention,
+        prompt_mask=prompt,
+        eps=eps,
+        generator=gen,
+    )
 
     # Re-draw the same noise and recompute by hand.
     gen = torch.Generator().manual_seed(123)
@@ -43,8 +50,9 @@ def test_loss_matches_formula_and_respects_prompt_and_padding():
     masked = eligible & (draw < t)
     assert torch.equal(model.seen, torch.where(masked, MASK_ID, ids))
     assert masked.any()
-    nll = F.cross_entropy(model.table[model.seen].reshape(-1, VOCAB).float(), ids.reshape(-1),
-                          reduction="none").view(batch, length)
+    nll = F.cross_entropy(
+        model.table[model.seen].reshape(-1, VOCAB).float(), ids.reshape(-1), reduction="none"
+    ).view(batch, length)
     expected = (nll / t * masked).sum() / eligible.sum()
     torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=1e-6)
 
@@ -67,5 +75,9 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="input_ids"):
         masked_diffusion_loss(model, torch.zeros(4, dtype=torch.long), mask_id=MASK_ID)
     with pytest.raises(ValueError, match="prompt_mask"):
-        masked_diffusion_loss(model, torch.zeros(2, 4, dtype=torch.long), mask_id=MASK_ID,
-                              prompt_mask=torch.zeros(2, 3, dtype=torch.bool))
+        masked_diffusion_loss(
+            model,
+            torch.zeros(2, 4, dtype=torch.long),
+            mask_id=MASK_ID,
+            prompt_mask=torch.zeros(2, 3, dtype=torch.bool),
+        )

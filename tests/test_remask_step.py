@@ -2,25 +2,14 @@
 
 import pytest
 import torch
+from devices import devices
 
 import sinkdlm
 
 STRATEGIES = ["low_confidence", "margin", "entropy", "random"]
 
 
-def _cuda_built() -> bool:
-    return torch.cuda.is_available() and sinkdlm._C.build_info()["cuda_linked"]
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not _cuda_built(), reason="needs a GPU and sinkdlm built against a CUDA torch"
-        ),
-    ),
-]
+DEVICES = devices()
 
 
 def make_inputs(batch, length, vocab, dtype, device, seed=0):

@@ -18,9 +18,20 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 class DreamConfig(PretrainedConfig):
     model_type = "dream_mirror"
 
-    def __init__(self, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                 rms_norm_eps=1e-6, attention_dropout=0.0, attn_implementation="sdpa", **kwargs):
+    def __init__(
+        self,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+        attn_implementation="sdpa",
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -97,10 +108,12 @@ class DreamAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.is_causal = False
         self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim,
-                                bias=True)
-        self.v_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim,
-                                bias=True)
+        self.k_proj = nn.Linear(
+            self.hidden_size, self.num_key_value_heads * self.head_dim, bias=True
+        )
+        self.v_proj = nn.Linear(
+            self.hidden_size, self.num_key_value_heads * self.head_dim, bias=True
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
         self.rotary_emb = DreamRotaryEmbedding(config)
 
@@ -109,14 +122,23 @@ class DreamAttention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        cos, sin = (self.rotary_emb(v, position_ids) if position_embeddings is None
-                    else position_embeddings)
+        cos, sin = (
+            self.rotary_emb(v, position_ids) if position_embeddings is None else position_embeddings
+        )
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_position=None,
-                position_embeddings=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_value=None,
+        output_attentions=False,
+        use_cache=False,
+        cache_position=None,
+        position_embeddings=None,
+    ):
         batch, length, _ = hidden_states.shape
         q, k, v = self._project(hidden_states, position_ids, position_embeddings)
         scores = q @ k.transpose(2, 3) / self.head_dim**0.5
@@ -131,12 +153,20 @@ class DreamAttention(nn.Module):
 
 
 class DreamSdpaAttention(DreamAttention):
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_position=None,
-                position_embeddings=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_value=None,
+        output_attentions=False,
+        use_cache=False,
+        cache_position=None,
+        position_embeddings=None,
+    ):
         batch, length, _ = hidden_states.shape
         q, k, v = self._project(hidden_states, position_ids, position_embeddings)
-        mask = attention_mask[:, :, :, :k.shape[-2]] if attention_mask is not None else None
+        mask = attention_mask[:, :, :, : k.shape[-2]] if attention_mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
         out = out.transpose(1, 2).contiguous().view(batch, length, self.hidden_size)
         return self.o_proj(out), None, past_key_value
@@ -153,14 +183,28 @@ class DreamDecoderLayer(nn.Module):
         self.input_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_position=None,
-                position_embeddings=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_value=None,
+        output_attentions=False,
+        use_cache=False,
+        cache_position=None,
+        position_embeddings=None,
+        **kwargs,
+    ):
         attn, _, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_value=past_key_value,
-            output_attentions=output_attentions, use_cache=use_cache,
-            cache_position=cache_position, position_embeddings=position_embeddings)
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_value=past_key_value,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            position_embeddings=position_embeddings,
+        )
         hidden_states = hidden_states + attn
         return (hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)),)
 
@@ -176,8 +220,9 @@ class DreamBaseModel(DreamPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = DreamRotaryEmbedding(config)
         self.post_init()
@@ -185,21 +230,34 @@ class DreamBaseModel(DreamPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None,
-                cache_position=None):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+    ):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1],
-                                        device=inputs_embeds.device).unsqueeze(0)
+            position_ids = torch.arange(
+                inputs_embeds.shape[1], device=inputs_embeds.device
+            ).unsqueeze(0)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=attention_mask,
-                                  position_ids=position_ids,
-                                  position_embeddings=position_embeddings)[0]
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )[0]
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states))
 
 
@@ -213,10 +271,26 @@ class DreamModel(DreamPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None,
-                cache_position=None, num_logits_to_keep=0, **loss_kwargs):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, inputs_embeds=inputs_embeds)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        num_logits_to_keep=0,
+        **loss_kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+        )
         return MaskedLMOutput(logits=self.lm_head(out.last_hidden_state))

@@ -20,9 +20,22 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class LLaDAConfig(PretrainedConfig):
     model_type = "llada_mirror"
 
-    def __init__(self, vocab_size=128, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                 mlp_hidden_size=64, rope=True, rope_theta=10000.0, rope_full_precision=True,
-                 include_bias=False, weight_tying=False, input_emb_norm=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=128,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        mlp_hidden_size=64,
+        rope=True,
+        rope_theta=10000.0,
+        rope_full_precision=True,
+        include_bias=False,
+        weight_tying=False,
+        input_emb_norm=False,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_heads = n_heads
@@ -62,8 +75,10 @@ class RotaryEmbedding(nn.Module):
 
     def get_rotary_embedding(self, seq_len, device):
         dim = self.config.d_model // self.config.n_heads
-        inv_freq = 1.0 / (self.config.rope_theta
-                          ** (torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim))
+        inv_freq = 1.0 / (
+            self.config.rope_theta
+            ** (torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim)
+        )
         angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.sin()[None, None], angles.cos()[None, None]
@@ -80,8 +95,11 @@ class RotaryEmbedding(nn.Module):
         query_len, key_len = q_.shape[-2], k_.shape[-2]
         pos_sin, pos_cos = self.get_rotary_embedding(key_len, q_.device)
         pos_sin, pos_cos = pos_sin.type_as(q_), pos_cos.type_as(q_)
-        q_ = self.apply_rotary_pos_emb(pos_sin[:, :, key_len - query_len:key_len],
-                                       pos_cos[:, :, key_len - query_len:key_len], q_)
+        q_ = self.apply_rotary_pos_emb(
+            pos_sin[:, :, key_len - query_len : key_len],
+            pos_cos[:, :, key_len - query_len : key_len],
+            q_,
+        )
         k_ = self.apply_rotary_pos_emb(pos_sin, pos_cos, k_)
         return q_.type_as(q), k_.type_as(k)
 
@@ -105,14 +123,16 @@ class LLaDALlamaBlock(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.q_norm = self.k_norm = None
 
-    def _scaled_dot_product_attention(self, q, k, v, attn_mask=None, dropout_p=0.0,
-                                      is_causal=False):
+    def _scaled_dot_product_attention(
+        self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False
+    ):
         groups = q.size(1) // k.size(1)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         # LLaDA is bidirectional and passes no mask at all
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=dropout_p,
-                                              is_causal=False)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=False
+        )
 
     def attention(self, q, k, v, attention_bias=None, layer_past=None, use_cache=False):
         batch, length, width = q.shape
@@ -132,8 +152,14 @@ class LLaDALlamaBlock(nn.Module):
 
     def forward(self, x, attention_bias=None, layer_past=None, use_cache=False):
         normed = self.attn_norm(x)
-        att, cache = self.attention(self.q_proj(normed), self.k_proj(normed), self.v_proj(normed),
-                                    attention_bias, layer_past=layer_past, use_cache=use_cache)
+        att, cache = self.attention(
+            self.q_proj(normed),
+            self.k_proj(normed),
+            self.v_proj(normed),
+            attention_bias,
+            layer_past=layer_past,
+            use_cache=use_cache,
+        )
         x = x + att
         normed = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(normed)) * self.up_proj(normed))
@@ -150,19 +176,30 @@ class LLaDAModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.d_model),
-            emb_drop=nn.Dropout(0.0),
-            ln_f=RMSNorm(config.d_model),
-            blocks=nn.ModuleList(LLaDALlamaBlock(i, config) for i in range(config.n_layers)),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.d_model),
+                emb_drop=nn.Dropout(0.0),
+                ln_f=RMSNorm(config.d_model),
+                blocks=nn.ModuleList(LLaDALlamaBlock(i, config) for i in range(config.n_layers)),
+            )
+        )
         if not config.weight_tying:
             self.transformer.update(
-                {"ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False)})
+                {"ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False)}
+            )
 
-    def forward(self, input_ids, input_embeddings=None, attention_mask=None, attention_bias=None,
-                past_key_values=None, use_cache=False, last_logits_only=False,
-                output_hidden_states=None):
+    def forward(
+        self,
+        input_ids,
+        input_embeddings=None,
+        attention_mask=None,
+        attention_bias=None,
+        past_key_values=None,
+        use_cache=False,
+        last_logits_only=False,
+        output_hidden_states=None,
+    ):
         x = self.transformer.wte(input_ids) if input_embeddings is None else input_embeddings
         if self.config.input_emb_norm:
             x = x * self.config.d_model**0.5
@@ -190,14 +227,30 @@ class LLaDAModelLM(PreTrainedModel):
         super().__init__(config)
         self.model = model or LLaDAModel(config)  # note: no self.post_init(), as in LLaDA
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, attention_bias=None,
-                past_key_values=None, labels=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, cache_position=None):
+    def forward(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        attention_bias=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+    ):
         if use_cache is None:
             use_cache = self.config.use_cache  # LLaDAConfig defines no use_cache
-        out = self.model.forward(input_ids=input_ids, input_embeddings=inputs_embeds,
-                                 attention_mask=attention_mask, attention_bias=attention_bias,
-                                 past_key_values=past_key_values, use_cache=use_cache)
+        out = self.model.forward(
+            input_ids=input_ids,
+            input_embeddings=inputs_embeds,
+            attention_mask=attention_mask,
+            attention_bias=attention_bias,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.attn_key_values)
 
     def get_input_embeddings(self):
