@@ -29,12 +29,20 @@ BYTE_VOCAB = 257  # the tiny default model reads UTF-8 bytes; id 256 is its mask
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local model directory; default: a tiny random Llama-"
-                                        "shaped DLM over bytes")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="needed for remote-code models (LLaDA, Dream)")
-    parser.add_argument("--train_files", nargs="+", default=[__file__],
-                        help="text files (globs allowed); default: this script's own source")
+    parser.add_argument(
+        "--model", help="local model directory; default: a tiny random Llama-shaped DLM over bytes"
+    )
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="needed for remote-code models (LLaDA, Dream)",
+    )
+    parser.add_argument(
+        "--train_files",
+        nargs="+",
+        default=[__file__],
+        help="text files (globs allowed); default: this script's own source",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--mask_id", type=int, help="mask token id; default: the tokenizer's")
     parser.add_argument("--seq_len", type=int, default=64)
@@ -48,8 +56,9 @@ def parse_args():
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--sink_position", type=int, default=-1)
     parser.add_argument("--sink_init", default="mean", help="'mean', 'zeros' or a token id")
-    parser.add_argument("--train_only_sink", action="store_true",
-                        help="freeze everything but the sink embedding")
+    parser.add_argument(
+        "--train_only_sink", action="store_true", help="freeze everything but the sink embedding"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--use_cpu", action="store_true")
     return parser.parse_args()
@@ -58,10 +67,16 @@ def parse_args():
 def tiny_byte_model(seed):
     """A random 2-layer bidirectional DLM over bytes (no download)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=4096,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -69,9 +84,13 @@ def load_model_and_tokenizer(args):
     if args.model is None:
         return tiny_byte_model(args.seed), None
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        args.model, trust_remote_code=args.trust_remote_code)
-    model = sinkdlm.hf.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                       dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        args.model, trust_remote_code=args.trust_remote_code
+    )
+    model = sinkdlm.hf.from_pretrained(
+        args.model,
+        trust_remote_code=args.trust_remote_code,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
     return model, tokenizer
 
 
@@ -87,7 +106,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         blocks = len(ids) // seq_len
         if blocks == 0:
             raise ValueError(f"{len(ids)} tokens are fewer than one block of --seq_len {seq_len}")
-        self.blocks = ids[:blocks * seq_len].view(blocks, seq_len)
+        self.blocks = ids[: blocks * seq_len].view(blocks, seq_len)
 
     def __len__(self):
         return len(self.blocks)
@@ -104,9 +123,13 @@ class MaskedDiffusionTrainer(transformers.Trainer):
         self.mask_id = mask_id
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = masked_diffusion_loss(model, inputs["input_ids"], mask_id=self.mask_id,
-                                     attention_mask=inputs.get("attention_mask"),
-                                     prompt_mask=inputs.get("prompt_mask"))
+        loss = masked_diffusion_loss(
+            model,
+            inputs["input_ids"],
+            mask_id=self.mask_id,
+            attention_mask=inputs.get("attention_mask"),
+            prompt_mask=inputs.get("prompt_mask"),
+        )
         return (loss, None) if return_outputs else loss
 
 
@@ -119,35 +142,51 @@ def main():
     if mask_id is None:
         raise SystemExit("the tokenizer has no mask token; pass --mask_id")
     init = int(args.sink_init) if args.sink_init.isdigit() else args.sink_init
-    sinkdlm.hf.add_sink_token(model, sink_position=args.sink_position, init=init,
-                              train_only_sink=args.train_only_sink)
+    sinkdlm.hf.add_sink_token(
+        model, sink_position=args.sink_position, init=init, train_only_sink=args.train_only_sink
+    )
 
     files = sorted({f for pattern in args.train_files for f in glob.glob(pattern)})
     dataset = TokenBlocks(files, tokenizer, args.seq_len)
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing
     fields = transformers.TrainingArguments.__dataclass_fields__
-    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in fields
-                     else "gradient_checkpointing")
+    checkpointing = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     training_args = transformers.TrainingArguments(
         # non-reentrant: reentrant checkpoints cannot share the sink pass between layers
-        **{checkpointing: args.gradient_checkpointing,
-           f"{checkpointing}_kwargs": {"use_reentrant": False}},
+        **{
+            checkpointing: args.gradient_checkpointing,
+            f"{checkpointing}_kwargs": {"use_reentrant": False},
+        },
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, bf16=args.bf16, logging_steps=args.logging_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
         save_steps=args.save_steps,
-        remove_unused_columns=False, report_to="none", seed=args.seed, use_cpu=args.use_cpu,
-        dataloader_drop_last=True)
-    trainer = MaskedDiffusionTrainer(model=model, args=training_args, train_dataset=dataset,
-                                     mask_id=mask_id)
+        remove_unused_columns=False,
+        report_to="none",
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+        dataloader_drop_last=True,
+    )
+    trainer = MaskedDiffusionTrainer(
+        model=model, args=training_args, train_dataset=dataset, mask_id=mask_id
+    )
     trainer.train()
     trainer.save_model(args.output_dir)
     if tokenizer is not None and trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
     if trainer.is_world_process_zero():
-        print(f"saved to {os.path.abspath(args.output_dir)}; reload with "
-              f"sinkdlm.hf.from_pretrained({args.output_dir!r})")
+        print(
+            f"saved to {os.path.abspath(args.output_dir)}; reload with "
+            f"sinkdlm.hf.from_pretrained({args.output_dir!r})"
+        )
     if torch.distributed.is_initialized():  # a clean gloo / NCCL shutdown under torchrun
         torch.distributed.destroy_process_group()
 

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--kv-heads", type=int, default=2)
     a("--seq-len", type=int, default=64)
     a("--vocab-size", type=int, default=1024, help="byte-level BPE vocabulary size")
-    a("--batch-size", type=int, default=16)
-    a("--train-steps", type=int, default=250)
+    a("--batch-size", type=int, default=32)
+    a("--train-steps", type=int, default=1500)
     a("--lr", type=float, default=3e-3)
     a("--max-train-tokens", type=int, default=None, help="truncate the training set")
     a("--val-batches", type=int, default=16, help="validation batches (same masks for all)")
@@ -99,12 +99,10 @@ def train_model(model, train, args, desc):
 
 
 def _generate(model, prompts, args, mask_id):
-    import sinkdlm
+    from .generate import generate
 
-    if not hasattr(sinkdlm, "generate"):
-        raise RuntimeError("sinkdlm.generate is missing from this build of sinkdlm")
     gen = torch.Generator(device=args.device).manual_seed(args.seed + 2)
-    out = sinkdlm.generate(
+    return generate(
         model,
         prompts,
         gen_length=args.gen_length,
@@ -112,7 +110,6 @@ def _generate(model, prompts, args, mask_id):
         mask_id=mask_id,
         generator=gen,
     )
-    return out.sequences if hasattr(out, "sequences") else out
 
 
 def run_variant(name, data, args, out_dir):

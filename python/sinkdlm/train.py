@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_diffusion_loss(model, input_ids, *, mask_id, attention_mask=None, prompt_mask=None,
-                          eps=1e-3, generator=None):
+def masked_diffusion_loss(
+    model, input_ids, *, mask_id, attention_mask=None, prompt_mask=None, eps=1e-3, generator=None
+):
     """The LLaDA / MDLM masked diffusion objective (an upper bound on the negative log-likelihood).
 
     Per sequence a noise level t ~ U(eps, 1] is drawn; every loss-eligible token is replaced by
@@ -34,13 +35,17 @@ def masked_diffusion_loss(model, input_ids, *, mask_id, attention_mask=None, pro
     eligible = torch.ones(batch, length, dtype=torch.bool, device=device)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
         eligible &= attention_mask.to(torch.bool)
     if prompt_mask is not None:
         if prompt_mask.shape != input_ids.shape:
-            raise ValueError(f"prompt_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(prompt_mask.shape)}")
+            raise ValueError(
+                f"prompt_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(prompt_mask.shape)}"
+            )
         eligible &= ~prompt_mask.to(torch.bool)
 
     t = (1.0 - eps) * torch.rand(batch, 1, device=device, generator=generator) + eps
@@ -49,8 +54,10 @@ def masked_diffusion_loss(model, input_ids, *, mask_id, attention_mask=None, pro
 
     logits = model(input_ids=noisy_ids, attention_mask=attention_mask).logits
     if logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"model returned logits of shape {tuple(logits.shape)}; expected "
-                         f"({batch}, {length}, vocab): the sequence length must be kept")
+        raise ValueError(
+            f"model returned logits of shape {tuple(logits.shape)}; expected "
+            f"({batch}, {length}, vocab): the sequence length must be kept"
+        )
     # Score only the masked positions: the (N, V) float32 slice is much smaller than (B, L, V).
     token_nll = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
     weighted = (token_nll / t.expand(batch, length)[masked]).sum()

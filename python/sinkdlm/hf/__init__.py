@@ -1,8 +1,8 @@
 """Hugging Face integration: give a transformers diffusion LM the sink token, train, save, reload.
 
-    model = sinkdlm.hf.add_sink_token(model)   # one call; nothing else in the script changes
-    model.save_pretrained(path)
-    model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
+model = sinkdlm.hf.add_sink_token(model)   # one call; nothing else in the script changes
+model.save_pretrained(path)
+model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
 """
 
 from . import native
@@ -12,5 +12,12 @@ from .shims import from_pretrained
 
 native.register()
 
-__all__ = ["SinkAdapter", "add_sink_token", "from_pretrained", "has_sink_token", "register_adapter",
-           "remove_sink_token", "sink_kv_cache"]
+__all__ = [
+    "SinkAdapter",
+    "add_sink_token",
+    "from_pretrained",
+    "has_sink_token",
+    "register_adapter",
+    "remove_sink_token",
+    "sink_kv_cache",
+]

@@ -82,15 +82,19 @@ def layer_sink(module):
     link = module.__dict__[LINK]
     sink = link.state.channel
     if sink is None:
-        raise RuntimeError("a sinkdlm-patched attention layer was called outside the patched "
-                           "model's forward (call the model, not its layers)")
+        raise RuntimeError(
+            "a sinkdlm-patched attention layer was called outside the patched "
+            "model's forward (call the model, not its layers)"
+        )
     return sink, link.layer_key, link.state.sink_position
 
 
 def _no_kv_cache(past):
     if past is not None:
-        raise NotImplementedError("KV caches are not supported with the sink token (diffusion LMs "
-                                  "re-run the whole sequence); pass use_cache=False")
+        raise NotImplementedError(
+            "KV caches are not supported with the sink token (diffusion LMs "
+            "re-run the whole sequence); pass use_cache=False"
+        )
 
 
 def _rotate_half(x):
@@ -108,8 +112,8 @@ def _llada_rotate_to(module, key, position):
     if not module.config.rope:
         return key
     sin, cos = module.rotary_emb.get_rotary_embedding(abs(position) + 1, key.device)
-    sin = sin[:, :, abs(position):abs(position) + 1].float()
-    cos = cos[:, :, abs(position):abs(position) + 1].float()
+    sin = sin[:, :, abs(position) : abs(position) + 1].float()
+    cos = cos[:, :, abs(position) : abs(position) + 1].float()
     if position < 0:  # rotation by -p: cos is even, sin is odd
         sin = -sin
     return module.rotary_emb.apply_rotary_pos_emb(sin, cos, key.float()).type_as(key)
@@ -143,9 +147,15 @@ def _llada_sink_pass(original_forward, embeds, position_ids):
     original_forward(input_ids=None, input_embeddings=embeds, use_cache=False)
 
 
-register_adapter(SinkAdapter(
-    name="LLaDA", attention_classes=("LLaDALlamaBlock", "LLaDASequentialBlock"),
-    method="attention", replacement=_llada_attention, run_sink_pass=_llada_sink_pass))
+register_adapter(
+    SinkAdapter(
+        name="LLaDA",
+        attention_classes=("LLaDALlamaBlock", "LLaDASequentialBlock"),
+        method="attention",
+        replacement=_llada_attention,
+        run_sink_pass=_llada_sink_pass,
+    )
+)
 
 
 # ----- Dream (modeling_dream.py): DreamAttention / DreamSdpaAttention.forward(hidden_states,
@@ -160,24 +170,36 @@ def _dream_key_padding(mask, length):
     if mask.dim() == 2:
         return mask.to(torch.bool)
     if mask.dim() != 4 or mask.shape[-1] != length:
-        raise ValueError(f"Dream sink attention takes a (B, L) or (B, 1, L, L) mask with "
-                         f"L={length}, got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"Dream sink attention takes a (B, L) or (B, 1, L, L) mask with "
+            f"L={length}, got shape {tuple(mask.shape)}"
+        )
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     # A key is real if some query may see it (Dream builds masks as real_query & real_key).
     return allowed.any(dim=-2)[:, 0]
 
 
-def _dream_forward(module, hidden_states, attention_mask=None, position_ids=None,
-                   past_key_value=None, output_attentions=False, use_cache=False,
-                   cache_position=None, position_embeddings=None, **kwargs):
+def _dream_forward(
+    module,
+    hidden_states,
+    attention_mask=None,
+    position_ids=None,
+    past_key_value=None,
+    output_attentions=False,
+    use_cache=False,
+    cache_position=None,
+    position_embeddings=None,
+    **kwargs,
+):
     _no_kv_cache(past_key_value)
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, module.head_dim)
     q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
     k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
     v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
-    cos, sin = (module.rotary_emb(v, position_ids) if position_embeddings is None
-                else position_embeddings)
+    cos, sin = (
+        module.rotary_emb(v, position_ids) if position_embeddings is None else position_embeddings
+    )
     # Dream's own rotary helper when its module has one (it is Qwen2's formula either way)
     rope = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
     if rope is not None:
@@ -190,8 +212,10 @@ def _dream_forward(module, hidden_states, attention_mask=None, position_ids=None
         sink.kv[layer_key] = (k[0, :, 0], v[0, :, 0])
         out = expand_sink_output(v, q.shape[1])
     else:
-        out = sink_attention(*autocast_inputs(q, k, v, *sink.kv[layer_key]),
-                             key_padding_mask=_dream_key_padding(attention_mask, length))
+        out = sink_attention(
+            *autocast_inputs(q, k, v, *sink.kv[layer_key]),
+            key_padding_mask=_dream_key_padding(attention_mask, length),
+        )
         out = out.transpose(1, 2)
     return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value
 
@@ -200,6 +224,12 @@ def _dream_sink_pass(original_forward, embeds, position_ids):
     original_forward(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
 
 
-register_adapter(SinkAdapter(
-    name="Dream", attention_classes=("DreamAttention", "DreamSdpaAttention"), method="forward",
-    replacement=_dream_forward, run_sink_pass=_dream_sink_pass))
+register_adapter(
+    SinkAdapter(
+        name="Dream",
+        attention_classes=("DreamAttention", "DreamSdpaAttention"),
+        method="forward",
+        replacement=_dream_forward,
+        run_sink_pass=_dream_sink_pass,
+    )
+)

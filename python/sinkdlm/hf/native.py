@@ -61,17 +61,20 @@ def key_padding_from_mask(attention_mask, key_length):
         raise ValueError(
             "sinkdlm attention takes a (B, L) padding mask (1 = real token) or a (B, 1, 1, L) bool "
             f"mask for L={key_length} keys; got shape {tuple(attention_mask.shape)} "
-            "(custom 4-D masks are not supported: the sink token defines the mask)")
+            "(custom 4-D masks are not supported: the sink token defines the mask)"
+        )
     if attention_mask.dtype != torch.bool:
         if attention_mask.is_floating_point():
-            raise ValueError("sinkdlm attention takes 0/1 or bool padding masks, not additive "
-                             "float masks")
+            raise ValueError(
+                "sinkdlm attention takes 0/1 or bool padding masks, not additive float masks"
+            )
         attention_mask = attention_mask != 0
     return attention_mask
 
 
-def sinkdlm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                              **kwargs):
+def sinkdlm_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """transformers attention function: bidirectional sink attention.
 
     query (B, H, L, D), key/value (B, Hkv, L, D) are used as given (no copy, no repeat_kv);
@@ -82,29 +85,41 @@ def sinkdlm_attention_forward(module, query, key, value, attention_mask, dropout
     if sink is None:
         raise RuntimeError(
             f"attn_implementation '{ATTN_IMPLEMENTATION}' needs the sink token: call "
-            "sinkdlm.hf.add_sink_token(model) instead of setting the implementation by hand")
+            "sinkdlm.hf.add_sink_token(model) instead of setting the implementation by hand"
+        )
     if dropout:
-        raise NotImplementedError("sinkdlm attention has no attention dropout; set the config's "
-                                  "attention_dropout to 0")
+        raise NotImplementedError(
+            "sinkdlm attention has no attention dropout; set the config's attention_dropout to 0"
+        )
     layer_key = getattr(module, "layer_idx", None)
     if layer_key is None:
-        raise RuntimeError(f"{type(module).__name__} has no layer_idx; sinkdlm cannot tell its "
-                           "layers apart")
+        raise RuntimeError(
+            f"{type(module).__name__} has no layer_idx; sinkdlm cannot tell its layers apart"
+        )
     if sink.collect:
         sink.kv[layer_key] = (key[0, :, 0], value[0, :, 0])
         return expand_sink_output(value, query.shape[1]), None
     if key.shape[2] != query.shape[2]:
         raise NotImplementedError(
             f"sinkdlm attention got {query.shape[2]} queries and {key.shape[2]} keys: KV caches "
-            "are not supported (diffusion LMs re-run the whole sequence); pass use_cache=False")
+            "are not supported (diffusion LMs re-run the whole sequence); pass use_cache=False"
+        )
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         raise NotImplementedError(
             f"sequence of {key.shape[2]} tokens exceeds this layer's sliding window ({window}); "
-            "sink attention is full bidirectional attention")
+            "sink attention is full bidirectional attention"
+        )
     query, key, value, sink_k, sink_v = autocast_inputs(query, key, value, *sink.kv[layer_key])
-    out = sink_attention(query, key, value, sink_k, sink_v, scale=scaling,
-                         key_padding_mask=key_padding_from_mask(attention_mask, key.shape[2]))
+    out = sink_attention(
+        query,
+        key,
+        value,
+        sink_k,
+        sink_v,
+        scale=scaling,
+        key_padding_mask=key_padding_from_mask(attention_mask, key.shape[2]),
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -126,8 +141,9 @@ def register():
 def run_sink_pass(original_forward, embeds, position_ids):
     """Runs the sink alone (batch 1, length 1) through the model; returns {layer_idx: (K, V)}."""
     collector = SinkKV(collect=True)
-    original_forward(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,
-                     **{SINK_KWARG: collector})
+    original_forward(
+        inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **{SINK_KWARG: collector}
+    )
     return collector.kv
 
 

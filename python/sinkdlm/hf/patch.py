@@ -88,8 +88,9 @@ class _AdapterBackend:
         self.patched = []
 
     def install(self, state):
-        modules = [m for m in state.host.modules()
-                   if type(m).__name__ in self.adapter.attention_classes]
+        modules = [
+            m for m in state.host.modules() if type(m).__name__ in self.adapter.attention_classes
+        ]
         method = self.adapter.method
         for layer_key, module in enumerate(modules):
             saved = module.__dict__.get(method)
@@ -129,7 +130,8 @@ def _unwrap(model):
         elif hasattr(model, "_orig_mod"):
             inner = model._orig_mod
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-                type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")):
+            type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")
+        ):
             inner = model.module
         else:
             return model
@@ -164,7 +166,8 @@ def _backend_for(model, host):
         f"sinkdlm cannot add the sink token to {type(model).__name__} (model_type={model_type!r}). "
         f"Supported: transformers-native model types {list(native.NATIVE_MODEL_TYPES)} and "
         f"remote-code attention classes {supported_adapters()}. Add an architecture with "
-        "sinkdlm.hf.register_adapter (see sinkdlm/hf/adapters.py).")
+        "sinkdlm.hf.register_adapter (see sinkdlm/hf/adapters.py)."
+    )
 
 
 def _checkpoint_files(path):
@@ -174,14 +177,22 @@ def _checkpoint_files(path):
     from transformers.utils import cached_file
 
     try:
-        index = cached_file(path, "model.safetensors.index.json", local_files_only=True,
-                            _raise_exceptions_for_missing_entries=False)
+        index = cached_file(
+            path,
+            "model.safetensors.index.json",
+            local_files_only=True,
+            _raise_exceptions_for_missing_entries=False,
+        )
         if index is not None:
             with open(index) as handle:
                 shards = sorted(set(json.load(handle)["weight_map"].values()))
             return [cached_file(path, shard, local_files_only=True) for shard in shards]
-        single = cached_file(path, "model.safetensors", local_files_only=True,
-                             _raise_exceptions_for_missing_entries=False)
+        single = cached_file(
+            path,
+            "model.safetensors",
+            local_files_only=True,
+            _raise_exceptions_for_missing_entries=False,
+        )
         return [] if single is None else [single]
     except (OSError, ValueError, KeyError):
         return []
@@ -210,8 +221,9 @@ def _initial_weight(model, init):
         return torch.zeros_like(table[0]).detach()
     if isinstance(init, int) and not isinstance(init, bool):
         if not 0 <= init < table.shape[0]:
-            raise ValueError(f"init token id {init} is outside the vocabulary "
-                             f"[0, {table.shape[0]})")
+            raise ValueError(
+                f"init token id {init} is outside the vocabulary [0, {table.shape[0]})"
+            )
         return table[init].detach().clone()
     raise ValueError(f"init must be 'mean', 'zeros' or a token id (int), got {init!r}")
 
@@ -244,21 +256,28 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
     saved = None
     if isinstance(recorded, dict):
         if sink_position not in (-1, recorded["sink_position"]):
-            raise ValueError(f"this checkpoint was trained with sink_position="
-                             f"{recorded['sink_position']}, got sink_position={sink_position}")
+            raise ValueError(
+                f"this checkpoint was trained with sink_position="
+                f"{recorded['sink_position']}, got sink_position={sink_position}"
+            )
         sink_position = recorded["sink_position"]
         saved = _saved_sink_weight(inner)
         if saved is None:
-            warnings.warn("config.sinkdlm is set but no saved sink embedding was found next to the "
-                          f"checkpoint; initialising it with init={init!r}", stacklevel=2)
+            warnings.warn(
+                "config.sinkdlm is set but no saved sink embedding was found next to the "
+                f"checkpoint; initialising it with init={init!r}",
+                stacklevel=2,
+            )
     if not isinstance(sink_position, int):
         raise ValueError(f"sink_position must be an int, got {sink_position!r}")
     backend = _backend_for(inner, host)
     weight = _initial_weight(inner, init)
     if saved is not None:
         if saved.shape != weight.shape:
-            raise ValueError(f"saved sink embedding has shape {tuple(saved.shape)}, the model's "
-                             f"hidden size needs {tuple(weight.shape)}")
+            raise ValueError(
+                f"saved sink embedding has shape {tuple(saved.shape)}, the model's "
+                f"hidden size needs {tuple(weight.shape)}"
+            )
         weight = saved.to(device=weight.device, dtype=weight.dtype)
     state = _SinkState(inner, host, backend, sink_position)
     backend.install(state)  # first: if it refuses the model, nothing has changed yet
@@ -267,8 +286,11 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
     # A method bound to the host, its state in the host's __dict__: copy.deepcopy of the model
     # rebinds both to the copy.
     host.forward = types.MethodType(_patched_forward, host)
-    inner.config.sinkdlm = {"format": _FORMAT, "sink_position": sink_position,
-                            "backend": backend.name}
+    inner.config.sinkdlm = {
+        "format": _FORMAT,
+        "sink_position": sink_position,
+        "backend": backend.name,
+    }
     if train_only_sink:
         sink_weight = getattr(host, SINK_MODULE).weight
         state.requires_grad = {p: p.requires_grad for p in inner.parameters()}
@@ -302,11 +324,14 @@ def _reject_reentrant_checkpointing(host):
     the shared sink pass again; only non-reentrant checkpointing composes with the sink."""
     for module in host.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
-        if (module.__dict__.get("gradient_checkpointing") is True
-                and getattr(func, "keywords", {}).get("use_reentrant") is True):
+        if (
+            module.__dict__.get("gradient_checkpointing") is True
+            and getattr(func, "keywords", {}).get("use_reentrant") is True
+        ):
             raise ValueError(
                 "the sink token needs non-reentrant gradient checkpointing: enable it with "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)")
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)"
+            )
 
 
 def _patched_forward(host, *args, **kwargs):

@@ -10,8 +10,15 @@ gaps, detected by feature rather than by name, on remote-code classes only.
 import functools
 import inspect
 
-_HUB_KEYS = ("trust_remote_code", "revision", "cache_dir", "token", "local_files_only",
-             "force_download", "code_revision")
+_HUB_KEYS = (
+    "trust_remote_code",
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "force_download",
+    "code_revision",
+)
 
 
 def _shim_config(config):
@@ -29,6 +36,7 @@ def _shim_model_class(cls):
         params = inspect.signature(tie).parameters
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
         if not takes_kwargs and "missing_keys" not in params:
+
             @functools.wraps(tie)
             def tie_weights(self, *args, **kwargs):
                 return tie(self)
@@ -66,8 +74,9 @@ def _resolve_class(config, path, hub):
         reference = reference[0] if isinstance(reference, (list, tuple)) else reference
         if reference and reference.split(".")[-1] == arch:
             if not hub.get("trust_remote_code"):
-                raise ValueError(f"{path} uses remote code ({reference}); pass "
-                                 "trust_remote_code=True to load it")
+                raise ValueError(
+                    f"{path} uses remote code ({reference}); pass trust_remote_code=True to load it"
+                )
             return _shim_model_class(get_class_from_dynamic_module(reference, path, **hub))
     cls = getattr(transformers, arch, None)
     if cls is None:
@@ -84,7 +93,8 @@ def _load_quietly(cls, path, config, kwargs):
     pattern = r"(^|\.)sink_embedding\.weight$"
     # transformers 5 keeps these patterns in a set, older versions in a list
     cls._keys_to_ignore_on_load_unexpected = (
-        [*inherited, pattern] if isinstance(inherited, list) else {*inherited, pattern})
+        [*inherited, pattern] if isinstance(inherited, list) else {*inherited, pattern}
+    )
     try:
         return cls.from_pretrained(path, config=config, **kwargs)
     finally:
