@@ -29,12 +29,12 @@ Strategy parse_strategy(const std::string& strategy) {
 
 }  // namespace
 
-void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64_t mask_id,
-                            const at::Tensor& num_transfer, const std::optional<at::Tensor>& window,
-                            const std::string& strategy, double temperature,
-                            std::optional<double> threshold, int64_t seed, int64_t offset,
-                            at::Tensor& logits_vocab_contiguous, at::Tensor& window_contiguous,
-                            RemaskStepParams& params) {
+RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x, int64_t mask_id,
+                                   const at::Tensor& num_transfer,
+                                   const std::optional<at::Tensor>& window,
+                                   const std::string& strategy, double temperature,
+                                   std::optional<double> threshold, int64_t seed, int64_t offset) {
+  RemaskStepCall call;
   TORCH_CHECK_VALUE(logits.dim() == 3, "remask_step: logits must be (B, L, V), got shape ",
                     logits.sizes());
   const auto dtype = logits.scalar_type();
@@ -71,7 +71,6 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
                       b);
   }
 
-  window_contiguous = at::Tensor();
   if (window.has_value()) {
     const at::Tensor& w = *window;
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == batch && w.size(1) == 2,
@@ -90,33 +89,40 @@ void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64
                         "remask_step: window rows must satisfy 0 <= start <= end <= L = ", length,
                         ", got [", start, ", ", end, ") in row ", b);
     }
-    window_contiguous = w.contiguous();
+    call.window = w.contiguous();
   }
+  call.logits = logits.stride(2) == 1 ? logits : logits.contiguous();
+  call.num_transfer = num_transfer.contiguous();
+  call.x_new = at::empty(x.sizes(), x.options());
+  call.transferred = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  call.confidence = at::empty(x.sizes(), x.options().dtype(at::kFloat));
 
-  logits_vocab_contiguous = logits.stride(2) == 1 ? logits : logits.contiguous();
-
-  params = RemaskStepParams{};
-  params.logits = logits_vocab_contiguous.data_ptr();
+  RemaskStepParams& params = call.params;
+  params.logits = call.logits.data_ptr();
   params.logits_type = dtype == at::kFloat  ? LogitsType::kFloat32
                        : dtype == at::kHalf ? LogitsType::kFloat16
                                             : LogitsType::kBFloat16;
   params.batch = batch;
   params.length = length;
   params.vocab = vocab;
-  params.logits_stride_b = logits_vocab_contiguous.stride(0);
-  params.logits_stride_l = logits_vocab_contiguous.stride(1);
+  params.logits_stride_b = call.logits.stride(0);
+  params.logits_stride_l = call.logits.stride(1);
   params.x = x.data_ptr<int64_t>();
   params.x_stride_b = x.stride(0);
   params.x_stride_l = x.stride(1);
   params.mask_id = mask_id;
-  params.num_transfer = num_transfer.data_ptr<int64_t>();
-  params.window = window_contiguous.defined() ? window_contiguous.data_ptr<int64_t>() : nullptr;
+  params.num_transfer = call.num_transfer.data_ptr<int64_t>();
+  params.window = call.window.defined() ? call.window.data_ptr<int64_t>() : nullptr;
   params.strategy = parse_strategy(strategy);
   params.inv_temperature = temperature > 0.0 ? static_cast<float>(1.0 / temperature) : 0.0f;
   params.has_threshold = threshold.has_value();
   params.threshold = threshold.has_value() ? static_cast<float>(*threshold) : 0.0f;
   params.seed = static_cast<uint64_t>(seed);
   params.offset = static_cast<uint32_t>(offset);
+  params.x_new = call.x_new.data_ptr<int64_t>();
+  params.transferred = call.transferred.data_ptr<bool>();
+  params.confidence = call.confidence.data_ptr<float>();
+  return call;
 }
 
 namespace {
@@ -130,20 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cpu_impl(
     const at::Tensor& logits, const at::Tensor& x, int64_t mask_id, const at::Tensor& num_transfer,
     const std::optional<at::Tensor>& window, const std::string& strategy, double temperature,
     std::optional<double> threshold, int64_t seed, int64_t offset) {
-  const at::Tensor num_transfer_contiguous = num_transfer.contiguous();
-  at::Tensor logits_used, window_used;
-  RemaskStepParams params;
-  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy, temperature,
-                         threshold, seed, offset, logits_used, window_used, params);
-  const auto shape = x.sizes();
-  at::Tensor x_new = at::empty(shape, x.options());
-  at::Tensor transferred = at::empty(shape, x.options().dtype(at::kBool));
-  at::Tensor confidence = at::empty(shape, x.options().dtype(at::kFloat));
-  params.x_new = x_new.data_ptr<int64_t>();
-  params.transferred = transferred.data_ptr<bool>();
-  params.confidence = confidence.data_ptr<float>();
-  if (x.numel() > 0) remask_step_cpu(params, at_parallel_for);
-  return {x_new, transferred, confidence};
+  RemaskStepCall call = prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy,
+                                            temperature, threshold, seed, offset);
+  if (x.numel() > 0) remask_step_cpu(call.params, at_parallel_for);
+  return {call.x_new, call.transferred, call.confidence};
 }
 
 std::tuple<at::Tensor, at::Tensor> remask_step_noise_impl(int64_t seed, int64_t offset,

@@ -12,16 +12,23 @@
 namespace sinkdlm {
 namespace remask {
 
-// Validates the arguments (raising a c10::Error that names the argument and what was expected)
-// and fills `params` apart from the output pointers. `logits_vocab_contiguous` is logits itself
-// or, when its last dimension was strided, a contiguous copy kept alive by the caller; `window`
-// is made contiguous the same way.
-void check_remask_step_args(const at::Tensor& logits, const at::Tensor& x, int64_t mask_id,
-                            const at::Tensor& num_transfer, const std::optional<at::Tensor>& window,
-                            const std::string& strategy, double temperature,
-                            std::optional<double> threshold, int64_t seed, int64_t offset,
-                            at::Tensor& logits_vocab_contiguous, at::Tensor& window_contiguous,
-                            RemaskStepParams& params);
+// One checked call of sinkdlm::remask_step: `params` points into the tensors held here, so
+// keep the struct alive while a kernel runs.
+struct RemaskStepCall {
+  RemaskStepParams params;
+  at::Tensor logits;        // the input, or a copy when its vocabulary dimension was strided
+  at::Tensor num_transfer;  // contiguous
+  at::Tensor window;        // contiguous, or undefined
+  at::Tensor x_new, transferred, confidence;  // outputs, allocated like x
+};
+
+// Validates the arguments (raising a c10::Error that names the argument and what was expected),
+// allocates the outputs and fills `params`. Shared by the CPU and CUDA registrations.
+RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x, int64_t mask_id,
+                                   const at::Tensor& num_transfer,
+                                   const std::optional<at::Tensor>& window,
+                                   const std::string& strategy, double temperature,
+                                   std::optional<double> threshold, int64_t seed, int64_t offset);
 
 }  // namespace remask
 }  // namespace sinkdlm

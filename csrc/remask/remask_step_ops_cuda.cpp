@@ -18,21 +18,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
     const std::optional<at::Tensor>& window, const std::string& strategy, double temperature,
     std::optional<double> threshold, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const at::Tensor num_transfer_contiguous = num_transfer.contiguous();
-  at::Tensor logits_used, window_used;
-  RemaskStepParams params;
-  check_remask_step_args(logits, x, mask_id, num_transfer_contiguous, window, strategy, temperature,
-                         threshold, seed, offset, logits_used, window_used, params);
-  const auto shape = x.sizes();
-  at::Tensor x_new = at::empty(shape, x.options());
-  at::Tensor transferred = at::empty(shape, x.options().dtype(at::kBool));
-  at::Tensor confidence = at::empty(shape, x.options().dtype(at::kFloat));
-  params.x_new = x_new.data_ptr<int64_t>();
-  params.transferred = transferred.data_ptr<bool>();
-  params.confidence = confidence.data_ptr<float>();
-  const cudaError_t err = remask_step_cuda(params, c10::cuda::getCurrentCUDAStream().stream());
+  RemaskStepCall call = prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy,
+                                            temperature, threshold, seed, offset);
+  const cudaError_t err = remask_step_cuda(call.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "remask_step: CUDA launch failed: ", cudaGetErrorString(err));
-  return {x_new, transferred, confidence};
+  return {call.x_new, call.transferred, call.confidence};
 }
 
 }  // namespace
