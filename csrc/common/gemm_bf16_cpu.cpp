@@ -9,6 +9,33 @@
 #endif
 
 namespace sinkdlm::bf16 {
+
+void pack_b(int64_t k, int64_t n, const bfloat16* src, int64_t stride_p, int64_t stride_j,
+            bfloat16* dst, int64_t b_panel) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  auto* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t nj = std::min(kPanel, n - j0);
+    uint16_t* panel = d + (j0 / kPanel) * b_panel;
+    for (int64_t p = 0; p < k; p += 2) {
+      uint16_t* out = panel + p * kPanel;  // pair row p / 2
+      const uint16_t* r0 = s + p * stride_p + j0 * stride_j;
+      const uint16_t* r1 = r0 + stride_p;
+      if (p + 1 < k && stride_j == 1) {
+        for (int64_t jj = 0; jj < nj; ++jj) out[2 * jj] = r0[jj], out[2 * jj + 1] = r1[jj];
+      } else if (p + 1 < k && stride_p == 1) {
+        for (int64_t jj = 0; jj < nj; ++jj) std::memcpy(out + 2 * jj, r0 + jj * stride_j, 4);
+      } else {
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          out[2 * jj] = r0[jj * stride_j];
+          out[2 * jj + 1] = p + 1 < k ? r1[jj * stride_j] : 0;
+        }
+      }
+      std::fill(out + 2 * nj, out + 2 * kPanel, uint16_t{0});
+    }
+  }
+}
+
 namespace {
 
 // ---- portable ---------------------------------------------------------------------------

@@ -26,24 +26,12 @@ inline int64_t packed_size(int64_t k, int64_t n) {
   return (n + kPanel - 1) / kPanel * panel_size(k);
 }
 
-// Packs B(p, j) = src[p * stride_p + j * stride_j] (k x n, float or bf16) into dst with panel
-// stride b_panel (>= panel_size(k)), padding included. Scalar: used once per call for K and V,
-// and per query tile for small tiles.
-template <typename S>
-void pack_b(int64_t k, int64_t n, const S* src, int64_t stride_p, int64_t stride_j, bfloat16* dst,
-            int64_t b_panel) {
-  const int64_t kp = (k + 1) / 2;
-  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-    bfloat16* panel = dst + (j0 / kPanel) * b_panel;
-    for (int64_t p = 0; p < 2 * kp; ++p)
-      for (int64_t jj = 0; jj < kPanel; ++jj) {
-        const int64_t j = j0 + jj;
-        const bool inside = p < k && j < n;
-        panel[(p / 2) * 2 * kPanel + jj * 2 + p % 2] =
-            inside ? store<bfloat16>(load<float>(src[p * stride_p + j * stride_j])) : bfloat16{0};
-      }
-  }
-}
+// Packs B(p, j) = src[p * stride_p + j * stride_j] (k x n) into dst with panel stride
+// b_panel (>= panel_size(k)), padding included. Plain C++ with fast cases for unit stride_j
+// (row pairs interleaved) and unit stride_p (pairs copied whole); used for K and V once per
+// call and for small tiles.
+void pack_b(int64_t k, int64_t n, const bfloat16* src, int64_t stride_p, int64_t stride_j,
+            bfloat16* dst, int64_t b_panel);
 
 struct Kernels {
   const char* name;

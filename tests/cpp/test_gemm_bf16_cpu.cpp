@@ -124,6 +124,31 @@ TEST(GemmBf16, FastKernelsPresentWhereTheCpuHasThem) {
   EXPECT_EQ(avx512_kernels() != nullptr, cpu);
 }
 
+// pack_b against the layout formula, for each of its cases: unit stride_j, unit stride_p,
+// neither; padding (the row past an odd k, columns past n) zero.
+TEST(GemmBf16, PackBMatchesLayout) {
+  std::mt19937 rng(11);
+  for (int64_t k : {1, 2, 7, 64})
+    for (int64_t n : {1, 31, 32, 33, 70})
+      for (int form = 0; form < 3; ++form) {
+        // Source: row-major with spare columns, column-major with spare rows, every other element.
+        const int64_t stride_p = form == 0 ? n + 1 : form == 1 ? 1 : 2;
+        const int64_t stride_j = form == 0 ? 1 : form == 1 ? k + 3 : 2 * k;
+        const std::vector<bfloat16> src = random_bf16(k * stride_p + n * stride_j + 4, rng);
+        const int64_t b_panel = panel_size(k) + 5;
+        std::vector<bfloat16> dst((n + kPanel - 1) / kPanel * b_panel, bfloat16{0x7fc0});
+        pack_b(k, n, src.data(), stride_p, stride_j, dst.data(), b_panel);
+        for (int64_t p = 0; p < k + k % 2; ++p)
+          for (int64_t j = 0; j < (n + kPanel - 1) / kPanel * kPanel; ++j) {
+            const uint16_t want = p < k && j < n ? src[p * stride_p + j * stride_j].bits : 0;
+            const int64_t at =
+                (j / kPanel) * b_panel + (p / 2) * 2 * kPanel + (j % kPanel) * 2 + p % 2;
+            ASSERT_EQ(dst[at].bits, want)
+                << "form " << form << " k " << k << " n " << n << " (" << p << ", " << j << ")";
+          }
+      }
+}
+
 // to_rows rounds to nearest even exactly like to_bfloat16, tails included; to_pairs
 // interleaves rows and zeroes the pad row of an odd m.
 TEST(GemmBf16, ConversionsMatchScalarRounding) {
