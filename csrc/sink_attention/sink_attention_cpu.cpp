@@ -243,8 +243,8 @@ struct Bf16Gemms {
           q_(kBlockQ * D),
           dout_(kBlockQ * D),
           x_(kBlockQ * bk),
-          // Odd stride (in 64-byte lines) between pair rows: a row block's pairs spread over
-          // L1 sets instead of thrashing a few.
+          // Pair rows bk + 16 pairs apart, not bk: for bk a multiple of 32 an odd number of
+          // 64-byte lines, so a row block's pairs spread over L1 sets (a few % on the dV GEMM).
           xt_((kBlockQ + 1) / 2 * 2 * ldt_) {
       if (sh.pass == Pass::kBackward) {
         qb_.resize(bf16::packed_size(kBlockQ, D));
@@ -321,7 +321,7 @@ struct Bf16Gemms {
     std::vector<bfloat16> q_, qb_, dout_, doutb_, x_, xt_;
   };
 };
-static_assert(kBlockK % bf16::kPanel == 0 && kBlockQ % 2 == 0, "tiles start on panel/pair edges");
+static_assert(kBlockK % bf16::kPanel == 0, "key tiles start on panel edges");
 
 template <typename T, typename Gemms>
 void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuContext& ctx) {

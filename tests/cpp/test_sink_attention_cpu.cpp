@@ -239,7 +239,7 @@ TEST_P(SinkAttentionCpu, Float16MatchesNaive) {
 }
 
 // L = 1, L not a multiple of the 64 x 256 tiles, L spanning several key tiles; GQA and MQA;
-// every sink form; padding; transposed (B, L, H, D) inputs.
+// every sink form; padding; transposed (B, L, H, D) inputs; an odd head dim.
 INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
                          ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
                                            Config{2, 4, 2, 7, 16, true, false, true, true, false},
@@ -248,7 +248,8 @@ INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
                                            Config{2, 8, 2, 300, 64, true, false, false, true,
                                                   false},
                                            Config{1, 2, 2, 257, 8, false, false, false, true, true},
-                                           Config{2, 4, 1, 70, 24, true, true, true, false, false}),
+                                           Config{2, 4, 1, 70, 24, true, true, true, false, false},
+                                           Config{1, 2, 1, 37, 5, true, false, true, true, true}),
                          [](const ::testing::TestParamInfo<Config>& info) {
                            const Config& c = info.param;
                            std::string name = "B" + std::to_string(c.B) + "_H" +
