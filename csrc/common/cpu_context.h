@@ -8,6 +8,10 @@
 
 namespace sinkdlm {
 
+namespace bf16 {
+struct Kernels;  // common/gemm_bf16_cpu.h
+}
+
 // Row-major C[m x n] = alpha * op(A)[m x k] * op(B)[k x n] + beta * C.
 template <typename T>
 using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
@@ -22,6 +26,8 @@ struct CpuContext {
   ParallelFor parallel_for;
   GemmFn<float> sgemm;
   GemmFn<double> dgemm;
+  // bf16 x bf16 -> fp32 GEMM kernels for bf16 inputs; null: bf16 runs through sgemm.
+  const bf16::Kernels* bf16 = nullptr;
 
   template <typename T>
   GemmFn<T> gemm() const;
@@ -41,7 +47,7 @@ void reference_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                     const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
 // A context whose GEMM is the BLAS that the host process has loaded (torch's), falling
-// back to reference_gemm when none is.
+// back to reference_gemm when none is, and the avx512_bf16 kernels when the CPU has them.
 CpuContext make_cpu_context(ParallelFor parallel_for);
 
 // One-thread loop: for tests and tools.

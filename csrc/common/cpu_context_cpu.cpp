@@ -1,4 +1,5 @@
 #include "common/cpu_context.h"
+#include "common/gemm_bf16_cpu.h"
 
 // Fortran BLAS entry points. torch's libtorch_cpu exports them (from MKL or OpenBLAS);
 // weak, so a process without BLAS (the unit tests) links and uses reference_gemm.
@@ -66,6 +67,7 @@ CpuContext make_cpu_context(ParallelFor parallel_for) {
   ctx.parallel_for = std::move(parallel_for);
   ctx.sgemm = sgemm_ ? &sgemm_blas : &reference_gemm<float>;
   ctx.dgemm = dgemm_ ? &dgemm_blas : &reference_gemm<double>;
+  ctx.bf16 = bf16::avx512_kernels();
   return ctx;
 }
 

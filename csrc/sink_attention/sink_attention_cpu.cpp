@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/gemm_bf16_cpu.h"
 #include "common/half.h"
 #include "common/row_ops.h"
 
@@ -82,12 +83,12 @@ void mask_padded_keys(const bool* key_mask, int64_t j0, int64_t nk, A* s, int64_
       for (int64_t r = 0; r < n; ++r) s[r * ld + c] = kNegInf<A>;
 }
 
-// What the forward and the backward share: sizes, K/V rows ready for the GEMMs, and the
-// sink of each (batch, kv head) in the accumulation type.
+// What the forward and the backward share: sizes and the sink of each (batch, kv head) in
+// the accumulation type.
 template <typename T>
 struct Setup {
   using A = typename AccOf<T>::type;
-  Setup(const SinkAttentionProblem& p, const CpuContext& ctx)
+  explicit Setup(const SinkAttentionProblem& p)
       : p(p),
         B(p.batch),
         H(p.heads),
@@ -97,9 +98,6 @@ struct Setup {
         group(H / Hkv),
         bk(std::min(kBlockK, L)),
         scale(static_cast<A>(p.scale)),
-        gemm(ctx.gemm<A>()),
-        K(static_cast<const T*>(p.k), p.k_stride, B, Hkv, L, D, ctx),
-        V(static_cast<const T*>(p.v), p.v_stride, B, Hkv, L, D, ctx),
         sink_logit(static_cast<const A*>(p.sink_logit)) {}
 
   const A* sink_k(int64_t b, int64_t hk) const { return sink_row(p.sink_k, b, hk); }
@@ -111,8 +109,6 @@ struct Setup {
   const SinkAttentionProblem& p;
   const int64_t B, H, Hkv, L, D, group, bk;
   const A scale;
-  const GemmFn<A> gemm;
-  const KVRows<T, A> K, V;
   const A* const sink_logit;
 
  private:
@@ -121,28 +117,234 @@ struct Setup {
   }
 };
 
+// ---- Tile GEMMs ---------------------------------------------------------------------------
+// The forward and the backward run their GEMMs through one of two operand policies with one
+// interface, so the softmax logic is written once:
+//   BlasGemms<T>  operands in the accumulation type, ctx.gemm (sgemm / dgemm): every dtype.
+//   Bf16Gemms     bf16 operands, fp32 sums, ctx.bf16's kernels: bf16 inputs on CPUs with
+//                 avx512_bf16, ~4x the sgemm rate. Q, dO, K and V are bf16 already, so only P and
+//                 dS get rounded to bf16 (as SDPA's bf16 backward does); softmax math stays fp32.
+// Shared holds K and V of every (batch, kv head), made once per call; a Tile holds one thread's
+// operands of the current query tile (nq rows) and computes, for keys [j0, j0 + nk):
+//   scores:  s = scale Q K^T          acc_pv: acc += P V        (forward)
+//   acc_dv:  dv += P^T dO             dp:     dp = dO V^T
+//   acc_dq:  dq += dS K               acc_dk: dk += scale dS^T Q
+// with s, P, dp, dS row-major nq x nk (stride bk), acc and dq nq x D, dv and dk nk x D.
+enum class Pass { kForward, kBackward };
+
 template <typename T>
+struct BlasGemms {
+  using A = typename AccOf<T>::type;
+  struct Shared {
+    Shared(const SinkAttentionProblem& p, Pass, const CpuContext& ctx)
+        : K(static_cast<const T*>(p.k), p.k_stride, p.batch, p.kv_heads, p.seqlen, p.head_dim, ctx),
+          V(static_cast<const T*>(p.v), p.v_stride, p.batch, p.kv_heads, p.seqlen, p.head_dim, ctx),
+          gemm(ctx.gemm<A>()) {}
+    const KVRows<T, A> K, V;
+    const GemmFn<A> gemm;
+  };
+
+  class Tile {
+   public:
+    Tile(const Shared& sh, int64_t bk, int64_t D, A /*scale: in qs already*/)
+        : sh_(sh), gemm_(sh.gemm), bk_(bk), D_(D) {}
+    void head(int64_t b, int64_t hk) {
+      k_ = sh_.K.rows(b, hk), v_ = sh_.V.rows(b, hk);
+      ldk_ = sh_.K.ld(), ldv_ = sh_.V.ld();
+    }
+    // qs: the tile's queries times scale, nq x D.
+    void set_q(const SinkAttentionProblem&, int64_t, int64_t, int64_t, int64_t nq, const A* qs) {
+      qs_ = qs, nq_ = nq;
+    }
+    void set_dout(const A* dout) { dout_ = dout; }
+    void scores(int64_t j0, int64_t nk, A* s) const {
+      gemm_(false, true, nq_, nk, D_, A(1), qs_, D_, k_ + j0 * ldk_, ldk_, A(0), s, bk_);
+    }
+    void acc_pv(const A* pr, int64_t j0, int64_t nk, A* acc) const {
+      gemm_(false, false, nq_, D_, nk, A(1), pr, bk_, v_ + j0 * ldv_, ldv_, A(1), acc, D_);
+    }
+    void acc_dv(const A* pr, int64_t, int64_t nk, A* dv) const {
+      gemm_(true, false, nk, D_, nq_, A(1), pr, bk_, dout_, D_, A(1), dv, D_);
+    }
+    void dp(int64_t j0, int64_t nk, A* dp) const {
+      gemm_(false, true, nq_, nk, D_, A(1), dout_, D_, v_ + j0 * ldv_, ldv_, A(0), dp, bk_);
+    }
+    void acc_dq(const A* ds, int64_t j0, int64_t nk, A* dq) const {
+      gemm_(false, false, nq_, D_, nk, A(1), ds, bk_, k_ + j0 * ldk_, ldk_, A(1), dq, D_);
+    }
+    void acc_dk(const A* ds, int64_t, int64_t nk, A* dk) const {
+      gemm_(true, false, nk, D_, nq_, A(1), ds, bk_, qs_, D_, A(1), dk, D_);
+    }
+
+   private:
+    const Shared& sh_;
+    const GemmFn<A> gemm_;
+    const int64_t bk_, D_;
+    const A* k_ = nullptr;
+    const A* v_ = nullptr;
+    int64_t ldk_ = 0, ldv_ = 0, nq_ = 0;
+    const A* qs_ = nullptr;
+    const A* dout_ = nullptr;
+  };
+};
+
+struct Bf16Gemms {
+  // K and V packed as bf16 GEMM B operands, per (batch, kv head): "t" is K^T / V^T (k = D,
+  // n = L: for S = Q K^T, dP = dO V^T), "n" is K / V (k = L, n = D: for dQ += dS K, O += P V).
+  // Only the layouts the pass uses are made.
+  struct Shared {
+    Shared(const SinkAttentionProblem& p, Pass pass, const CpuContext& ctx)
+        : kern(*ctx.bf16),
+          pass(pass),
+          L(p.seqlen),
+          D(p.head_dim),
+          Hkv(p.kv_heads),
+          t_panel(bf16::panel_size(D)),
+          n_panel(bf16::panel_size(L)),
+          t_size(bf16::packed_size(D, L)),
+          n_size(bf16::packed_size(L, D)) {
+      const bool fwd = pass == Pass::kForward;
+      const int64_t heads = p.batch * Hkv;
+      kt.resize(heads * t_size);
+      (fwd ? vn : vt).resize(heads * (fwd ? n_size : t_size));
+      if (!fwd) kn.resize(heads * n_size);
+      ctx.parallel_for(heads, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t b = bh / Hkv, hk = bh % Hkv;
+          const Strides4 &ks = p.k_stride, &vs = p.v_stride;
+          const auto* k = static_cast<const bfloat16*>(p.k) + b * ks.b + hk * ks.h;
+          const auto* v = static_cast<const bfloat16*>(p.v) + b * vs.b + hk * vs.h;
+          bf16::pack_b(D, L, k, ks.d, ks.l, kt.data() + bh * t_size, t_panel);
+          if (fwd) {
+            bf16::pack_b(L, D, v, vs.l, vs.d, vn.data() + bh * n_size, n_panel);
+          } else {
+            bf16::pack_b(D, L, v, vs.d, vs.l, vt.data() + bh * t_size, t_panel);
+            bf16::pack_b(L, D, k, ks.l, ks.d, kn.data() + bh * n_size, n_panel);
+          }
+        }
+      });
+    }
+    const bf16::Kernels& kern;
+    const Pass pass;
+    const int64_t L, D, Hkv, t_panel, n_panel, t_size, n_size;
+    std::vector<bfloat16> kt, vt, kn, vn;
+  };
+
+  class Tile {
+   public:
+    Tile(const Shared& sh, int64_t bk, int64_t D, float scale)
+        : sh_(sh),
+          kern_(sh.kern),
+          bk_(bk),
+          D_(D),
+          ldt_(bk + 16),
+          scale_(scale),
+          q_panel_(bf16::panel_size(kBlockQ)),
+          q_(kBlockQ * D),
+          dout_(kBlockQ * D),
+          x_(kBlockQ * bk),
+          // Pair rows bk + 16 pairs apart, not bk: for bk a multiple of 32 an odd number of
+          // 64-byte lines, so a row block's pairs spread over L1 sets (a few % on the dV GEMM).
+          xt_((kBlockQ + 1) / 2 * 2 * ldt_) {
+      if (sh.pass == Pass::kBackward) {
+        qb_.resize(bf16::packed_size(kBlockQ, D));
+        doutb_.resize(qb_.size());
+      }
+    }
+    void head(int64_t b, int64_t hk) {
+      const int64_t bh = b * sh_.Hkv + hk;
+      kt_ = sh_.kt.data() + bh * sh_.t_size;
+      if (sh_.pass == Pass::kForward) {
+        vn_ = sh_.vn.data() + bh * sh_.n_size;
+      } else {
+        vt_ = sh_.vt.data() + bh * sh_.t_size;
+        kn_ = sh_.kn.data() + bh * sh_.n_size;
+      }
+    }
+    // The queries as given (bf16, unscaled: scale goes into the GEMMs, no second rounding).
+    void set_q(const SinkAttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
+               const float*) {
+      nq_ = nq;
+      const Strides4& st = p.q_stride;
+      const auto* q = static_cast<const bfloat16*>(p.q) + b * st.b + h * st.h + i0 * st.l;
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t d = 0; d < D_; ++d) q_[r * D_ + d] = q[r * st.l + d * st.d];
+      if (sh_.pass == Pass::kBackward) bf16::pack_b(nq, D_, q_.data(), D_, 1, qb_.data(), q_panel_);
+    }
+    void set_dout(const float* dout) {
+      kern_.to_rows(nq_, D_, dout, D_, dout_.data(), D_);  // exact: bf16 values or 0
+      bf16::pack_b(nq_, D_, dout_.data(), D_, 1, doutb_.data(), q_panel_);
+    }
+    void scores(int64_t j0, int64_t nk, float* s) const {
+      kern_.gemm(nq_, nk, D_, scale_, q_.data(), D_, 2, key_panels(kt_, j0), sh_.t_panel, 0.0f, s,
+                 bk_);
+    }
+    void acc_pv(const float* pr, int64_t j0, int64_t nk, float* acc) {
+      kern_.to_rows(nq_, nk, pr, bk_, x_.data(), bk_);
+      kern_.gemm(nq_, D_, nk, 1.0f, x_.data(), bk_, 2, key_rows(vn_, j0), sh_.n_panel, 1.0f, acc,
+                 D_);
+    }
+    void acc_dv(const float* pr, int64_t, int64_t nk, float* dv) {
+      kern_.to_pairs(nq_, nk, pr, bk_, xt_.data(), ldt_);
+      kern_.gemm(nk, D_, nq_, 1.0f, xt_.data(), 2, 2 * ldt_, doutb_.data(), q_panel_, 1.0f, dv, D_);
+    }
+    void dp(int64_t j0, int64_t nk, float* dp) const {
+      kern_.gemm(nq_, nk, D_, 1.0f, dout_.data(), D_, 2, key_panels(vt_, j0), sh_.t_panel, 0.0f, dp,
+                 bk_);
+    }
+    void acc_dq(const float* ds, int64_t j0, int64_t nk, float* dq) {
+      kern_.to_rows(nq_, nk, ds, bk_, x_.data(), bk_);
+      kern_.gemm(nq_, D_, nk, 1.0f, x_.data(), bk_, 2, key_rows(kn_, j0), sh_.n_panel, 1.0f, dq,
+                 D_);
+    }
+    void acc_dk(const float* ds, int64_t, int64_t nk, float* dk) {
+      kern_.to_pairs(nq_, nk, ds, bk_, xt_.data(), ldt_);
+      kern_.gemm(nk, D_, nq_, scale_, xt_.data(), 2, 2 * ldt_, qb_.data(), q_panel_, 1.0f, dk, D_);
+    }
+
+   private:
+    // Keys from j0 on in a "t" layout (j0 is a multiple of bk, so of the panel width) and in an
+    // "n" layout (j0 even; an odd tile ends at L, whose pad row is zero).
+    const bfloat16* key_panels(const bfloat16* t, int64_t j0) const {
+      return t + j0 / bf16::kPanel * sh_.t_panel;
+    }
+    static const bfloat16* key_rows(const bfloat16* n, int64_t j0) { return n + j0 * bf16::kPanel; }
+
+    const Shared& sh_;
+    const bf16::Kernels& kern_;
+    const int64_t bk_, D_, ldt_;
+    const float scale_;
+    const int64_t q_panel_;
+    const bfloat16 *kt_ = nullptr, *vt_ = nullptr, *kn_ = nullptr, *vn_ = nullptr;
+    int64_t nq_ = 0;
+    // Q and dO row-major (A operands) and packed (B operands); P or dS row-major and as pairs.
+    std::vector<bfloat16> q_, qb_, dout_, doutb_, x_, xt_;
+  };
+};
+static_assert(kBlockK % bf16::kPanel == 0, "key tiles start on panel edges");
+
+template <typename T, typename Gemms>
 void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuContext& ctx) {
   using A = typename AccOf<T>::type;
-  const Setup<T> st(p, ctx);
+  const Setup<T> st(p);
+  const typename Gemms::Shared kv(p, Pass::kForward, ctx);
   const int64_t B = st.B, H = st.H, L = st.L, D = st.D, bk = st.bk;
   const A scale = st.scale;
   const auto* sink_logit = st.sink_logit;
-  const GemmFn<A> gemm = st.gemm;
   T* out = static_cast<T*>(out_ptr);
   A* lse = static_cast<A*>(lse_ptr);
   const int64_t q_tiles = (L + kBlockQ - 1) / kBlockQ;
 
   ctx.parallel_for(B * H * q_tiles, [&](int64_t begin, int64_t end) {
     std::vector<A> qs(kBlockQ * D), s(kBlockQ * bk), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+    typename Gemms::Tile t(kv, bk, D, scale);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * q_tiles), h = (item / q_tiles) % H, hk = h / st.group;
       const int64_t i0 = (item % q_tiles) * kBlockQ, nq = std::min(kBlockQ, L - i0);
-      const A* k = st.K.rows(b, hk);
-      const A* v = st.V.rows(b, hk);
-      const int64_t ldk = st.K.ld(), ldv = st.V.ld();
       const bool* key_mask = st.key_mask(b);
       load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
+      t.head(b, hk);
+      t.set_q(p, b, h, i0, nq, qs.data());
 
       // The sink opens every row's online softmax: running max, sum and accumulator.
       const A* sk = st.sink_k(b, hk);
@@ -172,7 +374,7 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
 
       for (int64_t j0 = 0; j0 < L; j0 += bk) {
         const int64_t nk = std::min(bk, L - j0);
-        gemm(false, true, nq, nk, D, A(1), qs.data(), D, k + j0 * ldk, ldk, A(0), s.data(), bk);
+        t.scores(j0, nk, s.data());
         mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
         for (int64_t r = 0; r < nq; ++r) {
           A* s_r = s.data() + r * bk;
@@ -186,7 +388,7 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
           if (alpha != A(1)) row::scale(acc.data() + r * D, D, alpha);
           m[r] = m_new;
         }
-        gemm(false, false, nq, D, nk, A(1), s.data(), bk, v + j0 * ldv, ldv, A(1), acc.data(), D);
+        t.acc_pv(s.data(), j0, nk, acc.data());
       }
 
       for (int64_t r = 0; r < nq; ++r) {
@@ -207,10 +409,11 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
   });
 }
 
-template <typename T>
+template <typename T, typename Gemms>
 void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuContext& ctx) {
   using A = typename AccOf<T>::type;
-  const Setup<T> st(p, ctx);
+  const Setup<T> st(p);
+  const typename Gemms::Shared kv(p, Pass::kBackward, ctx);
   const int64_t B = st.B, H = st.H, Hkv = st.Hkv, L = st.L, D = st.D, group = st.group;
   const int64_t bk = st.bk;
   const A scale = st.scale;
@@ -218,7 +421,6 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
   const auto* sink_logit = st.sink_logit;
   const auto* lse = static_cast<const A*>(g.lse);
   const auto* dlse = static_cast<const A*>(g.dlse);
-  const GemmFn<A> gemm = st.gemm;
 
   // Per query head partial gradients, reduced over each GQA group (and the batch, for a
   // shared sink) in a fixed order afterwards: no atomics, bit-identical run to run.
@@ -230,11 +432,10 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
   ctx.parallel_for(B * H, [&](int64_t begin, int64_t end) {
     std::vector<A> qs(kBlockQ * D), dout(kBlockQ * D), out_r(D), dq(kBlockQ * D);
     std::vector<A> s(kBlockQ * bk), dp(kBlockQ * bk), lse_t(kBlockQ), delta(kBlockQ);
+    typename Gemms::Tile t(kv, bk, D, scale);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
-      const A* k = st.K.rows(b, hk);
-      const A* v = st.V.rows(b, hk);
-      const int64_t ldk = st.K.ld(), ldv = st.V.ld();
+      t.head(b, hk);
       const bool* key_mask = st.key_mask(b);
       A* dkp = dk_part.data() + bh * L * D;
       A* dvp = dv_part.data() + bh * L * D;
@@ -245,6 +446,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
         const int64_t nq = std::min(kBlockQ, L - i0);
         load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
         load_tile(static_cast<const T*>(g.dout), g.dout_stride, b, h, i0, nq, D, A(1), dout.data());
+        t.set_q(p, b, h, i0, nq, qs.data());
         std::fill(dq.begin(), dq.end(), A(0));
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = i0 + r;
@@ -271,21 +473,20 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
           }
           if (sink_logit) dlam_part[bh] -= std::exp(sink_logit[h] - lse_t[r]) * delta[r];
         }
+        t.set_dout(dout.data());  // padded rows zeroed above
 
         for (int64_t j0 = 0; j0 < L; j0 += bk) {
           const int64_t nk = std::min(bk, L - j0);
-          gemm(false, true, nq, nk, D, A(1), qs.data(), D, k + j0 * ldk, ldk, A(0), s.data(), bk);
+          t.scores(j0, nk, s.data());
           mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
           for (int64_t r = 0; r < nq; ++r) row::exp_sub(s.data() + r * bk, nk, lse_t[r]);
-          // s now holds P. dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += dS K; dK += dS^T
-          // Qs.
-          gemm(true, false, nk, D, nq, A(1), s.data(), bk, dout.data(), D, A(1), dvp + j0 * D, D);
-          gemm(false, true, nq, nk, D, A(1), dout.data(), D, v + j0 * ldv, ldv, A(0), dp.data(),
-               bk);
+          // s now holds P; dp gets dP, then dS = P (dP - delta).
+          t.acc_dv(s.data(), j0, nk, dvp + j0 * D);
+          t.dp(j0, nk, dp.data());
           for (int64_t r = 0; r < nq; ++r)
             row::softmax_grad(s.data() + r * bk, dp.data() + r * bk, nk, delta[r]);
-          gemm(false, false, nq, D, nk, A(1), dp.data(), bk, k + j0 * ldk, ldk, A(1), dq.data(), D);
-          gemm(true, false, nk, D, nq, A(1), dp.data(), bk, qs.data(), D, A(1), dkp + j0 * D, D);
+          t.acc_dq(dp.data(), j0, nk, dq.data());
+          t.acc_dk(dp.data(), j0, nk, dkp + j0 * D);
         }
 
         T* dq_out = static_cast<T*>(g.dq) + (bh * L + i0) * D;
@@ -352,17 +553,26 @@ void dispatch(ScalarType t, Args&&... args) {
   }
 }
 
+// bf16 inputs take the bf16 GEMMs where the context has them (the CPU supports avx512_bf16);
+// everything else, and bf16 elsewhere, the BLAS of the accumulation type.
+template <typename T>
+constexpr bool kBf16 = std::is_same_v<T, bfloat16>;
+
 template <typename T>
 struct Fwd {
   static void run(const SinkAttentionProblem& p, void* out, void* lse, const CpuContext& ctx) {
-    fwd<T>(p, out, lse, ctx);
+    if constexpr (kBf16<T>)
+      if (ctx.bf16) return fwd<T, Bf16Gemms>(p, out, lse, ctx);
+    fwd<T, BlasGemms<T>>(p, out, lse, ctx);
   }
 };
 template <typename T>
 struct Bwd {
   static void run(const SinkAttentionProblem& p, const SinkAttentionGrads& g,
                   const CpuContext& ctx) {
-    bwd<T>(p, g, ctx);
+    if constexpr (kBf16<T>)
+      if (ctx.bf16) return bwd<T, Bf16Gemms>(p, g, ctx);
+    bwd<T, BlasGemms<T>>(p, g, ctx);
   }
 };
 

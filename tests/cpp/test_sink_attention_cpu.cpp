@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/cpu_context.h"
+#include "common/gemm_bf16_cpu.h"
 #include "common/half.h"
 #include "sink_attention/sink_attention_cpu.h"
 
@@ -140,8 +141,12 @@ void expect_close(const std::vector<double>& got, const std::vector<double>& wan
     ASSERT_NEAR(got[i], want[i], tol * (1 + std::abs(want[i]))) << what << " at " << i;
 }
 
+// bf16 GEMM kernels for the context: the CPU's best (the avx512_bf16 ones where present),
+// none (bf16 through sgemm, as on CPUs without avx512_bf16) or the portable ones.
+enum class Bf16Gemm { kBest, kNone, kPortable };
+
 template <typename T>
-void run(const Config& c, ScalarType dtype, double tol) {
+void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf16Gemm::kBest) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
   std::mt19937 rng(1234 + c.L * 7 + c.D);
   std::normal_distribution<double> normal;
@@ -187,7 +192,9 @@ void run(const Config& c, ScalarType dtype, double tol) {
       dv(nkv, store<T>(nan));
   std::vector<A> lse(c.B * c.H * c.L, nan), dsk(ska.size(), nan), dsv(ska.size(), nan),
       dlam(c.H, nan);
-  const CpuContext ctx = make_cpu_context(serial_for);
+  CpuContext ctx = make_cpu_context(serial_for);
+  if (bf16_gemm == Bf16Gemm::kNone) ctx.bf16 = nullptr;
+  if (bf16_gemm == Bf16Gemm::kPortable) ctx.bf16 = &bf16::portable_kernels();
   sink_attention_fwd_cpu(p, out.data(), lse.data(), ctx);
   expect_close(uncast(out), want.out, tol, "out");
   expect_close(uncast(lse), want.lse, tol, "lse");
@@ -221,12 +228,18 @@ TEST_P(SinkAttentionCpu, Float32MatchesNaive) {
 TEST_P(SinkAttentionCpu, BFloat16MatchesNaive) {
   run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2);
 }
+TEST_P(SinkAttentionCpu, BFloat16ViaSgemmMatchesNaive) {
+  run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2, Bf16Gemm::kNone);
+}
+TEST_P(SinkAttentionCpu, BFloat16PortableBf16GemmMatchesNaive) {
+  run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2, Bf16Gemm::kPortable);
+}
 TEST_P(SinkAttentionCpu, Float16MatchesNaive) {
   run<float16>(GetParam(), ScalarType::kFloat16, 5e-3);
 }
 
 // L = 1, L not a multiple of the 64 x 256 tiles, L spanning several key tiles; GQA and MQA;
-// every sink form; padding; transposed (B, L, H, D) inputs.
+// every sink form; padding; transposed (B, L, H, D) inputs; an odd head dim.
 INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
                          ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
                                            Config{2, 4, 2, 7, 16, true, false, true, true, false},
@@ -235,7 +248,8 @@ INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
                                            Config{2, 8, 2, 300, 64, true, false, false, true,
                                                   false},
                                            Config{1, 2, 2, 257, 8, false, false, false, true, true},
-                                           Config{2, 4, 1, 70, 24, true, true, true, false, false}),
+                                           Config{2, 4, 1, 70, 24, true, true, true, false, false},
+                                           Config{1, 2, 1, 37, 5, true, false, true, true, true}),
                          [](const ::testing::TestParamInfo<Config>& info) {
                            const Config& c = info.param;
                            std::string name = "B" + std::to_string(c.B) + "_H" +
