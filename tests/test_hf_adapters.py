@@ -204,3 +204,22 @@ def test_deepcopy_of_a_patched_dream_model_is_independent():
         twin.model.layers[0].self_attn.v_proj.weight.mul_(2)
         assert not torch.equal(twin(input_ids=ids, attention_mask=dream_mask(real)).logits, want)
         assert torch.equal(model(input_ids=ids, attention_mask=dream_mask(real)).logits, want)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_attention_recorder_hooks_adapted_models(family):
+    from sinkdlm.analysis import AttentionRecorder
+
+    model = sinkdlm.hf.add_sink_token(llada() if family == "llada" else dream())
+    set_random_sink(model)
+    ids, real = ids_and_padding()
+    # LLaDA's remote code predates transformers 5 (no use_cache default) and takes no padding here
+    kwargs = dict(use_cache=False) if family == "llada" else dict(attention_mask=real.long())
+    with torch.no_grad(), AttentionRecorder(model) as recorder:
+        model(input_ids=ids, **kwargs)
+    trace = recorder.trace()
+    assert trace.mass.shape[:2] == (1, len(sinkdlm.hf.attention_layers(model)))
+    # softmax rows over [sink ; keys] sum to one: the observer saw what the attention used
+    total = trace.mass.sum(-1) + trace.sink_mass.sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
+    assert (trace.sink_mass > 0).all()

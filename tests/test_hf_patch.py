@@ -332,3 +332,33 @@ def test_deepcopy_of_a_patched_model_is_independent():
         assert torch.equal(model(input_ids=ids, attention_mask=attention).logits, want)
     sinkdlm.hf.remove_sink_token(twin)
     assert sinkdlm.hf.has_sink_token(model) and not sinkdlm.hf.has_sink_token(twin)
+
+
+def test_attention_recorder_hooks_a_patched_model():
+    from sinkdlm.analysis import AttentionRecorder, moving_sink_stats
+
+    model = patched_copy(tiny_model("llama"))
+    ids, attention = batch()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=attention).logits
+        with AttentionRecorder(model) as recorder:
+            recorded = model(input_ids=ids, attention_mask=attention).logits
+            model(input_ids=ids, attention_mask=attention)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)  # recording changes nothing
+    trace = recorder.trace()
+    layers = model.config.num_hidden_layers
+    heads = model.config.num_attention_heads
+    assert trace.mass.shape == (2, layers, *ids.shape[:1], heads, ids.shape[1])
+    assert trace.sink_mass.shape == (2, layers, ids.shape[0], heads, 1)
+    # Each real query row's softmax over [sink ; keys] sums to one: the observer saw the q, k,
+    # lse and sink K that the attention used (rotated the same way).
+    total = trace.mass.sum(-1) + trace.sink_mass.sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)
+    assert (trace.mass[..., -1, :, -3:] == 0).all()  # padded keys of the last row get nothing
+    assert (trace.sink_mass > 0).all()
+    assert trace.sink_value_norm.shape == (2, layers, heads, 1)
+    stats = moving_sink_stats(trace)
+    assert 0 < stats["sink_token_share"] < 1
+    unpatched = tiny_model("llama")
+    with pytest.raises(TypeError, match="add_sink_token"):
+        AttentionRecorder(unpatched)

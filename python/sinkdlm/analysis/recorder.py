@@ -1,6 +1,7 @@
 """Record per-step attention mass, sink shares and value norms while a model generates.
 
-Recording protocol (implemented by sinkdlm.models.DiffusionLM; any model can implement it):
+Recording protocol (implemented by sinkdlm.models.DiffusionLM and by Hugging Face models patched
+with sinkdlm.hf.add_sink_token; any model can implement it):
   * ``model.attention_layers()`` returns the attention modules in layer order;
   * each has an attribute ``attention_observer`` (None by default); when it is a callable the
     module calls it once per forward with an object carrying q (B,H,L,D) and k, v (B,Hkv,L,D)
@@ -14,6 +15,7 @@ H x L) numbers, never L x L, with a cap on the number of steps.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -89,13 +91,8 @@ class AttentionRecorder:
     """
 
     def __init__(self, model, *, layers=None, max_steps=512):
-        if not hasattr(model, "attention_layers"):
-            raise TypeError(
-                f"{type(model).__name__} does not follow the recording protocol: it needs "
-                "attention_layers() returning modules with an attention_observer attribute"
-            )
         self.model = model
-        modules = list(model.attention_layers())
+        modules = _attention_layers(model)
         self.layers = list(range(len(modules))) if layers is None else sorted(layers)
         self._modules = [modules[i] for i in self.layers]
         self.max_steps = max_steps
@@ -170,6 +167,21 @@ class AttentionRecorder:
             key_padding_mask=torch.stack([s["layers"][0]["real"] for s in self._steps]),
             layers=self.layers,
         )
+
+
+def _attention_layers(model) -> list:
+    if hasattr(model, "attention_layers"):
+        return list(model.attention_layers())
+    if "transformers" in sys.modules:  # a Hugging Face model patched by sinkdlm.hf?
+        from .. import hf
+
+        if hf.has_sink_token(model):
+            return hf.attention_layers(model)
+    raise TypeError(
+        f"{type(model).__name__} does not follow the recording protocol: it needs "
+        "attention_layers() returning modules with an attention_observer attribute, or to be a "
+        "Hugging Face model patched by sinkdlm.hf.add_sink_token"
+    )
 
 
 @torch.no_grad()

@@ -7,7 +7,13 @@ model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding inc
 
 from . import native
 from .adapters import SinkAdapter, register_adapter
-from .patch import add_sink_token, has_sink_token, remove_sink_token, sink_kv_cache
+from .patch import (
+    add_sink_token,
+    attention_layers,
+    has_sink_token,
+    remove_sink_token,
+    sink_kv_cache,
+)
 from .shims import from_pretrained
 
 native.register()
@@ -15,6 +21,7 @@ native.register()
 __all__ = [
     "SinkAdapter",
     "add_sink_token",
+    "attention_layers",
     "from_pretrained",
     "has_sink_token",
     "register_adapter",

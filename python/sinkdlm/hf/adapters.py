@@ -13,7 +13,9 @@ The replacement is bound to each attention module. ``layer_sink(module)`` gives 
 ``(sink, layer_key, sink_position)``: when ``sink.collect`` is set (the sink pass, one token) it
 stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), under
 ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
-``sinkdlm.sink_attention(q, k, v, *sink.kv[layer_key], ...)`` on the user's tokens.
+``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
+``sinkdlm.hf.native``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
+the user's tokens.
 """
 
 import sys
@@ -22,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sink_attention import sink_attention
-from .native import autocast_inputs, expand_sink_output
+from .native import autocast_inputs, expand_sink_output, observed_sink_attention
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def _llada_attention(module, q, k, v, attention_bias=None, layer_past=None, use_
     else:
         if config.rope:
             q, k = module.rotary_emb(q, k)
-        out = sink_attention(*autocast_inputs(q, k, v, *sink.kv[layer_key])).transpose(1, 2)
+        inputs = autocast_inputs(q, k, v, *sink.kv[layer_key])
+        out = observed_sink_attention(module, layer_key, *inputs).transpose(1, 2)
     return module.attn_out(out.reshape(batch, length, width)), present
 
 
@@ -212,7 +214,9 @@ def _dream_forward(
         sink.kv[layer_key] = (k[0, :, 0], v[0, :, 0])
         out = expand_sink_output(v, q.shape[1])
     else:
-        out = sink_attention(
+        out = observed_sink_attention(
+            module,
+            layer_key,
             *autocast_inputs(q, k, v, *sink.kv[layer_key]),
             key_padding_mask=_dream_key_padding(attention_mask, length),
         )

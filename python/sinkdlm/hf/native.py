@@ -51,6 +51,34 @@ def autocast_inputs(*tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
+def observed_sink_attention(module, layer, query, key, value, sink_k, sink_v, **kwargs):
+    """``sink_attention(query, key, value, sink_k, sink_v, **kwargs)`` that also hands what the
+    layer saw to ``module.attention_observer`` when one is set (sinkdlm.analysis.AttentionRecorder
+    sets it while recording; see the recording protocol there)."""
+    observer = getattr(module, "attention_observer", None)
+    if observer is None:
+        return sink_attention(query, key, value, sink_k, sink_v, **kwargs)
+    from ..models.transformer import AttentionCall
+
+    out, lse = sink_attention(query, key, value, sink_k, sink_v, return_lse=True, **kwargs)
+    scale = kwargs.get("scale")
+    observer(
+        AttentionCall(
+            layer,
+            query.detach(),
+            key.detach(),
+            value.detach(),
+            lse.detach(),
+            query.shape[-1] ** -0.5 if scale is None else scale,
+            kwargs.get("key_padding_mask"),
+            sink_k.detach()[None],
+            sink_v.detach()[None],
+            None,
+        )
+    )
+    return out
+
+
 def key_padding_from_mask(attention_mask, key_length):
     """The (B, L) bool key-padding mask (True = real) carried by a transformers attention mask."""
     if attention_mask is None:
@@ -111,7 +139,9 @@ def sinkdlm_attention_forward(
             "sink attention is full bidirectional attention"
         )
     query, key, value, sink_k, sink_v = autocast_inputs(query, key, value, *sink.kv[layer_key])
-    out = sink_attention(
+    out = observed_sink_attention(
+        module,
+        layer_key,
         query,
         key,
         value,

@@ -170,6 +170,28 @@ def _backend_for(model, host):
     )
 
 
+def attention_layers(model) -> list:
+    """The attention modules of a model patched by :func:`add_sink_token`, in layer order.
+
+    These are what ``sinkdlm.analysis.AttentionRecorder`` hooks: while it records, each module's
+    ``attention_observer`` receives what the layer saw (q, k, v, lse, the sink K/V).
+    """
+    state = _state(model)
+    if state is None:
+        raise TypeError(
+            f"{type(model).__name__} carries no sink token: call sinkdlm.hf.add_sink_token(model) "
+            "first (recording hooks sinkdlm's attention)"
+        )
+    if isinstance(state.backend, _AdapterBackend):
+        return [module for module, _ in state.backend.patched]
+    modules = [
+        m
+        for m in state.host.modules()
+        if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) is not None
+    ]
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
 def _checkpoint_files(path):
     """The .safetensors files of a local directory or of a hub id already in the local cache."""
     if os.path.isdir(path):
