@@ -250,5 +250,9 @@ def test_recorder_max_steps_and_protocol():
         for _ in range(3):
             model(torch.randint(2, 41, (1, 5)))
     assert rec.trace().num_steps == 2
-    with pytest.raises(TypeError, match="recording protocol"):
-        AttentionRecorder(torch.nn.Linear(2, 2))
+    # Without the protocol the recorder watches SDPA calls: a model making none records nothing.
+    linear = torch.nn.Linear(2, 2)
+    with AttentionRecorder(linear) as rec:
+        linear(torch.randn(1, 2))
+    with pytest.raises(RuntimeError, match="recorded no step"):
+        rec.trace()

@@ -223,3 +223,34 @@ def test_attention_recorder_hooks_adapted_models(family):
     total = trace.mass.sum(-1) + trace.sink_mass.sum(-1)
     torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
     assert (trace.sink_mass > 0).all()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_attention_recorder_watches_sdpa_of_unpatched_models(family):
+    from sinkdlm.analysis import AttentionRecorder
+
+    model = llada() if family == "llada" else dream()
+    ids, real = ids_and_padding()
+    kwargs = dict(use_cache=False) if family == "llada" else dict(attention_mask=dream_mask(real))
+    with torch.no_grad():
+        plain = model(input_ids=ids, **kwargs).logits
+        with AttentionRecorder(model) as recorder:
+            recorded = model(input_ids=ids, **kwargs).logits
+            model(input_ids=ids, **kwargs)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0, equal_nan=True)  # untouched
+    trace = recorder.trace()
+    layers = len(
+        [
+            m
+            for m in model.modules()
+            if type(m).__name__ in ("LLaDALlamaBlock", "DreamSdpaAttention")
+        ]
+    )
+    assert trace.mass.shape[:3] == (2, layers, ids.shape[0]) and trace.sink_mass.shape[-1] == 0
+    # no sink: each real query row's softmax over the keys sums to one
+    total = trace.mass.sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
+    if family == "dream":  # Dream's padding mask became a key-padding mask
+        assert (trace.mass[:, :, -1, :, -3:] == 0).all() and (
+            trace.mass[:, :, -1, :, :-3] > 0
+        ).all()

@@ -359,6 +359,7 @@ def test_attention_recorder_hooks_a_patched_model():
     assert trace.sink_value_norm.shape == (2, layers, heads, 1)
     stats = moving_sink_stats(trace)
     assert 0 < stats["sink_token_share"] < 1
+    # Unpatched, the recorder watches SDPA calls: a causal Llama is refused, not mis-recorded.
     unpatched = tiny_model("llama")
-    with pytest.raises(TypeError, match="add_sink_token"):
-        AttentionRecorder(unpatched)
+    with torch.no_grad(), AttentionRecorder(unpatched), pytest.raises(ValueError, match="bidirect"):
+        unpatched(input_ids=ids, attention_mask=attention)

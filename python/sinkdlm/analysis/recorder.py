@@ -11,6 +11,11 @@ Each forward call of the model is one recorded step (sinkdlm.generate calls the 
 diffusion step; with classifier-free guidance the conditional and unconditional calls are
 separate steps if the sampler makes two calls). Per step only reductions are kept: O(layers x B x
 H x L) numbers, never L x L, with a cap on the number of steps.
+
+A model without the protocol (an unpatched Hugging Face DLM such as LLaDA or Dream) is recorded
+through its F.scaled_dot_product_attention calls: the i-th call of a forward is layer i, its output
+is left untouched, and the same reductions run on the q, k, v it was given. That covers
+bidirectional attention with an optional key-padding mask; anything else raises.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from ..models.transformer import AttentionCall
+from ..sink_attention import sink_attention
 from .attention_mass import attention_mass
 
 
@@ -93,21 +102,34 @@ class AttentionRecorder:
     def __init__(self, model, *, layers=None, max_steps=512):
         self.model = model
         modules = _attention_layers(model)
-        self.layers = list(range(len(modules))) if layers is None else sorted(layers)
-        self._modules = [modules[i] for i in self.layers]
+        self._sdpa = modules is None  # no protocol: watch the model's SDPA calls instead
+        if self._sdpa:
+            self._wanted = None if layers is None else set(layers)
+            self.layers = None  # known after the first step: the SDPA calls of one forward
+            self._modules = []
+        else:
+            self.layers = list(range(len(modules))) if layers is None else sorted(layers)
+            self._modules = [modules[i] for i in self.layers]
         self.max_steps = max_steps
         self._steps: list[dict] = []
         self._current: dict | None = None
         self._hook = None
+        self._mode = None
         self._warned = False
 
     def __enter__(self):
         for pos, module in enumerate(self._modules):
             module.attention_observer = self._observer(pos)
         self._hook = self.model.register_forward_pre_hook(self._start_step, with_kwargs=True)
+        if self._sdpa:
+            self._mode = _SdpaWatch(self._observe_sdpa)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
         for module in self._modules:
             module.attention_observer = None
         self._hook.remove()
@@ -128,12 +150,34 @@ class AttentionRecorder:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         # A copy: samplers update the ids in place after each step.
-        self._current = {"input_ids": ids.detach().to("cpu", copy=True), "layers": {}}
+        self._current = {"input_ids": ids.detach().to("cpu", copy=True), "layers": {}, "calls": 0}
 
     def _finish_step(self):
-        if self._current is not None and len(self._current["layers"]) == len(self._modules):
-            self._steps.append(self._current)
-        self._current = None
+        current, self._current = self._current, None
+        if current is None:
+            return
+        if self._sdpa:
+            current.pop("calls")
+            if self.layers is None and current["layers"]:
+                self.layers = sorted(current["layers"])
+            # Keys in call order: layer i's call is entry i of the step.
+            current["layers"] = {
+                pos: current["layers"][i] for pos, i in enumerate(self.layers or [])
+            }
+            if self.layers and len(current["layers"]) == len(self.layers):
+                self._steps.append(current)
+        elif len(current["layers"]) == len(self._modules):
+            self._steps.append(current)
+
+    def _observe_sdpa(self, call_args, call_kwargs):
+        if self._current is None:
+            return
+        index = self._current["calls"]
+        self._current["calls"] += 1
+        if self._wanted is None or index in self._wanted:
+            self._current["layers"][index] = _reduce_call(
+                _sdpa_call(index, *call_args, **call_kwargs)
+            )
 
     def _observer(self, pos):
         def observe(call):
@@ -153,7 +197,7 @@ class AttentionRecorder:
         def stack(key):
             return torch.stack(
                 [
-                    torch.stack([s["layers"][i][key] for i in range(len(self._modules))])
+                    torch.stack([s["layers"][i][key] for i in range(len(self.layers))])
                     for s in self._steps
                 ]
             )
@@ -169,7 +213,8 @@ class AttentionRecorder:
         )
 
 
-def _attention_layers(model) -> list:
+def _attention_layers(model):
+    """The protocol's attention modules, or None: then the recorder watches SDPA calls."""
     if hasattr(model, "attention_layers"):
         return list(model.attention_layers())
     if "transformers" in sys.modules:  # a Hugging Face model patched by sinkdlm.hf?
@@ -177,11 +222,77 @@ def _attention_layers(model) -> list:
 
         if hf.has_sink_token(model):
             return hf.attention_layers(model)
-    raise TypeError(
-        f"{type(model).__name__} does not follow the recording protocol: it needs "
-        "attention_layers() returning modules with an attention_observer attribute, or to be a "
-        "Hugging Face model patched by sinkdlm.hf.add_sink_token"
+    return None
+
+
+class _SdpaWatch(TorchFunctionMode):
+    """Hands every F.scaled_dot_product_attention call (arguments as given) to ``observe`` after
+    running it unchanged. Inside __torch_function__ the mode is off, so the analysis it triggers
+    runs plainly."""
+
+    def __init__(self, observe):
+        super().__init__()
+        self._observe = observe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            self._observe(args, kwargs)
+        return out
+
+
+def _sdpa_call(
+    layer, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_
+):
+    """An AttentionCall for one SDPA call of a model without the protocol (no sink token)."""
+    if is_causal:
+        raise ValueError(
+            "AttentionRecorder records bidirectional (diffusion) attention; this model called "
+            "scaled_dot_product_attention with is_causal=True"
+        )
+    if query.dim() != 4 or key.shape[-2] != query.shape[-2]:
+        raise ValueError(
+            "AttentionRecorder needs (B, H, L, D) self-attention from SDPA calls, got query "
+            f"{tuple(query.shape)} and key {tuple(key.shape)}"
+        )
+    kpm = _key_padding(attn_mask, query.shape[0], key.shape[-2])
+    _, lse = sink_attention(query, key, value, key_padding_mask=kpm, scale=scale, return_lse=True)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return AttentionCall(
+        layer, query.detach(), key.detach(), value.detach(), lse, scale, kpm, None, None, None
     )
+
+
+def _key_padding(attn_mask, batch, length):
+    """(B, L) bool key-padding mask behind an SDPA mask, or an error for any other pattern."""
+    if attn_mask is None:
+        return None
+    visible = (
+        attn_mask
+        if attn_mask.dtype == torch.bool
+        else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    )
+    if attn_mask.dtype != torch.bool and not bool(((attn_mask == 0) | ~visible).all()):
+        raise ValueError(
+            "AttentionRecorder: SDPA masks with biases (not 0 / -inf) are not supported"
+        )
+    visible = visible.expand(batch, 1, length, length) if visible.dim() == 4 else visible
+    if visible.dim() != 4 or visible.shape[1] != 1:
+        raise ValueError(
+            "AttentionRecorder: SDPA masks must be (B, 1, L, L) key-padding masks, got shape "
+            f"{tuple(attn_mask.shape)}"
+        )
+    kpm = visible[:, 0].any(1)  # a key is real if some query sees it
+    real_rows = visible[:, 0].any(2)
+    # Rows that see anything see exactly the real keys (padding, not a structured pattern).
+    ok = (visible[:, 0] == (kpm[:, None, :] & real_rows[:, :, None])).all()
+    if not bool(ok):
+        raise ValueError(
+            "AttentionRecorder records bidirectional attention with key padding; this SDPA mask "
+            "has another pattern (causal, sliding window, ...)"
+        )
+    return kpm
 
 
 @torch.no_grad()
