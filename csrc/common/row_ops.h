@@ -15,6 +15,11 @@ double max(const double* x, int64_t n);
 float exp_sub_sum(float* x, int64_t n, float m);
 double exp_sub_sum(double* x, int64_t n, double m);
 
+// sum_i exp(x[i] - m), x unchanged (x[i] <= m). With `weighted`, also
+// *weighted = sum_i exp(x[i] - m) (x[i] - m), taking 0 for the terms whose exp underflows to 0
+// (so -inf entries give 0, not nan): the entropy's sum.
+float sum_exp(const float* x, int64_t n, float m, float* weighted = nullptr);
+
 // x[i] = exp(x[i] - m[i]) with one shift per element (the backward's P = exp(S - lse)).
 void exp_sub(float* x, int64_t n, float m);
 void exp_sub(double* x, int64_t n, double m);

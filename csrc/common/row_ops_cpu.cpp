@@ -124,6 +124,27 @@ double exp_sub_sum(double* x, int64_t n, double m) {
   return s;
 }
 
+SINKDLM_CLONES float sum_exp(const float* x, int64_t n, float m, float* weighted) {
+  const vfloat lo = vfloat{} - 87.0f;
+  vfloat vs{}, vw{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat d = vload(x + i) - m;
+    const vfloat e = fast_exp(d);
+    vs += e;
+    if (weighted) vw += d < lo ? vfloat{} : e * d;
+  }
+  float s = hsum(vs), w = hsum(vw);
+  for (; i < n; ++i) {
+    const float d = x[i] - m;
+    const float e = fast_exp(d);
+    s += e;
+    if (weighted) w += d < -87.0f ? 0.0f : e * d;
+  }
+  if (weighted) *weighted = w;
+  return s;
+}
+
 SINKDLM_CLONES void exp_sub(float* x, int64_t n, float m) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) vstore(x + i, fast_exp(vload(x + i) - m));

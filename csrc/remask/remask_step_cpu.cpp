@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/row_ops.h"
 #include "remask/philox.h"
 
 namespace sinkdlm {
@@ -51,34 +52,6 @@ inline float to_float(Float16 value) {
   return float_from_bits(bits_from_float(magnitude) | sign);
 }
 
-// For x <= 0 (or -inf, nan): x < -87. An integer comparison of the bit patterns (for negative
-// floats, larger bits = more negative): a float comparison may trap, and GCC then refuses to
-// if-convert, i.e. to vectorise, the loop (unless -fno-trapping-math).
-inline bool below_minus_87(float x) { return bits_from_float(x) > 0xC2AE0000u; }
-
-// exp(x) for x <= 0, within ~2 ulp, branch-free so that `omp simd` loops vectorise it. Inputs
-// below -87 are clamped (their exp is < 2^-125, negligible against a softmax sum >= 1).
-inline float fast_exp_nonpositive(float x) {
-  x = below_minus_87(x) ? -87.0f : x;
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float rounded = x * 1.44269504088896341f + kRoundMagic;
-  const int32_t n = static_cast<int32_t>(bits_from_float(rounded)) - 0x4B400000;
-  rounded -= kRoundMagic;
-  float r = x - rounded * 0.693145751953125f;  // ln 2 split in two for an exact reduction
-  r = r - rounded * 1.42860682030941723212e-6f;
-  float poly = 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  return poly * float_from_bits(static_cast<uint32_t>(n + 127) << 23);
-}
-
-// ---- Vectorised leaf loops over one chunk, one clone per instruction set (picked at load time;
-// the library is built for baseline x86-64). Kept as small separate functions: GCC vectorises
-// them reliably, which it did not do for the same loops inlined into the per-position scan.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -131,49 +104,13 @@ SINKDLM_TARGET_CLONES float max_except(const float* values, int64_t n, int64_t s
   return max;
 }
 
-// The exp-sums are written with GCC vector extensions: the same loops under `omp simd` were not
-// vectorised (GCC keeps float comparisons that may trap out of if-converted loops).
+// The Gumbel noise below is written with GCC vector extensions (the softmax sums use row_ops).
 // -Wpsabi: 32-byte vectors passed between functions of this translation unit only (all inline,
 // internal linkage), so the non-AVX ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float Float8 __attribute__((vector_size(32)));
 typedef int32_t Int8 __attribute__((vector_size(32)));
 typedef uint32_t Uint8 __attribute__((vector_size(32)));
-
-inline Float8 splat(float value) { return Float8{} + value; }
-
-inline Float8 load8(const float* values) {
-  Float8 v;
-  std::memcpy(&v, values, sizeof(v));
-  return v;
-}
-
-// Eight lanes of fast_exp_nonpositive (vector casts reinterpret the bits).
-inline Float8 fast_exp_nonpositive8(Float8 x, Int8& below) {
-  below = reinterpret_cast<Uint8&>(x) > 0xC2AE0000u;
-  x = below ? splat(-87.0f) : x;
-  const float kRoundMagic = 12582912.0f;
-  Float8 rounded = x * 1.44269504088896341f + kRoundMagic;
-  const Int8 n = reinterpret_cast<Int8&>(rounded) - 0x4B400000;
-  rounded -= kRoundMagic;
-  Float8 r = x - rounded * 0.693145751953125f;
-  r = r - rounded * 1.42860682030941723212e-6f;
-  Float8 poly = splat(1.0f / 720.0f);
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  const Int8 scale_bits = (n + 127) << 23;
-  return poly * reinterpret_cast<const Float8&>(scale_bits);
-}
-
-inline float horizontal_sum(Float8 v) {
-  float sum = 0.0f;
-  for (int i = 0; i < 8; ++i) sum += v[i];
-  return sum;
-}
 
 // ---- Gumbel noise, eight Philox counters (32 vocabulary entries) at a time. Same operations in
 // the same order as philox::gumbel, so the bits agree with the scalar (and CUDA) noise.
@@ -246,40 +183,6 @@ void gumbel_range(uint64_t seed, uint32_t offset, int64_t b, int64_t l, int64_t 
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) gumbel32(seed, offset, b, l, v_start + i, out + i);
   for (; i < n; ++i) out[i] = philox::gumbel(seed, offset, b, l, v_start + i);
-}
-
-// sum e^(x - reference) for x <= reference.
-SINKDLM_TARGET_CLONES float sum_exp(const float* values, int64_t n, float reference) {
-  Float8 sum8 = splat(0.0f);
-  Int8 below;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) sum8 += fast_exp_nonpositive8(load8(values + i) - reference, below);
-  float sum = horizontal_sum(sum8);
-  for (; i < n; ++i) sum += fast_exp_nonpositive(values[i] - reference);
-  return sum;
-}
-
-// sum e^(x - reference), and sum e^(x - reference) (x - reference) into *weighted.
-SINKDLM_TARGET_CLONES float sum_exp_weighted(const float* values, int64_t n, float reference,
-                                             float* weighted) {
-  Float8 sum8 = splat(0.0f), weighted8 = splat(0.0f);
-  Int8 below;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const Float8 shifted = load8(values + i) - reference;
-    const Float8 e = fast_exp_nonpositive8(shifted, below);
-    sum8 += e;
-    weighted8 += below ? splat(0.0f) : e * shifted;  // 0 log 0 = 0 for -inf logits
-  }
-  float sum = horizontal_sum(sum8), weighted_sum = horizontal_sum(weighted8);
-  for (; i < n; ++i) {
-    const float shifted = values[i] - reference;
-    const float e = fast_exp_nonpositive(shifted);
-    sum += e;
-    weighted_sum += below_minus_87(shifted) ? 0.0f : e * shifted;
-  }
-  *weighted = weighted_sum;
-  return sum;
 }
 
 struct PositionConfig {
@@ -367,10 +270,10 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
       }
       if (need_entropy) {
         float chunk_weighted = 0.0f;
-        sum += sum_exp_weighted(logits, n, running_max, &chunk_weighted);
+        sum += row::sum_exp(logits, n, running_max, &chunk_weighted);
         weighted += chunk_weighted;
       } else {
-        sum += sum_exp(logits, n, running_max);
+        sum += row::sum_exp(logits, n, running_max);
       }
     }
   }
