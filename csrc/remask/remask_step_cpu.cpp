@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/half.h"
 #include "common/row_ops.h"
 #include "remask/philox.h"
 
@@ -19,38 +20,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // taken, so memory sees one pass over the vocabulary.
 constexpr int64_t kChunk = 2048;
 
-struct BFloat16 {
-  uint16_t bits;
-};
-struct Float16 {
-  uint16_t bits;
-};
-
-inline float float_from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-inline uint32_t bits_from_float(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-inline float to_float(float value) { return value; }
-inline float to_float(BFloat16 value) { return float_from_bits(uint32_t{value.bits} << 16); }
-inline float to_float(Float16 value) {
-  const uint32_t sign = uint32_t{value.bits & 0x8000u} << 16;
-  const uint32_t exponent_mantissa = value.bits & 0x7FFFu;
-  // The half's exponent and mantissa placed in float position, times 2^112, re-biases the
-  // exponent (15 -> 127) and turns half subnormals into exact floats; inf/nan are patched.
-  float magnitude = float_from_bits(exponent_mantissa << 13) * 0x1p112f;
-  magnitude = exponent_mantissa >= 0x7C00u
-                  ? float_from_bits((exponent_mantissa << 13) | 0x7F800000u)
-                  : magnitude;
-  return float_from_bits(bits_from_float(magnitude) | sign);
-}
+inline float to_float(float value) { return value; }  // next to half.h's bfloat16/float16 ones
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
@@ -74,10 +44,10 @@ __attribute__((always_inline)) inline float convert_and_max_impl(const T* src, i
 SINKDLM_TARGET_CLONES float convert_and_max(const float* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const Float16* src, int64_t n, float* out) {
+SINKDLM_TARGET_CLONES float convert_and_max(const float16* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const BFloat16* src, int64_t n, float* out) {
+SINKDLM_TARGET_CLONES float convert_and_max(const bfloat16* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
 
@@ -302,10 +272,10 @@ inline PositionResult scan_any(const RemaskStepParams& p, int64_t offset_element
                                const PositionConfig& config, int64_t b, int64_t l) {
   switch (p.logits_type) {
     case LogitsType::kFloat16:
-      return scan_position(static_cast<const Float16*>(p.logits) + offset_elements, p.vocab, config,
+      return scan_position(static_cast<const float16*>(p.logits) + offset_elements, p.vocab, config,
                            b, l);
     case LogitsType::kBFloat16:
-      return scan_position(static_cast<const BFloat16*>(p.logits) + offset_elements, p.vocab,
+      return scan_position(static_cast<const bfloat16*>(p.logits) + offset_elements, p.vocab,
                            config, b, l);
     case LogitsType::kFloat32:
     default:
@@ -333,9 +303,6 @@ int64_t grain_for(int64_t vocab) {
 }
 
 }  // namespace
-
-float bfloat16_bits_to_float(uint16_t bits) { return to_float(BFloat16{bits}); }
-float float16_bits_to_float(uint16_t bits) { return to_float(Float16{bits}); }
 
 void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for) {
   const int64_t length = p.length;

@@ -28,9 +28,5 @@ void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_
                            int64_t vocab, float* gumbel, float* uniform,
                            const ParallelFor& parallel_for);
 
-// Half-precision bit patterns to float (exact).
-float bfloat16_bits_to_float(uint16_t bits);
-float float16_bits_to_float(uint16_t bits);
-
 }  // namespace remask
 }  // namespace sinkdlm

@@ -197,17 +197,6 @@ TEST(RemaskStepCpu, TiesPickLowerTokenAndLowerPosition) {
   EXPECT_EQ(confidence[1], -kInf);
 }
 
-TEST(RemaskStepCpu, HalfConversions) {
-  EXPECT_EQ(bfloat16_bits_to_float(0x3F80), 1.0f);
-  EXPECT_EQ(bfloat16_bits_to_float(0xC040), -3.0f);
-  EXPECT_EQ(float16_bits_to_float(0x3C00), 1.0f);
-  EXPECT_EQ(float16_bits_to_float(0xC000), -2.0f);
-  EXPECT_EQ(float16_bits_to_float(0x7BFF), 65504.0f);
-  EXPECT_EQ(float16_bits_to_float(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
-  EXPECT_EQ(float16_bits_to_float(0xFC00), -kInf);
-  EXPECT_TRUE(std::isnan(float16_bits_to_float(0x7E00)));
-}
-
 TEST(RemaskStepCpu, NoiseIsAPureFunctionOfItsCounter) {
   std::vector<float> gumbel(2 * 3 * 5), uniform(2 * 3);
   remask_step_noise_cpu(42, 3, 2, 3, 5, gumbel.data(), uniform.data(), serial_for);
