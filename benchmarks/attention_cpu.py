@@ -5,6 +5,7 @@ Methods, all on the same inputs (q, k, v and a sink token's k/v):
   sdpa_concat   F.scaled_dot_product_attention on [sink ; kv] (the best plain-PyTorch way)
   sdpa_mask     the paper's form: a sink token inserted into q/k/v, dense sink mask, SDPA
 
+Writes the table as JSON and the speed-ups as a PNG (--out, .json / .png).
 Methods are interleaved within each repeat and the best of the repeats is kept, so load
 from other processes hits all of them alike; the ratios are what to read.
 
@@ -82,6 +83,38 @@ def bench_config(dtype, L, D, tokens, heads, reps, backward):
     return B, best
 
 
+def plot(rows, path):
+    """Speed-up over SDPA-concat against L: one panel per pass, one line per (dtype, D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, dpi=120)
+    for ax, mode in zip(list(axes) if len(modes) > 1 else [axes], modes, strict=True):
+        for key in sorted({(r["dtype"], r["D"]) for r in rows}):
+            line = [r for r in rows if r["mode"] == mode and (r["dtype"], r["D"]) == key]
+            lengths = [r["L"] for r in line]
+            ax.plot(
+                lengths,
+                [r["speedup_vs_sdpa_concat"] for r in line],
+                "o-",
+                label=f"{key[0]} D={key[1]}",
+            )
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L (B·L fixed)")
+        ax.set_title(f"{mode}: sinkdlm vs SDPA on [sink ; kv]")
+        ax.grid(alpha=0.3)
+    axes_list = list(axes) if len(modes) > 1 else [axes]
+    axes_list[0].set_ylabel("speed-up (x)")
+    axes_list[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -146,7 +179,8 @@ def main():
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
-    print(f"wrote {args.out}")
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
