@@ -112,14 +112,15 @@ class AttentionRecorder:
             self._modules = [modules[i] for i in self.layers]
         self.max_steps = max_steps
         self._steps: list[dict] = []
-        self._current: dict | None = None
+        self._current: dict | None = None  # this step's reductions, keyed by layer index
+        self._calls = 0  # SDPA calls seen in this step: the next call's layer index
         self._hook = None
         self._mode = None
         self._warned = False
 
     def __enter__(self):
-        for pos, module in enumerate(self._modules):
-            module.attention_observer = self._observer(pos)
+        for layer, module in zip(self.layers or [], self._modules, strict=True):
+            module.attention_observer = self._observer(layer)
         self._hook = self.model.register_forward_pre_hook(self._start_step, with_kwargs=True)
         if self._sdpa:
             self._mode = _SdpaWatch(self._observe_sdpa)
@@ -150,39 +151,31 @@ class AttentionRecorder:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         # A copy: samplers update the ids in place after each step.
-        self._current = {"input_ids": ids.detach().to("cpu", copy=True), "layers": {}, "calls": 0}
+        self._current = {"input_ids": ids.detach().to("cpu", copy=True), "layers": {}}
+        self._calls = 0
 
     def _finish_step(self):
         current, self._current = self._current, None
         if current is None:
             return
-        if self._sdpa:
-            current.pop("calls")
-            if self.layers is None and current["layers"]:
-                self.layers = sorted(current["layers"])
-            # Keys in call order: layer i's call is entry i of the step.
-            current["layers"] = {
-                pos: current["layers"][i] for pos, i in enumerate(self.layers or [])
-            }
-            if self.layers and len(current["layers"]) == len(self.layers):
-                self._steps.append(current)
-        elif len(current["layers"]) == len(self._modules):
+        if self.layers is None and current["layers"]:  # SDPA watch: the first step fixes them
+            self.layers = sorted(current["layers"])
+        if self.layers and all(layer in current["layers"] for layer in self.layers):
             self._steps.append(current)
 
     def _observe_sdpa(self, call_args, call_kwargs):
         if self._current is None:
             return
-        index = self._current["calls"]
-        self._current["calls"] += 1
+        index, self._calls = self._calls, self._calls + 1
         if self._wanted is None or index in self._wanted:
             self._current["layers"][index] = _reduce_call(
                 _sdpa_call(index, *call_args, **call_kwargs)
             )
 
-    def _observer(self, pos):
+    def _observer(self, layer):
         def observe(call):
             if self._current is not None:
-                self._current["layers"][pos] = _reduce_call(call)
+                self._current["layers"][layer] = _reduce_call(call)
 
         return observe
 
@@ -197,7 +190,7 @@ class AttentionRecorder:
         def stack(key):
             return torch.stack(
                 [
-                    torch.stack([s["layers"][i][key] for i in range(len(self.layers))])
+                    torch.stack([s["layers"][layer][key] for layer in self.layers])
                     for s in self._steps
                 ]
             )
@@ -208,7 +201,9 @@ class AttentionRecorder:
             value_norm=stack("value_norm"),
             sink_value_norm=stack("sink_value_norm"),
             input_ids=torch.stack([s["input_ids"] for s in self._steps]),
-            key_padding_mask=torch.stack([s["layers"][0]["real"] for s in self._steps]),
+            key_padding_mask=torch.stack(
+                [s["layers"][self.layers[0]]["real"] for s in self._steps]
+            ),
             layers=self.layers,
         )
 
