@@ -129,30 +129,14 @@ def test_strided_inputs(device):
 
 def test_generator_reproducibility():
     logits, x, mask_id, num_transfer, _ = make_inputs(3, 20, 300, torch.float32, "cpu")
-    first = sinkdlm.remask_step(
-        logits,
-        x,
-        mask_id,
-        num_transfer,
-        temperature=2.0,
-        generator=torch.Generator().manual_seed(5),
-    )
-    again = sinkdlm.remask_step(
-        logits,
-        x,
-        mask_id,
-        num_transfer,
-        temperature=2.0,
-        generator=torch.Generator().manual_seed(5),
-    )
-    other = sinkdlm.remask_step(
-        logits,
-        x,
-        mask_id,
-        num_transfer,
-        temperature=2.0,
-        generator=torch.Generator().manual_seed(6),
-    )
+
+    def step(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sinkdlm.remask_step(
+            logits, x, mask_id, num_transfer, temperature=2.0, generator=generator
+        )
+
+    first, again, other = step(5), step(5), step(6)
     assert torch.equal(first[0], again[0])
     assert not torch.equal(first[0], other[0])
 
