@@ -106,6 +106,11 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
         _fail("scale", "a finite float", scale, TypeError)
 
 
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The score scale: ``scale`` when given, else ``head_dim ** -0.5`` (SDPA's default)."""
+    return float(scale) if scale is not None else head_dim**-0.5
+
+
 def sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,7 +146,7 @@ def sink_attention(
     Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
     """
     _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
-    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    scale = softmax_scale(scale, q.shape[-1])
     if q.device.type in _NATIVE_DEVICE_TYPES:
         out, lse = torch.ops.sinkdlm.sink_attention_fwd(
             q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale
@@ -267,7 +272,7 @@ def sink_attention_reference(
     _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
     B, H, L, D = q.shape
     group = H // k.shape[1]
-    scale = float(scale) if scale is not None else D**-0.5
+    scale = softmax_scale(scale, D)
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     has_token = sink_k is not None

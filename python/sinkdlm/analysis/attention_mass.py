@@ -8,9 +8,9 @@ query-chunked PyTorch loop with the same semantics.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..sink_attention import softmax_scale
 
 _OP = "sinkdlm::attention_mass"
 _QUERY_CHUNK = 256
@@ -79,7 +79,7 @@ def attention_mass(q, k, lse, sink_k=None, *, sink_logit=None, key_padding_mask=
     """
     _check(q, k, lse, sink_k, sink_logit, key_padding_mask)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(scale, q.shape[-1])
     args = [
         q.to(dtype),
         k.to(dtype),
@@ -141,7 +141,7 @@ def attention_mass_reference(
     q, k = q.double(), k.double()
     b, h, n, d = q.shape
     group = h // k.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = softmax_scale(scale, d)
     real = (
         torch.ones(b, n, dtype=torch.bool, device=q.device)
         if key_padding_mask is None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..models.transformer import AttentionCall
-from ..sink_attention import sink_attention
+from ..sink_attention import sink_attention, softmax_scale
 from .attention_mass import attention_mass
 
 
@@ -253,7 +253,7 @@ def _sdpa_call(
         )
     kpm = _key_padding(attn_mask, query.shape[0], key.shape[-2])
     _, lse = sink_attention(query, key, value, key_padding_mask=kpm, scale=scale, return_lse=True)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(scale, query.shape[-1])
     return AttentionCall(
         layer, query.detach(), key.detach(), value.detach(), lse, scale, kpm, None, None, None
     )

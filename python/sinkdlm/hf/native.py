@@ -11,7 +11,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..sink_attention import sink_attention
+from ..sink_attention import sink_attention, softmax_scale
 
 ATTN_IMPLEMENTATION = "sinkdlm"
 SINK_KWARG = "sinkdlm_sink"
@@ -69,7 +69,7 @@ def observed_sink_attention(module, layer, query, key, value, sink_k, sink_v, **
             key.detach(),
             value.detach(),
             lse.detach(),
-            query.shape[-1] ** -0.5 if scale is None else scale,
+            softmax_scale(scale, query.shape[-1]),
             kwargs.get("key_padding_mask"),
             sink_k.detach()[None],
             sink_v.detach()[None],
