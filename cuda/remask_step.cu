@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
                      p.seed,
                      p.offset,
                      b,
-                     l};
+                     p.position_offset + l};
   const Storage* row =
       static_cast<const Storage*>(p.logits) + b * p.logits_stride_b + l * p.logits_stride_l;
   const int vocab = static_cast<int>(p.vocab);
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
       confidence = static_cast<double>(s.weighted) / s.sum - log(static_cast<double>(s.sum));
       break;
     case Strategy::kRandom:
-      confidence = philox::position_uniform(p.seed, p.offset, b, l);
+      confidence = philox::position_uniform(p.seed, p.offset, b, c.l);
       break;
   }
   p.x_new[position] = s.best_index == INT_MAX ? 0 : s.best_index;
@@ -278,8 +278,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   if (threadIdx.x == 0) shared_count = eligible;
   __syncthreads();
   const int64_t num_eligible = shared_count;
-  int64_t k = p.num_transfer[b] < num_eligible ? p.num_transfer[b] : num_eligible;
-  if (p.has_threshold && num_eligible > 0 && k < 1) k = 1;
+  const int64_t k = ranked_count(p, b, num_eligible);
 
   uint64_t prefix = 0, prefix_mask = 0;
   if (k > 0) {

@@ -57,13 +57,15 @@ def run_both(logits, x, mask_id, num_transfer, seed=123, **kwargs):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("use_window", [False, True])
-@pytest.mark.parametrize("threshold", [None, "mid"])
+@pytest.mark.parametrize("threshold", [None, "mid", "mid_floor"])
 def test_matches_reference(device, strategy, temperature, use_window, threshold):
     # V = 4101: not a multiple of any vector width, several CPU chunks.
     logits, x, mask_id, num_transfer, window = make_inputs(5, 13, 4101, torch.float32, device)
-    if threshold == "mid":  # a threshold some but not all positions pass
+    count_floor = threshold == "mid_floor"  # the hybrid rule
+    if threshold is not None:  # some but not all positions pass; none within rounding of it
         conf = sinkdlm.remask_step_reference(logits, x, mask_id, 0, strategy=strategy)[2]
-        threshold = conf[torch.isfinite(conf)].median().item()
+        values = conf[torch.isfinite(conf)].double().unique()
+        threshold = values[len(values) // 2 - 1 : len(values) // 2 + 1].mean().item()
     got, want = run_both(
         logits,
         x,
@@ -72,6 +74,7 @@ def test_matches_reference(device, strategy, temperature, use_window, threshold)
         strategy=strategy,
         temperature=temperature,
         threshold=threshold,
+        count_floor=count_floor,
         window=window if use_window else None,
     )
     assert_same_step(got, want)
@@ -125,6 +128,150 @@ def test_strided_inputs(device):
         got = sinkdlm.remask_step(lg, strided_x, mask_id, num_transfer, window=window)
         want = sinkdlm.remask_step_reference(lg, x, mask_id, num_transfer, window=window)
         assert_same_step(got, want)
+
+
+def fast_dllm_threshold_step(logits, x, mask_id, threshold, block_end=None):
+    """Fast-dLLM's threshold rule, written from its description (get_transfer_index with
+    num_transfer_tokens=None, low_confidence, temperature 0): per row, rank the masked positions
+    (before block_end) by the float64 softmax probability of their argmax token; keep the first
+    and every later one whose probability is >= threshold. Returns (x_new, transferred)."""
+    batch, length, _ = logits.shape
+    x_new, transferred = x.clone(), torch.zeros(batch, length, dtype=torch.bool)
+    probs = torch.softmax(logits.double(), dim=-1)
+    for b in range(batch):
+        masked = [
+            i for i in range(length if block_end is None else block_end) if x[b, i] == mask_id
+        ]
+        candidates = []
+        for i in masked:
+            token = int(torch.argmax(logits[b, i]))
+            candidates.append((float(probs[b, i, token]), i, token))
+        candidates.sort(key=lambda c: -c[0])
+        for rank, (confidence, i, token) in enumerate(candidates):
+            if rank == 0 or confidence >= threshold:
+                transferred[b, i] = True
+                x_new[b, i] = token
+    return x_new, transferred
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9, 1.5])
+def test_threshold_is_fast_dllm_rule(device, threshold):
+    # Random logits (no ties); num_transfer is ignored, however large or small.
+    g = torch.Generator().manual_seed(11)
+    batch, length, vocab = 6, 23, 300
+    logits = torch.randn(batch, length, vocab, generator=g) * torch.rand(batch, length, 1) * 8
+    mask_id = vocab - 1
+    x = torch.randint(0, vocab - 1, (batch, length), generator=g)
+    x[torch.rand(batch, length, generator=g) < 0.7] = mask_id
+    x[0] = 3  # a row without masks
+    x[1] = mask_id  # a row of masks only
+    num_transfer = torch.tensor([0, 0, 5, 23, 1, 100])
+    window = torch.tensor([[0, 17]] * batch)
+    want_x, want_transferred = fast_dllm_threshold_step(logits, x, mask_id, threshold, 17)
+    for op in (sinkdlm.remask_step, sinkdlm.remask_step_reference):
+        x_new, transferred, _ = op(
+            logits.to(device),
+            x.to(device),
+            mask_id,
+            num_transfer.to(device),
+            threshold=threshold,
+            window=window.to(device),
+        )
+        assert torch.equal(transferred.cpu(), want_transferred), op.__name__
+        assert torch.equal(x_new.cpu(), want_x), op.__name__
+    counts = want_transferred.sum(1)
+    assert counts[0] == 0 and (counts[1:] >= 1).all()
+    if threshold > 1:
+        assert (counts[1:] == 1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_keeps_confidence_equal_to_it(device):
+    # Position 1's argmax has probability exactly 0.5 (two equal logits, the rest -inf), position
+    # 0's is more confident, position 2's less: threshold 0.5 fills 0 (the best) and 1 (equal).
+    mask_id = 5
+    logits = torch.full((1, 3, 6), float("-inf"))
+    logits[0, 0, :2] = torch.tensor([3.0, 0.0])
+    logits[0, 1, 2:4] = 1.25
+    logits[0, 2, :3] = 0.0
+    x = torch.full((1, 3), mask_id)
+    want_x, want_transferred = fast_dllm_threshold_step(logits, x, mask_id, 0.5)
+    assert want_transferred.tolist() == [[True, True, False]]
+    for op in (sinkdlm.remask_step, sinkdlm.remask_step_reference):
+        x_new, transferred, confidence = op(
+            logits.to(device), x.to(device), mask_id, 0, threshold=0.5
+        )
+        assert confidence[0, 1].item() == 0.5
+        assert transferred.cpu().tolist() == [[True, True, False]], op.__name__
+        assert torch.equal(x_new.cpu(), want_x)
+        # Just above 0.5 the equal one stays masked.
+        transferred = op(logits.to(device), x.to(device), mask_id, 0, threshold=0.5000001)[1]
+        assert transferred.cpu().tolist() == [[True, False, False]], op.__name__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_count_floor_fills_at_least_num_transfer(device):
+    logits, x, mask_id, _, _ = make_inputs(5, 13, 211, torch.float32, device, 4)
+    num_transfer = torch.tensor([0, 1, 4, 9, 13], device=device)
+    masked = (x == mask_id).sum(1)
+    for threshold in (0.5, 2.0):
+        hybrid = sinkdlm.remask_step(
+            logits, x, mask_id, num_transfer, threshold=threshold, count_floor=True
+        )[1]
+        fast = sinkdlm.remask_step(logits, x, mask_id, num_transfer, threshold=threshold)[1]
+        floor = torch.minimum(num_transfer.clamp_min(1), masked)
+        assert (hybrid.sum(1) >= floor).all() and (fast <= hybrid).all()
+        if threshold > 1:  # nothing reaches it: exactly the floor, and one for Fast-dLLM's rule
+            assert torch.equal(hybrid.sum(1), floor)
+            assert torch.equal(fast.sum(1), masked.clamp_max(1))
+    with pytest.raises(ValueError, match="count_floor needs a threshold"):
+        sinkdlm.remask_step(logits, x, mask_id, num_transfer, count_floor=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["low_confidence", "random"])
+def test_block_step_with_position_offset_equals_windowed_step(device, strategy):
+    # The step over positions [5, 12) alone draws the noise of the windowed whole-row step.
+    logits, x, mask_id, num_transfer, _ = make_inputs(3, 19, 301, torch.float32, device, 6)
+    start, end = 5, 12
+    window = torch.tensor([[start, end]] * 3, device=device)
+    for op in (sinkdlm.remask_step, sinkdlm.remask_step_reference):
+        whole = op(
+            logits,
+            x,
+            mask_id,
+            num_transfer,
+            strategy=strategy,
+            temperature=0.8,
+            window=window,
+            generator=torch.Generator().manual_seed(4),
+        )
+        block = op(
+            logits[:, start:end],
+            x[:, start:end],
+            mask_id,
+            num_transfer,
+            strategy=strategy,
+            temperature=0.8,
+            position_offset=start,
+            generator=torch.Generator().manual_seed(4),
+        )
+        assert torch.equal(block[0], whole[0][:, start:end])
+        assert torch.equal(block[1], whole[1][:, start:end])
+        assert torch.equal(block[2], whole[2][:, start:end])
+        shifted = op(
+            logits[:, start:end],
+            x[:, start:end],
+            mask_id,
+            num_transfer,
+            strategy=strategy,
+            temperature=0.8,
+            generator=torch.Generator().manual_seed(4),
+        )
+        assert not torch.equal(shifted[2], block[2])  # without the offset: other noise
+    with pytest.raises(ValueError, match="position_offset"):
+        sinkdlm.remask_step(logits, x, mask_id, num_transfer, position_offset=-1)
 
 
 def test_generator_reproducibility():
@@ -209,10 +356,23 @@ def test_bad_input_raises(change, message):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("threshold", [None, 0.1])
-def test_opcheck(device, threshold):
+@pytest.mark.parametrize("threshold, count_floor", [(None, False), (0.1, False), (0.1, True)])
+def test_opcheck(device, threshold, count_floor):
     logits, x, mask_id, num_transfer, window = make_inputs(3, 8, 97, torch.bfloat16, device)
-    args = (logits, x, mask_id, num_transfer, window, "margin", 0.5, threshold, 1234, 2)
+    args = (
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        window,
+        "margin",
+        0.5,
+        threshold,
+        count_floor,
+        1234,
+        2,
+        3,
+    )
     torch.library.opcheck(torch.ops.sinkdlm.remask_step.default, args)
 
 

@@ -319,8 +319,8 @@ void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for)
         p.confidence[position] = -kInf;
         continue;
       }
-      const PositionResult result =
-          scan_any(p, b * p.logits_stride_b + l * p.logits_stride_l, config, b, l);
+      const PositionResult result = scan_any(p, b * p.logits_stride_b + l * p.logits_stride_l,
+                                             config, b, p.position_offset + l);
       p.x_new[position] = result.token;
       p.confidence[position] = result.confidence;
     }
@@ -338,8 +338,7 @@ void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for)
         if (is_eligible(p, window, b, l)) keys.push_back(rank_key(confidence[l], l));
       }
       const int64_t eligible = static_cast<int64_t>(keys.size());
-      int64_t k = std::min(p.num_transfer[b], eligible);
-      if (p.has_threshold && eligible > 0) k = std::max<int64_t>(k, 1);
+      const int64_t k = ranked_count(p, b, eligible);
       uint64_t cutoff = 0;
       if (k > 0) {
         std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<>());

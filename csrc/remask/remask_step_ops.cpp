@@ -33,7 +33,8 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
                                    const at::Tensor& num_transfer,
                                    const std::optional<at::Tensor>& window,
                                    const std::string& strategy, double temperature,
-                                   std::optional<double> threshold, int64_t seed, int64_t offset) {
+                                   std::optional<double> threshold, bool count_floor, int64_t seed,
+                                   int64_t offset, int64_t position_offset) {
   RemaskStepCall call;
   TORCH_CHECK_VALUE(logits.dim() == 3, "remask_step: logits must be (B, L, V), got shape ",
                     logits.sizes());
@@ -61,8 +62,15 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
                     "remask_step: temperature must be finite and >= 0, got ", temperature);
   TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold),
                     "remask_step: threshold must be a number, got nan");
+  TORCH_CHECK_VALUE(!count_floor || threshold.has_value(),
+                    "remask_step: count_floor needs a threshold (it makes num_transfer a floor "
+                    "under threshold decoding), got threshold=None");
   TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<uint32_t>::max(),
                     "remask_step: offset must be in [0, 2^32), got ", offset);
+  TORCH_CHECK_VALUE(
+      position_offset >= 0 && position_offset <= std::numeric_limits<uint32_t>::max() - length,
+      "remask_step: position_offset must be >= 0 with position_offset + L < 2^32, got ",
+      position_offset, " for L = ", length);
   // Values are checked on the host (for CUDA tensors: a copy of B or 2B integers).
   const at::Tensor num_transfer_host = num_transfer.to(at::kCPU).contiguous();
   for (int64_t b = 0; b < batch; ++b) {
@@ -116,9 +124,11 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
   params.strategy = parse_strategy(strategy);
   params.inv_temperature = temperature > 0.0 ? static_cast<float>(1.0 / temperature) : 0.0f;
   params.has_threshold = threshold.has_value();
+  params.count_floor = count_floor;
   params.threshold = threshold.has_value() ? static_cast<float>(*threshold) : 0.0f;
   params.seed = static_cast<uint64_t>(seed);
   params.offset = static_cast<uint32_t>(offset);
+  params.position_offset = position_offset;
   params.x_new = call.x_new.data_ptr<int64_t>();
   params.transferred = call.transferred.data_ptr<bool>();
   params.confidence = call.confidence.data_ptr<float>();
@@ -135,9 +145,11 @@ void at_parallel_for(int64_t begin, int64_t end, int64_t grain,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cpu_impl(
     const at::Tensor& logits, const at::Tensor& x, int64_t mask_id, const at::Tensor& num_transfer,
     const std::optional<at::Tensor>& window, const std::string& strategy, double temperature,
-    std::optional<double> threshold, int64_t seed, int64_t offset) {
-  RemaskStepCall call = prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy,
-                                            temperature, threshold, seed, offset);
+    std::optional<double> threshold, bool count_floor, int64_t seed, int64_t offset,
+    int64_t position_offset) {
+  RemaskStepCall call =
+      prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy, temperature,
+                          threshold, count_floor, seed, offset, position_offset);
   if (x.numel() > 0) remask_step_cpu(call.params, at_parallel_for);
   return {call.x_new, call.transferred, call.confidence};
 }
@@ -165,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> remask_step_noise_impl(int64_t seed, int64_t 
 TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
   m.def(
       "remask_step(Tensor logits, Tensor x, int mask_id, Tensor num_transfer, Tensor? window, "
-      "str strategy, float temperature, float? threshold, int seed, int offset) -> "
+      "str strategy, float temperature, float? threshold, bool count_floor, int seed, int offset, "
+      "int position_offset) -> "
       "(Tensor x_new, Tensor transferred, Tensor confidence)");
   m.def(
       "remask_step_noise(int seed, int offset, int batch, int length, int vocab) -> "

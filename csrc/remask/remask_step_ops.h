@@ -28,7 +28,8 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
                                    const at::Tensor& num_transfer,
                                    const std::optional<at::Tensor>& window,
                                    const std::string& strategy, double temperature,
-                                   std::optional<double> threshold, int64_t seed, int64_t offset);
+                                   std::optional<double> threshold, bool count_floor, int64_t seed,
+                                   int64_t offset, int64_t position_offset);
 
 }  // namespace remask
 }  // namespace sinkdlm

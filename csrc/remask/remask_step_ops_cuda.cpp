@@ -16,10 +16,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
     const at::Tensor& logits, const at::Tensor& x, int64_t mask_id, const at::Tensor& num_transfer,
     const std::optional<at::Tensor>& window, const std::string& strategy, double temperature,
-    std::optional<double> threshold, int64_t seed, int64_t offset) {
+    std::optional<double> threshold, bool count_floor, int64_t seed, int64_t offset,
+    int64_t position_offset) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  RemaskStepCall call = prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy,
-                                            temperature, threshold, seed, offset);
+  RemaskStepCall call =
+      prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy, temperature,
+                          threshold, count_floor, seed, offset, position_offset);
   const cudaError_t err = remask_step_cuda(call.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "remask_step: CUDA launch failed: ", cudaGetErrorString(err));
   return {call.x_new, call.transferred, call.confidence};

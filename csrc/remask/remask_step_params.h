@@ -34,25 +34,42 @@ struct RemaskStepParams {
   // 0: candidate = plain argmax of the logits; > 0: argmax of (float(logit) * inv_temperature)
   // + Gumbel noise, multiplied and added in float32 in that order (references reproduce it).
   float inv_temperature = 0.0f;
+  // With a threshold, a row fills its most confident eligible position plus every other at least
+  // `threshold` confident (Fast-dLLM); with count_floor also at least num_transfer of them.
   bool has_threshold = false;
+  bool count_floor = false;
   float threshold = 0.0f;
   uint64_t seed = 0;  // Philox key (see philox.h)
   uint32_t offset = 0;
+  // The noise of position l is drawn at counter position position_offset + l: a step over one
+  // block of a longer sequence draws what the step over the whole sequence would.
+  int64_t position_offset = 0;
   // Outputs, contiguous (B, L).
   int64_t* x_new = nullptr;
   bool* transferred = nullptr;
   float* confidence = nullptr;
 };
 
+#if defined(__CUDACC__)
+#define SINKDLM_REMASK_INLINE __host__ __device__ __forceinline__
+#else
+#define SINKDLM_REMASK_INLINE inline
+#endif
+
+// How many best-ranked eligible positions row b fills regardless of the threshold (the
+// threshold may add more): num_transfer[b] without a threshold, 1 with one (Fast-dLLM's rule),
+// max(num_transfer[b], 1) with count_floor; never more than the row has.
+SINKDLM_REMASK_INLINE int64_t ranked_count(const RemaskStepParams& p, int64_t b,
+                                           int64_t num_eligible) {
+  int64_t k = p.num_transfer[b];
+  if (p.has_threshold) k = p.count_floor && k > 1 ? k : 1;
+  return k < num_eligible ? k : num_eligible;
+}
+
 // Positions are ranked by a 64-bit key: the confidence's bits made order-preserving in the high
 // word, and the complemented position in the low word, so that all keys differ and equal
 // confidences rank the lower position first.
-#if defined(__CUDACC__)
-__host__ __device__ __forceinline__
-#else
-inline
-#endif
-    uint64_t rank_key(float confidence, int64_t position) {
+SINKDLM_REMASK_INLINE uint64_t rank_key(float confidence, int64_t position) {
 #if defined(__CUDA_ARCH__)
   uint32_t bits = __float_as_uint(confidence);
 #else

@@ -65,7 +65,9 @@ def remask_step(
     strategy: str = "low_confidence",
     temperature: float = 0.0,
     threshold: float | None = None,
+    count_floor: bool = False,
     window: torch.Tensor | None = None,
+    position_offset: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fill the most confident masked positions of each row (fused kernel, CPU and CUDA).
@@ -76,7 +78,8 @@ def remask_step(
         x: (B, L) int64 current tokens; ``x == mask_id`` marks masked positions.
         mask_id: the mask token id, in [0, V).
         num_transfer: (B,) int64 (or an int for every row), >= 0: how many masked positions row b
-            fills this step (capped at the number it has). With ``threshold``, the least number.
+            fills this step (capped at the number it has). Not used with ``threshold``, unless
+            ``count_floor``.
         strategy: confidence of a masked position, from ``softmax(logits)`` without temperature
             or noise (LLaDA's convention; for Dream's tempered one pass ``logits / T``):
             ``"low_confidence"`` probability of the chosen token (Dream: maskgit_plus),
@@ -84,11 +87,20 @@ def remask_step(
             negative entropy, ``"random"`` uniform in (0, 1).
         temperature: 0 picks the argmax token; T > 0 the argmax of ``logits / T`` plus Gumbel
             noise (a sample from ``softmax(logits / T)``).
-        threshold: if given, row b fills its ``max(num_transfer[b], 1)`` most confident masked
-            positions plus every other whose confidence is >= threshold (Fast-dLLM's parallel
-            decoding with ``num_transfer = 0``: the best one plus all confident ones).
+        threshold: if given, Fast-dLLM's parallel decoding: row b fills its most confident
+            masked position plus every other whose confidence is >= threshold (both rounded to
+            float32), whatever
+            ``num_transfer`` says (Fast-dLLM's ``get_transfer_index`` with
+            ``num_transfer_tokens=None``).
+        count_floor: with ``threshold``, the hybrid rule: row b fills its
+            ``max(num_transfer[b], 1)`` most confident masked positions plus every other at
+            least ``threshold`` confident, so a schedule still bounds the number of steps.
         window: optional (B, 2) int64 ``[start, end)`` per row, 0 <= start <= end <= L: only
             positions inside may be filled (semi-autoregressive blocks).
+        position_offset: ``logits`` and ``x`` hold positions ``position_offset ..
+            position_offset + L - 1`` of longer sequences (one block of them); the noise of
+            position l is drawn at ``position_offset + l``, so a step over a block picks what the
+            step over the whole sequences with ``window`` on that block would. >= 0.
         generator: source of the Philox seed (see :func:`remask_step_seed`); drawn only when
             noise is needed (temperature > 0 or strategy "random").
 
@@ -109,8 +121,10 @@ def remask_step(
         strategy,
         float(temperature),
         None if threshold is None else float(threshold),
+        bool(count_floor),
         seed,
         0,
+        int(position_offset),
     )
 
 
@@ -123,7 +137,9 @@ def remask_step_reference(
     strategy: str = "low_confidence",
     temperature: float = 0.0,
     threshold: float | None = None,
+    count_floor: bool = False,
     window: torch.Tensor | None = None,
+    position_offset: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-PyTorch :func:`remask_step` (same arguments, outputs and noise), written as LLaDA's
@@ -139,8 +155,10 @@ def remask_step_reference(
     num_transfer = _as_num_transfer(num_transfer, batch, device)
     gumbel = uniform = None
     if _needs_noise(strategy, temperature):
-        gumbel, uniform = remask_step_noise(remask_step_seed(generator), 0, batch, length, vocab)
-        gumbel, uniform = gumbel.to(device), uniform.to(device)
+        seed = remask_step_seed(generator)
+        gumbel, uniform = remask_step_noise(seed, 0, batch, position_offset + length, vocab)
+        gumbel = gumbel[:, position_offset:].to(device)
+        uniform = uniform[:, position_offset:].to(device)
 
     logits32 = logits.float()
     if temperature > 0:
@@ -170,19 +188,37 @@ def remask_step_reference(
     order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, length).contiguous())
     num_eligible = eligible.sum(dim=1)
-    count = torch.minimum(num_transfer, num_eligible)
-    if threshold is not None:
-        count = torch.where(num_eligible > 0, count.clamp_min(1), 0)
+    if count_floor and threshold is None:
+        raise ValueError("remask_step_reference: count_floor needs a threshold, got None")
+    if threshold is None:
+        count = num_transfer
+    elif count_floor:
+        count = num_transfer.clamp_min(1)
+    else:
+        count = torch.ones_like(num_transfer)
+    count = torch.minimum(count, num_eligible)
     transferred = eligible & (rank < count.unsqueeze(1))
-    if threshold is not None:
-        transferred |= eligible & (confidence >= threshold)
+    if threshold is not None:  # compared in float32, as the kernels do
+        threshold32 = torch.tensor(threshold, dtype=torch.float32, device=device)
+        transferred |= eligible & (confidence.float() >= threshold32)
     x_new = torch.where(transferred, candidate, x)
     return x_new, transferred, confidence.float()
 
 
 @torch.library.register_fake("sinkdlm::remask_step")
 def _remask_step_fake(
-    logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed, offset
+    logits,
+    x,
+    mask_id,
+    num_transfer,
+    window,
+    strategy,
+    temperature,
+    threshold,
+    count_floor,
+    seed,
+    offset,
+    position_offset,
 ):
     shape = x.shape
     return (

@@ -28,6 +28,7 @@ struct Case {
   Strategy strategy;
   float temperature;
   bool has_threshold;
+  bool count_floor;  // with a threshold: num_transfer is a floor (the hybrid rule)
   float threshold;
   bool with_window;
 };
@@ -86,8 +87,11 @@ Outputs expected(const Case& c, const std::vector<float>& logits, const std::vec
     const float* conf = &out.confidence[b * L];
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t i, int64_t j) { return conf[i] > conf[j]; });
-    int64_t k = std::min<int64_t>(num_transfer[b], order.size());
-    if (c.has_threshold && !order.empty()) k = std::max<int64_t>(k, 1);
+    // Without a threshold the schedule's count; with one the single best (Fast-dLLM), or with
+    // count_floor at least the count.
+    int64_t k = num_transfer[b];
+    if (c.has_threshold) k = c.count_floor ? std::max<int64_t>(k, 1) : 1;
+    k = std::min<int64_t>(k, order.size());
     for (size_t r = 0; r < order.size(); ++r) {
       const int64_t l = order[r];
       if (static_cast<int64_t>(r) < k || (c.has_threshold && conf[l] >= c.threshold)) {
@@ -127,7 +131,7 @@ void run_case(const Case& c, uint32_t rng_seed) {
   p.window = c.with_window ? window.data() : nullptr;
   p.strategy = c.strategy;
   p.inv_temperature = c.temperature > 0 ? static_cast<float>(1.0 / c.temperature) : 0.0f;
-  p.has_threshold = c.has_threshold, p.threshold = c.threshold;
+  p.has_threshold = c.has_threshold, p.count_floor = c.count_floor, p.threshold = c.threshold;
   p.seed = seed, p.offset = offset;
   std::vector<int64_t> x_new(B * L, -12345);
   bool* transferred = new bool[B * L];
@@ -156,13 +160,14 @@ TEST(RemaskStepCpu, AllStrategiesTemperaturesWindowsThresholds) {
        {Strategy::kLowConfidence, Strategy::kMargin, Strategy::kEntropy, Strategy::kRandom}) {
     for (float temperature : {0.0f, 0.7f}) {
       for (bool with_window : {false, true}) {
-        for (bool has_threshold : {false, true}) {
+        // No threshold; Fast-dLLM's threshold rule; the hybrid (count_floor).
+        for (int rule = 0; rule < 3; ++rule) {
           // V = 37 (odd, below one chunk) and 4099 (several chunks plus a remainder).
           for (int64_t vocab : {37, 4099}) {
             const float threshold = strategy == Strategy::kEntropy ? -2.0f : 0.3f;
-            run_case(
-                Case{3, 9, vocab, strategy, temperature, has_threshold, threshold, with_window},
-                rng_seed++);
+            run_case(Case{3, 9, vocab, strategy, temperature, rule > 0, rule == 2, threshold,
+                          with_window},
+                     rng_seed++);
           }
         }
       }
