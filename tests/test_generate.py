@@ -196,22 +196,68 @@ def test_batched_equals_one_by_one(options):
         torch.testing.assert_close(batched[row, :width], input_ids[row], rtol=0, atol=0)
 
 
-def test_threshold_bounds_steps():
+def fast_dllm_threshold_loop(model, prompt, gen_length, block_length, threshold):
+    """Fast-dLLM's uncached sampler with a threshold (written from its description): per block,
+    until the block has no mask, run the model on the whole sequence, take each masked position's
+    argmax and its float64 softmax probability, and fill per row the most confident masked
+    position of the block plus every other at least `threshold` confident. Returns (x, calls)."""
+    batch, prompt_length = prompt.shape
+    x = torch.full((batch, prompt_length + gen_length), MASK_ID, dtype=torch.long)
+    x[:, :prompt_length] = prompt
+    calls = 0
+    for start in range(prompt_length, prompt_length + gen_length, block_length):
+        end = start + block_length
+        while (x[:, start:end] == MASK_ID).any():
+            logits = model(x)
+            calls += 1
+            probs = torch.softmax(logits.double(), dim=-1)
+            for b in range(batch):
+                ranked = sorted(
+                    (
+                        (probs[b, i].max().item(), i, int(logits[b, i].argmax()))
+                        for i in range(start, end)
+                        if x[b, i] == MASK_ID
+                    ),
+                    key=lambda c: -c[0],
+                )
+                for rank, (confidence, i, token) in enumerate(ranked):
+                    if rank == 0 or confidence >= threshold:
+                        x[b, i] = token
+    return x, calls
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.15, 0.4, 1.5])
+def test_threshold_matches_fast_dllm_loop(threshold):
     model = TinyDLM(seed=6)
     prompt = random_prompts(2, 4, seed=7)
-    kwargs = dict(gen_length=12, steps=6, block_length=4, mask_id=MASK_ID)
-    # Threshold 0: everything passes, each block takes one step.
-    out = sinkdlm.generate(model, prompt, threshold=0.0, **kwargs)
-    assert (out != MASK_ID).all() and model.calls == 3
-    # Threshold above any probability: the schedule's counts, steps as given.
+    want, calls = fast_dllm_threshold_loop(model, prompt, 12, 4, threshold)
     model.calls = 0
+    got = sinkdlm.generate(
+        model, prompt, gen_length=12, steps=6, block_length=4, mask_id=MASK_ID, threshold=threshold
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.calls == calls
+    if threshold == 0.0:  # everything passes: one step per block
+        assert calls == 3
+    if threshold > 1:  # nothing passes: one token per step, whatever `steps` says
+        assert calls == 12
+
+
+def test_count_floor_is_the_hybrid_rule():
+    model = TinyDLM(seed=6)
+    prompt = random_prompts(2, 4, seed=7)
+    kwargs = dict(gen_length=12, steps=6, block_length=4, mask_id=MASK_ID, count_floor=True)
+    # Threshold above any probability: the schedule's counts, steps as given.
     strict = sinkdlm.generate(model, prompt, threshold=1.5, **kwargs)
     assert model.calls == 6
-    torch.testing.assert_close(strict, sinkdlm.generate(model, prompt, **kwargs), rtol=0, atol=0)
+    plain = {key: value for key, value in kwargs.items() if key != "count_floor"}
+    torch.testing.assert_close(strict, sinkdlm.generate(model, prompt, **plain), rtol=0, atol=0)
     # In between: never more steps than asked, no mask left.
     model.calls = 0
     out = sinkdlm.generate(model, prompt, threshold=0.3, **kwargs)
     assert (out != MASK_ID).all() and 3 <= model.calls <= 6
+    with pytest.raises(ValueError, match="count_floor needs a threshold"):
+        sinkdlm.generate(model, prompt, **kwargs)
 
 
 def test_temperature_is_reproducible_and_progress_runs():

@@ -70,6 +70,7 @@ def generate(
     strategy: str = "low_confidence",
     temperature: float = 0.0,
     threshold: float | None = None,
+    count_floor: bool = False,
     cfg_scale: float = 0.0,
     mask_id: int,
     logits_shift: bool = False,
@@ -91,8 +92,12 @@ def generate(
         steps: total denoising steps, a multiple of the number of blocks; blocks are filled left
             to right, ``steps / blocks`` steps each.
         strategy, temperature, threshold: as in :func:`sinkdlm.remask_step`. With ``threshold``
-            each step fills every position at least that confident and at least the schedule's
-            count, and a block stops as soon as it has no mask left (``steps`` is an upper bound).
+            (Fast-dLLM's parallel decoding) each step fills the block's most confident masked
+            position and every other at least that confident, whatever the schedule says, and
+            a block takes as many steps as it needs (one per masked position at most): ``steps``
+            is not used.
+        count_floor: with ``threshold``, the hybrid rule: each step also fills at least the
+            schedule's count, so a block ends within its ``steps / blocks`` steps.
         cfg_scale: classifier-free guidance as in LLaDA (unconditional pass with the prompt
             masked; logits = uncond + (cfg_scale + 1) (cond - uncond)); 0 disables it.
         mask_id: the mask token id.
@@ -132,7 +137,11 @@ def generate(
             f"generate: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
             f"{tuple(attention_mask.shape)}"
         )
+    if count_floor and threshold is None:
+        raise ValueError("generate: count_floor needs a threshold, got threshold=None")
     steps_per_block = steps // num_blocks
+    # Fast-dLLM's threshold rule runs each block until it is full, not for a fixed step count.
+    until_full = threshold is not None and not count_floor
     batch, prompt_length = input_ids.shape
     device = input_ids.device
 
@@ -160,7 +169,8 @@ def generate(
         return logits
 
     window = torch.empty(batch, 2, dtype=torch.int64, device=device)
-    with _sink_kv_context(model), tqdm(total=steps, disable=not progress, desc="denoising") as bar:
+    total = None if until_full else steps
+    with _sink_kv_context(model), tqdm(total=total, disable=not progress, desc="denoising") as bar:
         for block in range(num_blocks):
             start = prompt_length + block * block_length
             end = start + block_length
@@ -170,20 +180,24 @@ def generate(
                 counts = llada_transfer_schedule(num_masked, steps_per_block)
             else:
                 counts = dream_transfer_schedule(num_masked, steps_per_block, eps)
-            for i in range(steps_per_block):
+            i = 0
+            while i < steps_per_block or until_full:
                 if threshold is not None and not (x[:, start:end] == mask_id).any():
-                    bar.update(steps_per_block - i)
+                    if not until_full:
+                        bar.update(steps_per_block - i)
                     break
                 x, _, _ = remask_step(
                     logits_of(x),
                     x,
                     mask_id,
-                    counts[:, i],
+                    0 if until_full else counts[:, i],
                     strategy=strategy,
                     temperature=temperature,
                     threshold=threshold,
+                    count_floor=count_floor,
                     window=window,
                     generator=generator,
                 )
                 bar.update(1)
+                i += 1
     return x
