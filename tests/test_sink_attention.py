@@ -228,7 +228,7 @@ def test_opcheck(case):
         t.requires_grad_() if t is not None and t.is_floating_point() else t
         for t in (q, k, v, sk, sv, lam)
     ]
-    torch.library.opcheck(torch.ops.sinkdlm.sink_attention_fwd.default, (*args, kpm, scale))
+    torch.library.opcheck(torch.ops.sinkdlm.sink_attention_fwd.default, (*args, kpm, kpm, scale))
 
 
 def test_torch_compile_fullgraph():
@@ -280,12 +280,12 @@ def _good():
 
 BAD = {
     "q rank": (dict(q=torch.randn(2, 4, 5)), ValueError, r"q must be 4-D \(B, H, L, D\)"),
-    "k batch": (dict(k=torch.randn(3, 2, 5, 8)), ValueError, r"k must be \(B, Hkv, L, D\)"),
-    "v length": (dict(v=torch.randn(2, 2, 6, 8)), ValueError, r"v must be \(B, Hkv, L, D\)"),
+    "k batch": (dict(k=torch.randn(3, 2, 5, 8)), ValueError, r"k must be \(B, Hkv, Lk, D\)"),
+    "v length": (dict(v=torch.randn(2, 2, 6, 8)), ValueError, r"v must be the shape of k"),
     "head dim": (
         dict(k=torch.randn(2, 2, 5, 4), v=torch.randn(2, 2, 5, 4)),
         ValueError,
-        r"k must be .*= \(2, Hkv, 5, 8\)",
+        r"k must be .*= \(2, Hkv, Lk, 8\)",
     ),
     "gqa": (
         dict(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)),
@@ -340,7 +340,12 @@ BAD = {
     "mask shape": (
         dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
         ValueError,
-        r"key_padding_mask must be \(B, L\) = \(2, 5\)",
+        r"key_padding_mask must be \(B, Lk\) = \(2, 5\)",
+    ),
+    "query mask shape": (
+        dict(query_padding_mask=torch.ones(2, 4, dtype=torch.bool)),
+        ValueError,
+        r"query_padding_mask must be \(B, Lq\) = \(2, 5\)",
     ),
     "not a tensor": (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
 }
@@ -366,9 +371,151 @@ def test_op_called_directly_checks_too():
     g = _good()
     with pytest.raises(RuntimeError, match="sink_k/sink_v must be"):
         torch.ops.sinkdlm.sink_attention_fwd(
-            g["q"], g["k"], g["v"], torch.randn(3, 8), torch.randn(3, 8), None, None, 1.0
+            g["q"], g["k"], g["v"], torch.randn(3, 8), torch.randn(3, 8), None, None, None, 1.0
         )
     with pytest.raises(RuntimeError, match="H % Hkv == 0"):
         torch.ops.sinkdlm.sink_attention_fwd(
-            g["q"], torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), None, None, None, None, 1.0
+            g["q"],
+            torch.randn(2, 3, 5, 8),
+            torch.randn(2, 3, 5, 8),
+            None,
+            None,
+            None,
+            None,
+            None,
+            1.0,
         )
+
+
+# ---- queries and keys of different lengths (a block's queries over cached keys) -----------
+
+
+def make_block_inputs(B, H, Hkv, Lq, Lk, D, sink, padding, dtype=torch.float64, seed=0):
+    """Lq queries over Lk keys; with padding, left-padded keys and some padded queries."""
+    q, _, _, sink_k, sink_v, sink_logit, _ = make_inputs(
+        B, H, Hkv, Lq, D, sink, False, dtype, seed=seed
+    )
+    _, k, v, *_ = make_inputs(B, H, Hkv, Lk, D, "none", False, dtype, seed=seed + 1)
+    kpm = qpm = None
+    if padding:
+        g = torch.Generator().manual_seed(seed + 2)
+        lengths = torch.randint(1, Lk + 1, (B,), generator=g)
+        kpm = (torch.arange(Lk)[None, :] < lengths[:, None]).flip(-1)
+        qpm = torch.rand(B, Lq, generator=g) < 0.8
+    return q, k, v, sink_k, sink_v, sink_logit, kpm, qpm
+
+
+BLOCK_SHAPES = [  # (B, H, Hkv, Lq, Lk, D)
+    (1, 1, 1, 1, 9, 16),
+    (2, 4, 2, 32, 96, 32),
+    (3, 8, 2, 7, 300, 64),
+    (1, 4, 1, 70, 5, 16),  # more queries than keys
+    (2, 2, 2, 300, 600, 16),  # several query and key tiles
+]
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "B{}H{}Hkv{}Lq{}Lk{}D{}".format(*s))
+def test_queries_and_keys_of_different_lengths(shape, sink, padding):
+    q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(*shape, sink, padding)
+    tensors = [q, k, v, sk, sv, lam]
+    ours = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    kwargs = dict(key_padding_mask=kpm, query_padding_mask=qpm, return_lse=True)
+    out, lse = sinkdlm.sink_attention(*ours[:5], sink_logit=ours[5], **kwargs)
+    r_out, r_lse = sinkdlm.sink_attention_reference(
+        *ref[:5], sink_logit=ref[5], sink_position=shape[4] // 3, **kwargs
+    )
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    g = torch.Generator().manual_seed(3)
+    d_out, d_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    ((r_out * d_out).sum() + (r_lse * d_lse).sum()).backward()
+    grads = [t.grad if t is not None else None for t in ours]
+    r_grads = [t.grad if t is not None else None for t in ref]
+    assert_close_all([out, lse, *grads], [r_out, r_lse, *r_grads], torch.float64, NAMES)
+    if qpm is not None:
+        assert (out[~qpm[:, None].expand_as(lse)] == 0).all()
+
+
+def test_block_queries_equal_rows_of_the_whole_sequence():
+    """The rectangular form is the square one's rows: queries [a, b) of a sequence over all its
+    keys give what the whole sequence's attention gives on those rows (padded keys too)."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 40, 16, "per_batch", True)
+    whole = sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm)
+    a, b = 24, 32
+    rows = kpm[:, a:b]
+    block = sinkdlm.sink_attention(
+        q[:, :, a:b], k, v, sk, sv, key_padding_mask=kpm, query_padding_mask=rows
+    )
+    torch.testing.assert_close(block, whole[:, :, a:b], atol=1e-12, rtol=1e-12)
+    # Without a query mask every block query counts as real (Lq != Lk).
+    real = sinkdlm.sink_attention(q[:, :, a:b], k, v, sk, sv, key_padding_mask=kpm)
+    unpadded = sinkdlm.sink_attention_reference(
+        q, k, v, sk, sv, key_padding_mask=kpm, query_padding_mask=torch.ones_like(kpm)
+    )
+    torch.testing.assert_close(real, unpadded[:, :, a:b], atol=1e-12, rtol=1e-12)
+
+
+def test_query_sees_no_key_returns_zero():
+    q, k, v, *_ = make_block_inputs(2, 2, 2, 3, 4, 8, "none", False)
+    kpm = torch.tensor([[False] * 4, [True, False, True, True]])
+    for op in (sinkdlm.sink_attention, sinkdlm.sink_attention_reference):
+        out, lse = op(q, k, v, key_padding_mask=kpm, return_lse=True)
+        assert (out[0] == 0).all() and (lse[0] == 0).all() and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sink", ["shared+logit", "per_batch"])
+def test_gradcheck_different_lengths(sink):
+    q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(2, 4, 2, 3, 7, 8, sink, True)
+    inputs = [t.requires_grad_() if t is not None else None for t in (q, k, v, sk, sv, lam)]
+
+    def f(q, k, v, sk, sv, lam):
+        return sinkdlm.sink_attention(
+            q,
+            k,
+            v,
+            sk,
+            sv,
+            sink_logit=lam,
+            key_padding_mask=kpm,
+            query_padding_mask=qpm,
+            return_lse=True,
+        )
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_different_lengths_low_precision_and_composite(device, dtype):
+    q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(2, 8, 2, 32, 129, 64, "per_batch", True)
+    want = sinkdlm.sink_attention_reference(
+        q, k, v, sk, sv, key_padding_mask=kpm, query_padding_mask=qpm
+    )
+    cast = [t.to(device, dtype) for t in (q, k, v, sk, sv)]
+    masks = dict(key_padding_mask=kpm.to(device), query_padding_mask=qpm.to(device))
+    got = sinkdlm.sink_attention(*cast, **masks)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    composite = _sink_attention_composite(
+        *cast, None, masks["key_padding_mask"], 0.125, False, masks["query_padding_mask"]
+    )
+    torch.testing.assert_close(composite.double().cpu(), want, atol=atol, rtol=rtol)
+
+
+def test_opcheck_different_lengths():
+    q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(2, 4, 2, 5, 11, 8, "shared+logit", True)
+    args = [t.requires_grad_() for t in (q, k, v, sk, sv, lam)]
+    torch.library.opcheck(torch.ops.sinkdlm.sink_attention_fwd.default, (*args, kpm, qpm, 0.3))
+
+
+def test_sink_attention_mask_for_separate_queries():
+    kpm = torch.tensor([[False, True, True, True]])
+    m = sinkdlm.sink_attention_mask(4, sink_position=1, key_padding_mask=kpm, query_length=2)
+    assert m.shape == (1, 2, 5)
+    assert m[0].tolist() == [[False, True, True, True, True]] * 2  # sink at 1, key 0 padded
+    assert sinkdlm.sink_attention_mask(3, query_length=2).all()
+    with pytest.raises(ValueError, match="query_length must be"):
+        sinkdlm.sink_attention_mask(3, query_length=-1)

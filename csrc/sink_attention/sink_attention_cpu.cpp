@@ -92,21 +92,26 @@ struct Setup {
         B(p.batch),
         H(p.heads),
         Hkv(p.kv_heads),
-        L(p.seqlen),
+        Lq(p.q_len),
+        Lk(p.kv_len),
         D(p.head_dim),
         group(H / Hkv),
-        bk(std::min(kBlockK, L)),
+        bk(std::min(kBlockK, Lk)),
         scale(static_cast<A>(p.scale)),
         sink_logit(static_cast<const A*>(p.sink_logit)) {}
 
   const A* sink_k(int64_t b, int64_t hk) const { return sink_row(p.sink_k, b, hk); }
   const A* sink_v(int64_t b, int64_t hk) const { return sink_row(p.sink_v, b, hk); }
+  // Null when there is no padding: every key (query) is real.
   const bool* key_mask(int64_t b) const {
-    return p.key_padding_mask ? p.key_padding_mask + b * L : nullptr;
+    return p.key_padding_mask ? p.key_padding_mask + b * Lk : nullptr;
+  }
+  const bool* query_mask(int64_t b) const {
+    return p.query_padding_mask ? p.query_padding_mask + b * Lq : nullptr;
   }
 
   const SinkAttentionProblem& p;
-  const int64_t B, H, Hkv, L, D, group, bk;
+  const int64_t B, H, Hkv, Lq, Lk, D, group, bk;
   const A scale;
   const A* const sink_logit;
 
@@ -139,8 +144,8 @@ struct BlasGemms {
   static constexpr int64_t kBlockQ = 256;
   struct Shared {
     Shared(const SinkAttentionProblem& p, Pass, const CpuContext& ctx)
-        : K(static_cast<const T*>(p.k), p.k_stride, p.batch, p.kv_heads, p.seqlen, p.head_dim, ctx),
-          V(static_cast<const T*>(p.v), p.v_stride, p.batch, p.kv_heads, p.seqlen, p.head_dim, ctx),
+        : K(static_cast<const T*>(p.k), p.k_stride, p.batch, p.kv_heads, p.kv_len, p.head_dim, ctx),
+          V(static_cast<const T*>(p.v), p.v_stride, p.batch, p.kv_heads, p.kv_len, p.head_dim, ctx),
           gemm(ctx.gemm<A>()) {}
     const KVRows<T, A> K, V;
     const GemmFn<A> gemm;
@@ -201,7 +206,7 @@ struct Bf16Gemms {
     Shared(const SinkAttentionProblem& p, Pass pass, const CpuContext& ctx)
         : kern(*ctx.bf16),
           pass(pass),
-          L(p.seqlen),
+          L(p.kv_len),
           D(p.head_dim),
           Hkv(p.kv_heads),
           t_panel(bf16::panel_size(D)),
@@ -334,20 +339,21 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
   constexpr int64_t bq = Gemms::kBlockQ;
   const Setup<T> st(p);
   const typename Gemms::Shared kv(p, Pass::kForward, ctx);
-  const int64_t B = st.B, H = st.H, L = st.L, D = st.D, bk = st.bk;
+  const int64_t B = st.B, H = st.H, Lq = st.Lq, Lk = st.Lk, D = st.D, bk = st.bk;
   const A scale = st.scale;
   const auto* sink_logit = st.sink_logit;
   T* out = static_cast<T*>(out_ptr);
   A* lse = static_cast<A*>(lse_ptr);
-  const int64_t q_tiles = (L + bq - 1) / bq;
+  const int64_t q_tiles = (Lq + bq - 1) / bq;
 
   ctx.parallel_for(B * H * q_tiles, [&](int64_t begin, int64_t end) {
     std::vector<A> qs(bq * D), s(bq * bk), acc(bq * D), m(bq), l(bq);
     typename Gemms::Tile t(kv, bk, D, scale);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * q_tiles), h = (item / q_tiles) % H, hk = h / st.group;
-      const int64_t i0 = (item % q_tiles) * bq, nq = std::min(bq, L - i0);
+      const int64_t i0 = (item % q_tiles) * bq, nq = std::min(bq, Lq - i0);
       const bool* key_mask = st.key_mask(b);
+      const bool* query_mask = st.query_mask(b);
       load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
       t.head(b, hk);
       t.set_q(p, b, h, i0, nq, qs.data());
@@ -378,8 +384,8 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
         }
       }
 
-      for (int64_t j0 = 0; j0 < L; j0 += bk) {
-        const int64_t nk = std::min(bk, L - j0);
+      for (int64_t j0 = 0; j0 < Lk; j0 += bk) {
+        const int64_t nk = std::min(bk, Lk - j0);
         t.scores(j0, nk, s.data());
         mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
         for (int64_t r = 0; r < nq; ++r) {
@@ -399,9 +405,9 @@ void fwd(const SinkAttentionProblem& p, void* out_ptr, void* lse_ptr, const CpuC
 
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i0 + r;
-        T* out_r = out + ((b * H + h) * L + i) * D;
-        A& lse_r = lse[(b * H + h) * L + i];
-        const bool padded = key_mask && !key_mask[i];
+        T* out_r = out + ((b * H + h) * Lq + i) * D;
+        A& lse_r = lse[(b * H + h) * Lq + i];
+        const bool padded = query_mask && !query_mask[i];
         if (padded || l[r] == A(0)) {
           std::fill(out_r, out_r + D, store<T>(A(0)));
           lse_r = 0;
@@ -421,7 +427,8 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
   constexpr int64_t bq = Gemms::kBlockQ;
   const Setup<T> st(p);
   const typename Gemms::Shared kv(p, Pass::kBackward, ctx);
-  const int64_t B = st.B, H = st.H, Hkv = st.Hkv, L = st.L, D = st.D, group = st.group;
+  const int64_t B = st.B, H = st.H, Hkv = st.Hkv, Lq = st.Lq, Lk = st.Lk, D = st.D,
+                group = st.group;
   const int64_t bk = st.bk;
   const A scale = st.scale;
   const bool has_sink = p.sink_k != nullptr;
@@ -431,7 +438,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
 
   // Per query head partial gradients, reduced over each GQA group (and the batch, for a
   // shared sink) in a fixed order afterwards: no atomics, bit-identical run to run.
-  std::vector<A> dk_part(static_cast<size_t>(B * H * L * D), A(0));
+  std::vector<A> dk_part(static_cast<size_t>(B * H * Lk * D), A(0));
   std::vector<A> dv_part(dk_part.size(), A(0));
   std::vector<A> dsk_part(has_sink ? B * H * D : 0, A(0)), dsv_part(dsk_part.size(), A(0));
   std::vector<A> dlam_part(sink_logit ? B * H : 0, A(0));
@@ -444,13 +451,14 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       t.head(b, hk);
       const bool* key_mask = st.key_mask(b);
-      A* dkp = dk_part.data() + bh * L * D;
-      A* dvp = dv_part.data() + bh * L * D;
+      const bool* query_mask = st.query_mask(b);
+      A* dkp = dk_part.data() + bh * Lk * D;
+      A* dvp = dv_part.data() + bh * Lk * D;
       const A* sk = st.sink_k(b, hk);
       const A* sv = st.sink_v(b, hk);
 
-      for (int64_t i0 = 0; i0 < L; i0 += bq) {
-        const int64_t nq = std::min(bq, L - i0);
+      for (int64_t i0 = 0; i0 < Lq; i0 += bq) {
+        const int64_t nq = std::min(bq, Lq - i0);
         load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
         load_tile(static_cast<const T*>(g.dout), g.dout_stride, b, h, i0, nq, D, A(1), dout.data());
         t.set_q(p, b, h, i0, nq, qs.data());
@@ -458,7 +466,7 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = i0 + r;
           A* dout_r = dout.data() + r * D;
-          if (key_mask && !key_mask[i]) {
+          if (query_mask && !query_mask[i]) {
             // Padded rows output a constant 0: zero dO and an infinite lse make P = 0,
             // so they add nothing below.
             std::fill(dout_r, dout_r + D, A(0));
@@ -467,9 +475,9 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
             continue;
           }
           load_tile(static_cast<const T*>(g.out), g.out_stride, b, h, i, 1, D, A(1), out_r.data());
-          lse_t[r] = lse[bh * L + i];
+          lse_t[r] = lse[bh * Lq + i];
           // delta = rowsum(dO * O) - dlse: dS = P (dP - delta) then also carries d lse / d s = P.
-          delta[r] = row::dot(dout_r, out_r.data(), D) - (dlse ? dlse[bh * L + i] : A(0));
+          delta[r] = row::dot(dout_r, out_r.data(), D) - (dlse ? dlse[bh * Lq + i] : A(0));
           const A* qs_r = qs.data() + r * D;
           if (sk) {
             const A p_sink = std::exp(row::dot(qs_r, sk, D) - lse_t[r]);
@@ -482,8 +490,8 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
         }
         t.set_dout(dout.data());  // padded rows zeroed above
 
-        for (int64_t j0 = 0; j0 < L; j0 += bk) {
-          const int64_t nk = std::min(bk, L - j0);
+        for (int64_t j0 = 0; j0 < Lk; j0 += bk) {
+          const int64_t nk = std::min(bk, Lk - j0);
           t.scores(j0, nk, s.data());
           mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
           for (int64_t r = 0; r < nq; ++r) row::exp_sub(s.data() + r * bk, nk, lse_t[r]);
@@ -496,21 +504,21 @@ void bwd(const SinkAttentionProblem& p, const SinkAttentionGrads& g, const CpuCo
           t.acc_dk(dp.data(), j0, nk, dkp + j0 * D);
         }
 
-        T* dq_out = static_cast<T*>(g.dq) + (bh * L + i0) * D;
+        T* dq_out = static_cast<T*>(g.dq) + (bh * Lq + i0) * D;
         for (int64_t x = 0; x < nq * D; ++x) dq_out[x] = store<T>(dq[x] * scale);
       }
     }
   });
 
   // dK, dV: sum the query heads of each group.
-  ctx.parallel_for(B * Hkv * L, [&](int64_t begin, int64_t end) {
+  ctx.parallel_for(B * Hkv * Lk, [&](int64_t begin, int64_t end) {
     std::vector<A> sum_k(D), sum_v(D);
     for (int64_t row_id = begin; row_id < end; ++row_id) {
-      const int64_t b = row_id / (Hkv * L), hk = (row_id / L) % Hkv, j = row_id % L;
+      const int64_t b = row_id / (Hkv * Lk), hk = (row_id / Lk) % Hkv, j = row_id % Lk;
       std::fill(sum_k.begin(), sum_k.end(), A(0));
       std::fill(sum_v.begin(), sum_v.end(), A(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const int64_t off = ((b * H + h) * L + j) * D;
+        const int64_t off = ((b * H + h) * Lk + j) * D;
         row::axpy(A(1), dk_part.data() + off, sum_k.data(), D);
         row::axpy(A(1), dv_part.data() + off, sum_v.data(), D);
       }

@@ -24,9 +24,10 @@ struct Strides4 {
 
 struct SinkAttentionProblem {
   ScalarType dtype;
-  int64_t batch, heads, kv_heads, seqlen, head_dim;
+  // Lq queries attend over Lk keys (Lq != Lk: a block's queries over cached keys and their own).
+  int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;
   double scale;
-  // q (B, H, L, D); k, v (B, Hkv, L, D): dtype, any strides.
+  // q (B, H, Lq, D); k, v (B, Hkv, Lk, D): dtype, any strides.
   const void* q;
   Strides4 q_stride;
   const void* k;
@@ -40,25 +41,27 @@ struct SinkAttentionProblem {
   int64_t sink_batch_stride;
   // Logit sink: (H,) in the accumulation type. Null: none.
   const void* sink_logit;
-  // (B, L) contiguous, true = real token. Null: no padding.
+  // (B, Lk) contiguous, true = real key. Null: no padding.
   const bool* key_padding_mask;
+  // (B, Lq) contiguous, true = real query; padded rows return out = 0, lse = 0. Null: none.
+  const bool* query_padding_mask;
 };
 
-// out (B, H, L, D) contiguous in dtype; lse (B, H, L) contiguous in the accumulation type.
-// Padded query rows get out = 0 and lse = 0.
+// out (B, H, Lq, D) contiguous in dtype; lse (B, H, Lq) contiguous in the accumulation type.
+// Padded query rows, and rows that see no key at all, get out = 0 and lse = 0.
 void sink_attention_fwd_cpu(const SinkAttentionProblem& p, void* out, void* lse,
                             const CpuContext& ctx);
 
 struct SinkAttentionGrads {
-  // Inputs: dout (B, H, L, D) any strides in dtype; out as returned by the forward (any
-  // strides, dtype); lse (B, H, L) contiguous accumulation type; dlse optional, like lse.
+  // Inputs: dout (B, H, Lq, D) any strides in dtype; out as returned by the forward (any
+  // strides, dtype); lse (B, H, Lq) contiguous accumulation type; dlse optional, like lse.
   const void* dout;
   Strides4 dout_stride;
   const void* out;
   Strides4 out_stride;
   const void* lse;
   const void* dlse;
-  // Outputs, contiguous: dq (B, H, L, D), dk, dv (B, Hkv, L, D) in dtype; in the accumulation
+  // Outputs, contiguous: dq (B, H, Lq, D), dk, dv (B, Hkv, Lk, D) in dtype; in the accumulation
   // type dsink_k, dsink_v shaped like sink_k (null when there is no sink token) and
   // dsink_logit (H,) (null when there is no logit sink). Summed over every query that saw
   // the sink, and over the batch for a shared sink.

@@ -57,23 +57,26 @@ SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, cons
                                   const std::optional<at::Tensor>& sink_k,
                                   const std::optional<at::Tensor>& sink_v,
                                   const std::optional<at::Tensor>& sink_logit,
-                                  const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                  const std::optional<at::Tensor>& key_padding_mask,
+                                  const std::optional<at::Tensor>& query_padding_mask, double scale,
                                   std::vector<at::Tensor>& keep) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "sink_attention: q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ", k.sizes(),
               ", ", v.sizes());
   check_same(k, q, "k");
   check_same(v, q, "v");
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes(), "sink_attention: k and v must have the same shape, got ",
               k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == B && k.size(2) == L && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
-              "sink_attention: k must be (B, Hkv, L, D) with H % Hkv == 0 for q ", q.sizes(),
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "sink_attention: k must be (B, Hkv, Lk, D) with H % Hkv == 0 for q ", q.sizes(),
               ", got ", k.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
   SinkAttentionProblem p{};
   p.dtype = to_core(q.scalar_type());
-  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.seqlen = L, p.head_dim = D, p.scale = scale;
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.kv_len = Lk, p.head_dim = D;
+  p.scale = scale;
   p.q = q.data_ptr(), p.q_stride = strides4(q);
   p.k = k.data_ptr(), p.k_stride = strides4(k);
   p.v = v.data_ptr(), p.v_stride = strides4(v);
@@ -104,15 +107,19 @@ SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, cons
     keep.push_back(sink_logit->to(acc).contiguous());
     p.sink_logit = keep.back().data_ptr();
   }
-  if (key_padding_mask) {
-    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == L &&
-                    key_padding_mask->device() == q.device(),
-                "sink_attention: key_padding_mask must be bool (B, L) = (", B, ", ", L, ") on ",
-                q.device(), ", got ", key_padding_mask->scalar_type(), key_padding_mask->sizes());
-    keep.push_back(key_padding_mask->contiguous());
-    p.key_padding_mask = keep.back().data_ptr<bool>();
-  }
+  // Padding masks, bool (B, length) on q's device; returns the contiguous data or null.
+  const auto padding = [&](const std::optional<at::Tensor>& mask, int64_t length,
+                           const char* name) -> const bool* {
+    if (!mask) return nullptr;
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == B &&
+                    mask->size(1) == length && mask->device() == q.device(),
+                "sink_attention: ", name, " must be bool (B, ", length, ") = (", B, ", ", length,
+                ") on ", q.device(), ", got ", mask->scalar_type(), mask->sizes());
+    keep.push_back(mask->contiguous());
+    return keep.back().data_ptr<bool>();
+  };
+  p.key_padding_mask = padding(key_padding_mask, Lk, "key_padding_mask");
+  p.query_padding_mask = padding(query_padding_mask, Lq, "query_padding_mask");
   return p;
 }
 
@@ -120,13 +127,13 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale) {
   std::vector<at::Tensor> keep;
-  const SinkAttentionProblem p =
-      make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, keep);
+  const SinkAttentionProblem p = make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                              query_padding_mask, scale, keep);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse =
-      at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(acc_type(q.scalar_type())));
+      at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(acc_type(q.scalar_type())));
   if (out.numel() > 0)
     sink_attention_fwd_cpu(p, out.data_ptr(), lse.data_ptr(), torch_cpu_context());
   return {out, lse};
@@ -138,19 +145,20 @@ sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Te
                           const std::optional<at::Tensor>& sink_k,
                           const std::optional<at::Tensor>& sink_v,
                           const std::optional<at::Tensor>& sink_logit,
-                          const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-                          const at::Tensor& lse, double scale) {
+                          const std::optional<at::Tensor>& key_padding_mask,
+                          const std::optional<at::Tensor>& query_padding_mask,
+                          const at::Tensor& out, const at::Tensor& lse, double scale) {
   std::vector<at::Tensor> keep;
-  const SinkAttentionProblem p =
-      make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, keep);
+  const SinkAttentionProblem p = make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                              query_padding_mask, scale, keep);
   const at::ScalarType acc = acc_type(q.scalar_type());
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
   check_same(grad_out, q, "grad_out");
   check_same(out, q, "out");
   TORCH_CHECK(
-      lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.seqlen,
-      "sink_attention_bwd: lse must be (B, H, L), got ", lse.sizes());
+      lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.q_len,
+      "sink_attention_bwd: lse must be (B, H, Lq), got ", lse.sizes());
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor dlse_acc;
   if (grad_lse) {
@@ -193,12 +201,13 @@ sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Te
 TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
   m.def(
       "sink_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? sink_k, Tensor? sink_v, "
-      "Tensor? sink_logit, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "sink_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-      "Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, Tensor out, "
-      "Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink_k, "
-      "Tensor dsink_v, Tensor dsink_logit)");
+      "Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, "
+      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, "
+      "Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
 }
 
 TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {

@@ -34,7 +34,18 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
+def _check_mask(name, mask, shape, what, device):
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        _fail(name, "a bool tensor (True = real token)", getattr(mask, "dtype", mask), TypeError)
+    if _shape(mask) != shape:
+        _fail(name, f"{what} = {shape}", f"shape {_shape(mask)}")
+    if mask.device != device:
+        _fail(name, f"on {device} like q", mask.device)
+
+
+def _check_args(
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask=None
+):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             _fail(name, "a torch.Tensor", type(t).__name__, TypeError)
@@ -42,16 +53,17 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
             _fail(name, "4-D (B, H, L, D)", f"shape {_shape(t)}")
     if q.dtype not in _FLOAT_DTYPES:
         _fail("q", "float32, float64, float16 or bfloat16", q.dtype, TypeError)
-    B, H, L, D = q.shape
+    B, H, Lq, D = q.shape
     if D == 0:
         _fail("q", "a non-empty head dim", f"shape {_shape(q)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        _fail("k", f"(B, Hkv, Lk, D) = ({B}, Hkv, Lk, {D}) to match q", f"shape {_shape(k)}")
+    L = k.shape[2]
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             _fail(name, f"{q.dtype} like q", t.dtype, TypeError)
         if t.device != q.device:
             _fail(name, f"on {q.device} like q", t.device)
-        if t.shape[0] != B or t.shape[2] != L or t.shape[3] != D:
-            _fail(name, f"(B, Hkv, L, D) = ({B}, Hkv, {L}, {D}) to match q", f"shape {_shape(t)}")
     if k.shape != v.shape:
         _fail("v", f"the shape of k {_shape(k)}", f"shape {_shape(v)}")
     Hkv = k.shape[1]
@@ -91,17 +103,9 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
         if sink_logit.device != q.device:
             _fail("sink_logit", f"on {q.device} like q", sink_logit.device)
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            _fail(
-                "key_padding_mask",
-                "a bool tensor (True = real token)",
-                getattr(key_padding_mask, "dtype", key_padding_mask),
-                TypeError,
-            )
-        if _shape(key_padding_mask) != (B, L):
-            _fail("key_padding_mask", f"(B, L) = ({B}, {L})", f"shape {_shape(key_padding_mask)}")
-        if key_padding_mask.device != q.device:
-            _fail("key_padding_mask", f"on {q.device} like q", key_padding_mask.device)
+        _check_mask("key_padding_mask", key_padding_mask, (B, L), "(B, Lk)", q.device)
+    if query_padding_mask is not None:
+        _check_mask("query_padding_mask", query_padding_mask, (B, Lq), "(B, Lq)", q.device)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         _fail("scale", "a finite float", scale, TypeError)
 
@@ -120,41 +124,64 @@ def sink_attention(
     *,
     sink_logit: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional attention over ``[sink ; keys]`` without concatenating the sink.
 
     Args:
-        q: ``(B, H, L, D)`` float32, float64, float16 or bfloat16; any strides.
-        k, v: ``(B, Hkv, L, D)``, q's dtype and device; ``H % Hkv == 0`` (GQA / MQA).
+        q: ``(B, H, Lq, D)`` float32, float64, float16 or bfloat16; any strides.
+        k, v: ``(B, Hkv, Lk, D)``, q's dtype and device; ``H % Hkv == 0`` (GQA / MQA). Lk may
+            differ from Lq: a block's queries over cached keys plus their own.
         sink_k, sink_v: the sink token's key and value, ``(Hkv, D)`` (one sink for the
             batch) or ``(B, Hkv, D)``; both or neither. With neither this is plain
             non-causal attention (plus ``sink_logit`` if given).
         sink_logit: optional floating ``(H,)``: a per-head logit with no value (the gpt-oss
             form of a sink), added to each softmax denominator in logit units (not scaled)
             and included in the log-sum-exp. May be combined with a sink token.
-        key_padding_mask: optional bool ``(B, L)``, True = real token. Padded keys get no
-            attention; padded query rows return zeros (and lse 0). The sink is always visible.
+        key_padding_mask: optional bool ``(B, Lk)``, True = real token. Padded keys get no
+            attention. The sink is always visible.
+        query_padding_mask: optional bool ``(B, Lq)``, True = real query: padded query rows
+            return zeros (and lse 0). Defaults to ``key_padding_mask`` when Lq == Lk (queries
+            and keys are then the same tokens), else to every query being real.
         scale: score scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of each row's scores.
 
     Returns:
-        ``out`` ``(B, H, L, D)`` contiguous in q's dtype, and with ``return_lse`` the
-        ``(B, H, L)`` log-sum-exp in float32 (float64 for float64 inputs).
+        ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype, and with ``return_lse`` the
+        ``(B, H, Lq)`` log-sum-exp in float32 (float64 for float64 inputs).
 
     Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
     """
-    _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
+    _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask)
     scale = softmax_scale(scale, q.shape[-1])
+    query_padding_mask = _query_padding(q, k, key_padding_mask, query_padding_mask)
     if q.device.type in _NATIVE_DEVICE_TYPES:
         out, lse = torch.ops.sinkdlm.sink_attention_fwd(
-            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale
+            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
         )
         return (out, lse) if return_lse else out
     return _sink_attention_composite(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, return_lse
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        scale,
+        return_lse,
+        query_padding_mask,
     )
+
+
+def _query_padding(q, k, key_padding_mask, query_padding_mask):
+    """The query padding in force: the given mask, else the key mask when queries and keys are
+    the same tokens (Lq == Lk), else None (every query real)."""
+    if query_padding_mask is None and q.shape[2] == k.shape[2]:
+        return key_padding_mask
+    return query_padding_mask
 
 
 def _expand_sink(sink: torch.Tensor, batch: int) -> torch.Tensor:
@@ -163,10 +190,21 @@ def _expand_sink(sink: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _sink_attention_composite(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, return_lse
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    scale,
+    return_lse,
+    query_padding_mask=None,
 ):
     """Devices without a native kernel: SDPA on ``[sink ; kv]`` (whatever backend the device
-    has), or the reference math where SDPA cannot express the request (logit sink, lse)."""
+    has), or the reference math where SDPA cannot express the request (logit sink, lse).
+    ``query_padding_mask`` as in :func:`sink_attention`."""
+    query_padding_mask = _query_padding(q, k, key_padding_mask, query_padding_mask)
     if sink_logit is not None or return_lse:
         return sink_attention_reference(
             q,
@@ -176,10 +214,11 @@ def _sink_attention_composite(
             sink_v,
             sink_logit=sink_logit,
             key_padding_mask=key_padding_mask,
+            query_padding_mask=query_padding_mask,
             scale=scale,
             return_lse=return_lse,
         )
-    B, H, L, _ = q.shape
+    B, H = q.shape[:2]
     attn_mask = None
     if sink_k is not None:
         k = torch.cat([_expand_sink(sink_k, B).unsqueeze(2), k], dim=2)
@@ -192,40 +231,54 @@ def _sink_attention_composite(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=H != k.shape[1]
     )
-    if key_padding_mask is not None:
-        out = out.masked_fill(~key_padding_mask[:, None, :, None], 0)
+    if query_padding_mask is not None:
+        out = out.masked_fill(~query_padding_mask[:, None, :, None], 0)
     return out.contiguous()
 
 
 def sink_attention_mask(
-    L: int, sink_position: int = 0, key_padding_mask: torch.Tensor | None = None
+    L: int,
+    sink_position: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    query_length: int | None = None,
 ) -> torch.Tensor:
     """Dense mask of the paper's form for a sequence with a sink token inserted.
 
-    The sequence has ``L + 1`` tokens with the sink at index ``sink_position``
-    (``0 <= sink_position <= L``). The sink's row sees only itself; every other row sees
-    the sink and every real token.
+    The keys are ``L + 1`` tokens with the sink at index ``sink_position``
+    (``0 <= sink_position <= L``). By default the queries are those same tokens: the sink's
+    row sees only itself; every other row sees the sink and every real token. With
+    ``query_length`` the queries are ``query_length`` other tokens, none of them the sink (a
+    block's queries over cached keys plus their own): each row sees the sink and every real key.
 
     Args:
-        L: number of real tokens.
-        sink_position: where the sink sits in the ``L + 1`` sequence.
-        key_padding_mask: optional bool ``(B, L)``, True = real token, for the real tokens.
+        L: number of real tokens among the keys.
+        sink_position: where the sink sits in the ``L + 1`` keys.
+        key_padding_mask: optional bool ``(B, L)``, True = real token, for the real keys.
             Padded rows still see the sink, so no row is fully masked.
+        query_length: None (the queries are the keys), or the number Lq of separate queries.
 
     Returns:
-        bool ``(L + 1, L + 1)``, or ``(B, L + 1, L + 1)`` with a padding mask; True = may
-        attend. Use it as ``attn_mask=mask`` (or ``mask[:, None]``) in
-        ``F.scaled_dot_product_attention``.
+        bool ``(L + 1, L + 1)`` (``(Lq, L + 1)`` with ``query_length``), with a ``B`` dimension
+        first when a padding mask is given; True = may attend. Use it as ``attn_mask=mask`` (or
+        ``mask[:, None]``) in ``F.scaled_dot_product_attention``.
     """
     if not 0 <= sink_position <= L:
         raise ValueError(
             f"sink_attention_mask: sink_position must be in [0, {L}], got {sink_position}"
         )
+    if query_length is not None and not (isinstance(query_length, int) and query_length >= 0):
+        raise ValueError(
+            f"sink_attention_mask: query_length must be None or an int >= 0, got {query_length!r}"
+        )
     device = key_padding_mask.device if key_padding_mask is not None else None
     n = L + 1
-    mask = torch.ones(n, n, dtype=torch.bool, device=device)
-    mask[sink_position, :] = False
-    mask[sink_position, sink_position] = True
+    if query_length is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=device)
+        mask[sink_position, :] = False
+        mask[sink_position, sink_position] = True
+    else:
+        mask = torch.ones(query_length, n, dtype=torch.bool, device=device)
     if key_padding_mask is None:
         return mask
     if (
@@ -258,19 +311,24 @@ def sink_attention_reference(
     *,
     sink_logit: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     sink_position: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``sink_attention`` written the paper's way, in plain PyTorch (O(L^2) memory).
+    """``sink_attention`` written the paper's way, in plain PyTorch (O(Lq Lk) memory).
 
-    A real sink token is inserted into the sequence at ``sink_position`` and attention runs
-    with the dense mask of :func:`sink_attention_mask`; the sink's own row is dropped from
-    the result. Same arguments, shapes and return values as :func:`sink_attention`. Computes
-    in the inputs' dtype: pass float64 tensors for a reference.
+    A real sink token is inserted into the keys at ``sink_position`` and attention runs with
+    the dense mask of :func:`sink_attention_mask`. When Lq == Lk the queries are the same
+    sequence, sink included, and the sink's own row is dropped from the result; otherwise they
+    are separate queries (``query_length=Lq``). Same arguments, shapes and return values as
+    :func:`sink_attention`. Computes in the inputs' dtype: pass float64 tensors for a reference.
     """
-    _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
-    B, H, L, D = q.shape
+    _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask)
+    B, H, Lq, D = q.shape
+    L = k.shape[2]
+    same_tokens = Lq == L
+    query_padding_mask = _query_padding(q, k, key_padding_mask, query_padding_mask)
     group = H // k.shape[1]
     scale = softmax_scale(scale, D)
     k = k.repeat_interleave(group, dim=1)
@@ -289,10 +347,12 @@ def sink_attention_reference(
             return torch.cat([x[:, :, :p], token, x[:, :, p:]], dim=2)
 
         # The sink's query is irrelevant (its row sees only itself): reuse its key.
-        q, k, v = insert(q, sk), insert(k, sk), insert(v, sv)
-        mask = sink_attention_mask(L, p, key_padding_mask)
+        if same_tokens:
+            q = insert(q, sk)
+        k, v = insert(k, sk), insert(v, sv)
+        mask = sink_attention_mask(L, p, key_padding_mask, query_length=None if same_tokens else Lq)
     elif key_padding_mask is not None:
-        mask = key_padding_mask[:, None, :].expand(B, L, L)
+        mask = key_padding_mask[:, None, :].expand(B, Lq, L)
     else:
         mask = None
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -305,13 +365,15 @@ def sink_attention_reference(
         v = torch.cat([v, v.new_zeros(B, H, 1, D)], dim=2)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
-    if has_token:
+    if has_token and same_tokens:
         keep = [i for i in range(L + 1) if i != sink_position]
         out, lse = out[:, :, keep], lse[:, :, keep]
-    if key_padding_mask is not None:
-        padded = ~key_padding_mask[:, None, :]
-        out = out.masked_fill(padded[..., None], 0)
-        lse = lse.masked_fill(padded, 0)
+    # Padded query rows, and rows that see no key at all, return 0 (and lse 0).
+    empty = lse == float("-inf")
+    if query_padding_mask is not None:
+        empty = empty | ~query_padding_mask[:, None, :]
+    out = out.masked_fill(empty[..., None], 0)
+    lse = lse.masked_fill(empty, 0)
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     out = out.contiguous()
     return (out, lse) if return_lse else out
@@ -325,13 +387,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_fwd")
-def _sink_attention_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
+def _sink_attention_fwd_fake(
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
+):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
 def _sink_attention_bwd_fake(
-    grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    query_padding_mask,
+    out,
+    lse,
+    scale,
 ):
     def like(t):
         return t.new_empty(t.shape) if t is not None else q.new_empty(0)
@@ -340,14 +416,18 @@ def _sink_attention_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale = inputs
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse)
+    ctx.save_for_backward(
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse
+    )
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse = (
+        ctx.saved_tensors
+    )
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dsink_k, dsink_v, dsink_logit = torch.ops.sinkdlm.sink_attention_bwd(
@@ -360,6 +440,7 @@ def _backward(ctx, grad_out, grad_lse):
         sink_v,
         sink_logit,
         key_padding_mask,
+        query_padding_mask,
         out,
         lse,
         ctx.scale,
@@ -371,6 +452,7 @@ def _backward(ctx, grad_out, grad_lse):
         dsink_k if sink_k is not None else None,
         dsink_v if sink_v is not None else None,
         dsink_logit if sink_logit is not None else None,
+        None,
         None,
         None,
     )

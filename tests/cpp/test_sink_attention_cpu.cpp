@@ -175,7 +175,7 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   const auto ska = cast<A>(sk), sva = cast<A>(sv), lama = cast<A>(lam);
   SinkAttentionProblem p{};
   p.dtype = dtype;
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.q_len = p.kv_len = c.L, p.head_dim = c.D;
   p.scale = scale;
   p.q = qt.data(), p.q_stride = layout(c, c.H);
   p.k = kt.data(), p.k_stride = layout(c, c.Hkv);
@@ -185,7 +185,7 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
     p.sink_batch_stride = c.shared_sink ? 0 : c.Hkv * c.D;
   }
   if (c.sink_logit) p.sink_logit = lama.data();
-  if (c.padding) p.key_padding_mask = mask_arr.get();
+  if (c.padding) p.key_padding_mask = p.query_padding_mask = mask_arr.get();  // same tokens
 
   const A nan = std::numeric_limits<A>::quiet_NaN();
   std::vector<T> out(nq, store<T>(nan)), dq(nq, store<T>(nan)), dk(nkv, store<T>(nan)),
