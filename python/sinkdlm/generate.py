@@ -7,6 +7,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from .block_cache import CACHE_MODES, BlockKVCache, block_forward
 from .remask_step import remask_step
 
 
@@ -53,11 +54,6 @@ def _sink_kv_context(model):
     return hf.sink_kv_cache(model) if hf.has_sink_token(model) else contextlib.nullcontext()
 
 
-def _model_logits(model, tokens, attention_mask):
-    out = model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -78,13 +74,18 @@ def generate(
     progress: bool = False,
     schedule: str = "llada",
     eps: float = 1e-3,
+    cache: str | None = None,
 ) -> torch.Tensor:
     """Generate ``gen_length`` tokens after each prompt by iterative unmasking.
 
     Args:
         model: callable ``model(tokens)`` or, with ``attention_mask``,
             ``model(tokens, attention_mask=mask)`` returning (B, T, V) logits or an object with
-            ``.logits`` (a Hugging Face model).
+            ``.logits`` (a Hugging Face model; float64 logits are rounded to float32 for the
+            remasking step); or a model with sinkdlm's block forward
+            (:mod:`sinkdlm.block_cache`: :class:`sinkdlm.models.DiffusionLM`, Hugging Face
+            models through :mod:`sinkdlm.hf`), which then computes logits for the current
+            block only and supports ``cache``.
         input_ids: (B, P) int64 prompts, left-padded to a common length P.
         attention_mask: optional (B, P), 1/True for real prompt tokens; extended with ones over
             the generated part and passed to the model.
@@ -99,19 +100,26 @@ def generate(
         count_floor: with ``threshold``, the hybrid rule: each step also fills at least the
             schedule's count, so a block ends within its ``steps / blocks`` steps.
         cfg_scale: classifier-free guidance as in LLaDA (unconditional pass with the prompt
-            masked; logits = uncond + (cfg_scale + 1) (cond - uncond)); 0 disables it.
+            masked; logits = uncond + (cfg_scale + 1) (cond - uncond)); 0 disables it. Both
+            passes run as one batch (and share the block cache).
         mask_id: the mask token id.
         logits_shift: True for models that predict token i at position i - 1 (Dream).
         generator: torch.Generator for the sampling noise (see :func:`sinkdlm.remask_step_seed`).
         progress: show a tqdm bar over steps.
         schedule: ``"llada"`` (:func:`llada_transfer_schedule`) or ``"dream"``
             (:func:`dream_transfer_schedule`, with ``eps``), applied within each block.
+        cache: None, ``"prefix"`` or ``"dual"``: Fast-dLLM's block KV cache
+            (:mod:`sinkdlm.block_cache`). Each block's first step runs the whole sequence and
+            stores every layer's K/V; its later steps feed only the block and what follows it
+            ("prefix") or the block alone ("dual"), at their true positions, attending to the
+            cached K/V of the rest. With ``logits_shift`` the queries start one position
+            earlier, at the position whose hidden state predicts the block's first token.
 
     Returns:
         (B, P + gen_length) int64: the prompts followed by the generated tokens.
 
-    When the model carries a sink token (``sinkdlm.hf.has_sink_token``), its K/V are computed
-    once for the whole call (``sinkdlm.hf.sink_kv_cache``), not once per step.
+    When the model carries a sink token (``sinkdlm.hf.has_sink_token``, or a DiffusionLM sink
+    variant), its K/V are computed once for the whole call, not once per step.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
         raise ValueError(
@@ -139,13 +147,23 @@ def generate(
         )
     if count_floor and threshold is None:
         raise ValueError("generate: count_floor needs a threshold, got threshold=None")
+    if cache is not None and cache not in CACHE_MODES:
+        raise ValueError(f"generate: cache must be None, 'prefix' or 'dual', got {cache!r}")
+    forward, cacheable = block_forward(model)
+    if cache is not None and not cacheable:
+        raise TypeError(
+            f"generate: cache={cache!r} needs a model with sinkdlm's block forward "
+            f"(sinkdlm.models.DiffusionLM, or a Hugging Face model with sinkdlm.hf imported); "
+            f"{type(model).__name__} is only callable (see sinkdlm.block_cache)"
+        )
     steps_per_block = steps // num_blocks
     # Fast-dLLM's threshold rule runs each block until it is full, not for a fixed step count.
     until_full = threshold is not None and not count_floor
     batch, prompt_length = input_ids.shape
+    total_length = prompt_length + gen_length
     device = input_ids.device
 
-    x = torch.full((batch, prompt_length + gen_length), mask_id, dtype=torch.int64, device=device)
+    x = torch.full((batch, total_length), mask_id, dtype=torch.int64, device=device)
     x[:, :prompt_length] = input_ids
     full_mask = None
     prompt_positions = torch.zeros_like(x, dtype=torch.bool)
@@ -154,27 +172,39 @@ def generate(
     else:
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
         prompt_positions[:, :prompt_length] = attention_mask.bool()
+    model_mask = full_mask
+    if cfg_scale > 0 and full_mask is not None:
+        model_mask = torch.cat([full_mask, full_mask])
+    kv = None if cache is None else BlockKVCache(cache)
 
-    def logits_of(tokens):
+    def block_logits(start, end, refresh):
+        """(B, block_length, V) logits of positions [start, end), through the cache's phase."""
+        tokens = x
         if cfg_scale > 0:
-            unconditional = tokens.masked_fill(prompt_positions, mask_id)
-            mask = None if full_mask is None else torch.cat([full_mask, full_mask])
-            both = _model_logits(model, torch.cat([tokens, unconditional]), mask)
-            conditional, unconditional_logits = both.chunk(2)
-            logits = unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
-        else:
-            logits = _model_logits(model, tokens, full_mask)
+            tokens = torch.cat([x, x.masked_fill(prompt_positions, mask_id)])
+        # The positions whose hidden states predict the block (one earlier with the shift; the
+        # first token keeps its own when nothing precedes it).
+        read = torch.arange(start, end, device=device)
         if logits_shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+            read = (read - 1).clamp_min(0)
+        query_start = 0
+        if kv is not None and refresh:
+            kv.refresh(total_length)
+        elif kv is not None:
+            query_start = int(read[0])
+            kv.step(query_start, end if cache == "dual" else total_length)
+            tokens = tokens[:, query_start : kv.query_end]
+        logits = forward(tokens, model_mask, cache=kv, keep=read - query_start)
+        if cfg_scale > 0:
+            conditional, unconditional = logits.chunk(2)
+            logits = unconditional + (cfg_scale + 1) * (conditional - unconditional)
+        return logits.float() if logits.dtype == torch.float64 else logits
 
-    window = torch.empty(batch, 2, dtype=torch.int64, device=device)
     total = None if until_full else steps
     with _sink_kv_context(model), tqdm(total=total, disable=not progress, desc="denoising") as bar:
         for block in range(num_blocks):
             start = prompt_length + block * block_length
             end = start + block_length
-            window[:, 0], window[:, 1] = start, end
             num_masked = (x[:, start:end] == mask_id).sum(dim=1)
             if schedule == "llada":
                 counts = llada_transfer_schedule(num_masked, steps_per_block)
@@ -186,16 +216,16 @@ def generate(
                     if not until_full:
                         bar.update(steps_per_block - i)
                     break
-                x, _, _ = remask_step(
-                    logits_of(x),
-                    x,
+                x[:, start:end], _, _ = remask_step(
+                    block_logits(start, end, refresh=i == 0),
+                    x[:, start:end],
                     mask_id,
                     0 if until_full else counts[:, i],
                     strategy=strategy,
                     temperature=temperature,
                     threshold=threshold,
                     count_floor=count_floor,
-                    window=window,
+                    position_offset=start,
                     generator=generator,
                 )
                 bar.update(1)

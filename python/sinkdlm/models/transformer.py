@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..block_cache import BlockKVCache
 from ..sink_attention import sink_attention
 from .config import DiffusionLMConfig
 
@@ -119,15 +120,31 @@ class Attention(nn.Module):
         return sk, sv
 
     def forward(
-        self, x, cos, sin, key_padding_mask=None, sink_x=None, sink_cos=None, sink_sin=None
+        self,
+        x,
+        cos,
+        sin,
+        key_padding_mask=None,
+        sink_x=None,
+        sink_cos=None,
+        sink_sin=None,
+        cache=None,
+        query_padding_mask=None,
     ):
-        """x (B,L,d) normed input -> (attention output (B,L,d), sink output (S,d) or None)."""
+        """x (B,Lq,d) normed input -> (attention output (B,Lq,d), sink output (S,d) or None).
+
+        Without ``cache`` the queries are the keys (Lq = L). With a BlockKVCache, the layer's K/V
+        go through ``cache.update`` and the queries attend to the L keys it returns;
+        key_padding_mask is (B, L), query_padding_mask (B, Lq); the sink K/V live in
+        ``cache.sink_kv`` (stored when ``sink_x`` is given, read when it is not)."""
         cfg = self.cfg
         b, n, _ = x.shape
         h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = apply_rope(self.q_proj(x).view(b, n, h, hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, n, hkv, hd).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(b, n, hkv, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
         scale = 1.0 / math.sqrt(hd)
         want_lse = self.attention_observer is not None
         sink_k = sink_v = sink_out = None
@@ -137,10 +154,15 @@ class Attention(nn.Module):
             # A sink sees only itself: its attention output is its own value, copied to each head.
             own = sink_v.repeat_interleave(h // hkv, dim=1).reshape(sink_x.shape[0], h * hd)
             sink_out = self.o_proj(own)
+            if cache is not None:
+                cache.sink_kv[self.layer] = (sink_k, sink_v)
+        elif cache is not None and cache.sink_kv is not None:
+            sink_k, sink_v = cache.sink_kv[self.layer]
+        masks = (key_padding_mask, query_padding_mask)
         if sink_k is not None and sink_k.shape[0] > 1:
-            out = self._multi_sink_attention(q, k, v, sink_k, sink_v, key_padding_mask, scale)
+            out = self._multi_sink_attention(q, k, v, sink_k, sink_v, *masks, scale)
             if want_lse:
-                lse = self._multi_sink_lse(q, k, v, sink_k, sink_v, key_padding_mask, scale)
+                lse = self._multi_sink_lse(q, k, v, sink_k, sink_v, *masks, scale)
         else:
             res = sink_attention(
                 q,
@@ -150,6 +172,7 @@ class Attention(nn.Module):
                 None if sink_v is None else sink_v[0],
                 sink_logit=self.sink_logit,
                 key_padding_mask=key_padding_mask,
+                query_padding_mask=query_padding_mask,
                 scale=scale,
                 return_lse=want_lse,
             )
@@ -175,8 +198,8 @@ class Attention(nn.Module):
         return self.o_proj(out), sink_out
 
     @staticmethod
-    def _multi_sink_attention(q, k, v, sink_k, sink_v, key_padding_mask, scale):
-        b, _, n, _ = q.shape
+    def _multi_sink_attention(q, k, v, sink_k, sink_v, key_padding_mask, query_padding_mask, scale):
+        b = q.shape[0]
         s = sink_k.shape[0]
         k_all = torch.cat([sink_k.permute(1, 0, 2).expand(b, -1, -1, -1), k], dim=2)
         v_all = torch.cat([sink_v.permute(1, 0, 2).expand(b, -1, -1, -1), v], dim=2)
@@ -187,13 +210,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k_all, v_all, attn_mask=mask, scale=scale, enable_gqa=True
         )
-        if key_padding_mask is not None:  # padded query rows return 0, as sink_attention does
-            out = out * key_padding_mask[:, None, :, None].to(out.dtype)
+        if query_padding_mask is not None:  # padded query rows return 0, as sink_attention does
+            out = out * query_padding_mask[:, None, :, None].to(out.dtype)
         return out
 
     @staticmethod
     @torch.no_grad()
-    def _multi_sink_lse(q, k, v, sink_k, sink_v, key_padding_mask, scale):
+    def _multi_sink_lse(q, k, v, sink_k, sink_v, key_padding_mask, query_padding_mask, scale):
         # lse over [sink_0 ; tokens] from the op, then log-add the other sinks' scores: O(L * S).
         _, lse0 = sink_attention(
             q,
@@ -202,6 +225,7 @@ class Attention(nn.Module):
             sink_k[0],
             sink_v[0],
             key_padding_mask=key_padding_mask,
+            query_padding_mask=query_padding_mask,
             scale=scale,
             return_lse=True,
         )
@@ -209,8 +233,8 @@ class Attention(nn.Module):
         extra = sink_k[1:].repeat_interleave(group, dim=1).to(q.dtype)  # (S-1, H, D)
         scores = torch.einsum("bhld,shd->bhls", q, extra).float() * scale
         lse = torch.logsumexp(torch.cat([lse0.float()[..., None], scores], dim=-1), dim=-1)
-        if key_padding_mask is not None:
-            lse = lse * key_padding_mask[:, None, :]
+        if query_padding_mask is not None:
+            lse = lse * query_padding_mask[:, None, :]
         return lse.to(lse0.dtype)
 
 
@@ -222,10 +246,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, key_padding_mask, sink_h, sink_cos, sink_sin):
+    def forward(self, x, cos, sin, masks, sink_h, sink_cos, sink_sin, cache=None):
+        """masks: (key_padding_mask, query_padding_mask), see Attention.forward."""
         sink_x = None if sink_h is None else self.attn_norm(sink_h)
+        key_padding_mask, query_padding_mask = masks
         a, sink_a = self.attn(
-            self.attn_norm(x), cos, sin, key_padding_mask, sink_x, sink_cos, sink_sin
+            self.attn_norm(x),
+            cos,
+            sin,
+            key_padding_mask,
+            sink_x,
+            sink_cos,
+            sink_sin,
+            cache,
+            query_padding_mask,
         )
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
@@ -277,21 +311,55 @@ class DiffusionLM(nn.Module):
             return list(range(-s, 0))
         return list(range(seq_len, seq_len + s))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: BlockKVCache | None = None,
+        logits_to_keep: torch.Tensor | None = None,
+    ):
+        """input_ids (B, L) -> DiffusionLMOutput with logits (B, L, V), or (B, K, V) with
+        ``logits_to_keep``.
+
+        Args:
+            attention_mask: optional (B, T) over the whole sequence, 1 = real token.
+            cache: a :class:`sinkdlm.block_cache.BlockKVCache` (sinkdlm.generate's block cache):
+                input_ids are the tokens at positions ``cache.query_start ..`` of a sequence of
+                ``cache.length`` = T tokens (all of them while it refreshes), and every layer
+                attends through the cache. The sink K/V are stored in it on the first forward
+                and reused by the later ones.
+            logits_to_keep: optional (K,) int64 positions of input_ids: the LM head runs on those
+                hidden states only.
+        """
         b, n = input_ids.shape
         cfg = self.config
         device = input_ids.device
+        start, total = (0, n) if cache is None else (cache.query_start, cache.length)
         x = self.embed(input_ids)
-        cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta)
-        kpm = None if attention_mask is None else attention_mask.to(torch.bool)
+        positions = torch.arange(start, start + n, device=device)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        kpm = qpm = None
+        if attention_mask is not None:
+            kpm = attention_mask.to(torch.bool)
+            qpm = kpm[:, start : start + n]
         sink_h = sink_cos = sink_sin = None
-        if self.sink_embedding is not None:
+        if self.sink_embedding is not None and (cache is None or cache.sink_kv is None):
             sink_h = self.sink_embedding.to(x.dtype)
-            pos = torch.tensor(self.sink_positions(n), device=device)
+            pos = torch.tensor(self.sink_positions(total), device=device)
             sink_cos, sink_sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+            if cache is not None:
+                cache.sink_kv = {}
         for blk in self.layers:
-            x, sink_h = blk(x, cos, sin, kpm, sink_h, sink_cos, sink_sin)
+            x, sink_h = blk(x, cos, sin, (kpm, qpm), sink_h, sink_cos, sink_sin, cache)
+        if logits_to_keep is not None:
+            x = x[:, logits_to_keep]
         return DiffusionLMOutput(self.lm_head(self.norm(x)))
+
+    def block_forward(self, tokens, attention_mask, *, cache, keep):
+        """sinkdlm.generate's entry point (see sinkdlm.block_cache): logits (B, K, V) of the
+        ``keep`` positions of ``tokens``."""
+        return self(tokens, attention_mask, cache=cache, logits_to_keep=keep).logits
 
 
 def save_model(model: DiffusionLM, path) -> None:
