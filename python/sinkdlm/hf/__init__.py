@@ -5,8 +5,10 @@ model.save_pretrained(path)
 model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
 """
 
+from ..block_cache import register_block_forward
 from . import native
 from .adapters import SinkAdapter, register_adapter
+from .block_cache import find_block_forward
 from .patch import (
     add_sink_token,
     attention_layers,
@@ -17,6 +19,7 @@ from .patch import (
 from .shims import from_pretrained
 
 native.register()
+register_block_forward(find_block_forward)  # sinkdlm.generate's block forward and cache
 
 __all__ = [
     "SinkAdapter",

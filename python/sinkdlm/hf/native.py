@@ -105,9 +105,10 @@ def sinkdlm_attention_forward(
 ):
     """transformers attention function: bidirectional sink attention.
 
-    query (B, H, L, D), key/value (B, Hkv, L, D) are used as given (no copy, no repeat_kv);
-    returns ((B, L, H, D) contiguous, None). ``is_causal`` is ignored: DLM attention is
-    bidirectional. The sink K/V come from ``kwargs["sinkdlm_sink"]``.
+    query (B, H, Lq, D), key/value (B, Hkv, Lk, D) are used as given (no copy, no repeat_kv);
+    returns ((B, Lq, H, D) contiguous, None). Lk > Lq under a KV cache (sinkdlm.generate's block
+    cache): the queries attend to every key it returns. ``is_causal`` is ignored: DLM attention
+    is bidirectional. The sink K/V come from ``kwargs["sinkdlm_sink"]``.
     """
     sink = kwargs.get(SINK_KWARG)
     if sink is None:
@@ -127,11 +128,6 @@ def sinkdlm_attention_forward(
     if sink.collect:
         sink.kv[layer_key] = (key[0, :, 0], value[0, :, 0])
         return expand_sink_output(value, query.shape[1]), None
-    if key.shape[2] != query.shape[2]:
-        raise NotImplementedError(
-            f"sinkdlm attention got {query.shape[2]} queries and {key.shape[2]} keys: KV caches "
-            "are not supported (diffusion LMs re-run the whole sequence); pass use_cache=False"
-        )
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         raise NotImplementedError(

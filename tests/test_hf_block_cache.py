@@ -1,0 +1,216 @@
+"""generate(cache=...) on transformers-native models, against a Fast-dLLM-style loop built on
+transformers' own DynamicCache (tiny random Llama, float64, CPU).
+
+The loop is Fast-dLLM's sampler written with the model's own cache: at each block start a full
+forward returns every layer's K/V; "prefix" puts the K/V before the block in a DynamicCache and
+feeds the block and suffix at their positions; "dual" puts the K/V before and after the block in
+it and feeds the block (bidirectional attention does not care about the keys' order, so the
+block's fresh keys going last, with the padding mask reordered alike, is Fast-dLLM's in-place
+replacement).
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sinkdlm  # noqa: E402
+import sinkdlm.hf  # noqa: E402
+from sinkdlm.hf import patch  # noqa: E402
+
+VOCAB, MASK_ID, PAD_ID = 64, 63, 0
+
+
+def tiny_llama(sink, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        is_causal=False,  # a bidirectional DLM without the sink token, through the model's SDPA
+        initializer_range=0.2,
+    )
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)  # confident predictions, so thresholds bite
+        model.lm_head.weight[MASK_ID] = 0  # logit exactly 0: below the confident tokens
+    if sink:
+        sinkdlm.hf.add_sink_token(model)
+    return model
+
+
+def forward(model, tokens, mask, positions, cache=None):
+    out = model(
+        input_ids=tokens,
+        attention_mask=mask,
+        position_ids=positions.expand(tokens.shape[0], -1),
+        cache=cache,
+        use_cache=True,
+    )
+    return out.logits.float(), out.cache
+
+
+def fast_dllm_loop(
+    model, ids, mask, gen_length, block_length, steps, mode, threshold=None, cfg_scale=0.0
+):
+    batch, prompt_length = ids.shape
+    total = prompt_length + gen_length
+    x = torch.full((batch, total), MASK_ID, dtype=torch.long)
+    x[:, :prompt_length] = ids
+    real = torch.ones(batch, total, dtype=torch.long)
+    real[:, :prompt_length] = mask
+    is_prompt = torch.zeros(batch, total, dtype=torch.bool)
+    is_prompt[:, :prompt_length] = mask.bool()
+    steps_per_block = steps // (gen_length // block_length)
+    for start in range(prompt_length, total, block_length):
+        end = start + block_length
+        counts = [
+            block_length // steps_per_block + (j < block_length % steps_per_block)
+            for j in range(steps_per_block)
+        ]
+        kept, step = None, 0
+        while (x[:, start:end] == MASK_ID).any():
+            tokens = x if cfg_scale == 0 else torch.cat([x, x.masked_fill(is_prompt, MASK_ID)])
+            key_real = real if cfg_scale == 0 else torch.cat([real, real])
+            if kept is None or mode is None:
+                logits, full = forward(model, tokens, key_real, torch.arange(total))
+                kept = [(layer.keys, layer.values) for layer in full.layers]
+                logits = logits[:, start:end]
+            else:
+                cache = transformers.DynamicCache()
+                if mode == "prefix":
+                    rows, fed = torch.arange(start), torch.arange(start, total)
+                else:
+                    rows = torch.cat([torch.arange(start), torch.arange(end, total)])
+                    fed = torch.arange(start, end)
+                for layer, (k, v) in enumerate(kept):
+                    cache.update(k[:, :, rows], v[:, :, rows], layer)
+                order = torch.cat([rows, fed])
+                logits, _ = forward(model, tokens[:, fed], key_real[:, order], fed, cache)
+                logits = logits[:, :block_length]
+            if cfg_scale > 0:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            probs = torch.softmax(logits.double(), dim=-1)
+            for b in range(batch):
+                masked = [i for i in range(block_length) if x[b, start + i] == MASK_ID]
+                ranked = sorted(masked, key=lambda i: -probs[b, i].max().item())
+                for rank, i in enumerate(ranked):
+                    if threshold is not None:
+                        chosen = rank == 0 or probs[b, i].max() >= threshold
+                    else:
+                        chosen = rank < counts[step]
+                    if chosen:
+                        x[b, start + i] = int(logits[b, i].argmax())
+            step += 1
+    return x
+
+
+def ragged(lengths, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, MASK_ID, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return prompts, ids, mask
+
+
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "nosink"])
+@pytest.mark.parametrize("mode", [None, "prefix", "dual"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(gen_length=12, block_length=4, steps=12),
+        dict(gen_length=12, block_length=6, steps=4, threshold=0.5),
+        dict(gen_length=8, block_length=4, steps=4, cfg_scale=1.0),
+    ],
+    ids=["one_per_step", "threshold", "cfg"],
+)
+def test_generation_equals_fast_dllm_loop(sink, mode, options):
+    model = tiny_llama(sink)
+    _, ids, mask = ragged([5, 3])
+    want = fast_dllm_loop(model, ids, mask, mode=mode, **options)
+    got = sinkdlm.generate(model, ids, attention_mask=mask, mask_id=MASK_ID, cache=mode, **options)
+    assert (got != MASK_ID).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "nosink"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_first_step_of_every_block_equals_uncached(sink, mode, monkeypatch):
+    model = tiny_llama(sink, seed=3)
+    _, ids, mask = ragged([6, 2])
+    seen = []
+    finder = sinkdlm.hf.block_cache.NativeBlockForward.__call__
+
+    def recording(self, tokens, attention_mask, *, cache, keep):
+        logits = finder(self, tokens, attention_mask, cache=cache, keep=keep)
+        if cache.refreshing:
+            seen.append((tokens.clone(), attention_mask, keep, logits))
+        return logits
+
+    monkeypatch.setattr(sinkdlm.hf.block_cache.NativeBlockForward, "__call__", recording)
+    sinkdlm.generate(
+        model,
+        ids,
+        attention_mask=mask,
+        gen_length=12,
+        block_length=4,
+        steps=6,
+        mask_id=MASK_ID,
+        cache=mode,
+    )
+    assert len(seen) == 3
+    for tokens, attention_mask, keep, logits in seen:
+        uncached = model(tokens, attention_mask=attention_mask, use_cache=False).logits
+        torch.testing.assert_close(logits, uncached[:, keep], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [None, "prefix", "dual"])
+@pytest.mark.parametrize("sink, lengths", [(False, [3, 7, 5]), (True, [5, 5, 5])])
+def test_batched_equals_one_by_one(mode, sink, lengths):
+    # The sink sits at rotary position -1 whatever the padding, so sink models are batched here
+    # with prompts of one length.
+    model = tiny_llama(sink, seed=4)
+    prompts, ids, mask = ragged(lengths, seed=5)
+    kwargs = dict(gen_length=8, steps=4, block_length=4, mask_id=MASK_ID, cache=mode, threshold=0.3)
+    batched = sinkdlm.generate(model, ids, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = sinkdlm.generate(model, prompt[None], **kwargs)
+        torch.testing.assert_close(
+            batched[row, ids.shape[1] :], alone[0, len(prompt) :], rtol=0, atol=0
+        )
+
+
+def test_sink_pass_runs_once_per_call(monkeypatch):
+    model = tiny_llama(True, seed=6)
+    _, ids, mask = ragged([4, 4])
+    passes = []
+    compute = patch._compute_sink_kv
+
+    def counted(state):
+        passes.append(1)
+        return compute(state)
+
+    monkeypatch.setattr(patch, "_compute_sink_kv", counted)
+    sinkdlm.generate(
+        model,
+        ids,
+        attention_mask=mask,
+        gen_length=12,
+        block_length=4,
+        steps=12,
+        mask_id=MASK_ID,
+        cache="dual",
+    )
+    assert len(passes) == 1
