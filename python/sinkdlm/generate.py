@@ -7,7 +7,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .remask_step import remask_step
+from .ops import remask_step
 
 
 def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:

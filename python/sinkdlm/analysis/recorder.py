@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..models.transformer import AttentionCall
-from ..sink_attention import sink_attention, softmax_scale
-from .attention_mass import attention_mass
+from ..ops import attention_mass, sink_attention
+from ..ops.common import softmax_scale
 
 
 @dataclass

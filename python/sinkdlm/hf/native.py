@@ -11,7 +11,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..sink_attention import sink_attention, softmax_scale
+from ..ops import sink_attention
+from ..ops.common import softmax_scale
 
 ATTN_IMPLEMENTATION = "sinkdlm"
 SINK_KWARG = "sinkdlm_sink"

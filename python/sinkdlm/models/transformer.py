@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sink_attention import sink_attention
+from ..ops import sink_attention
 from .config import DiffusionLMConfig
 
 
