@@ -251,6 +251,18 @@ def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
     assert not torch.equal(after, first)
 
 
+def test_generate_runs_the_sink_pass_once(monkeypatch):
+    """sinkdlm.generate enters the sink K/V cache (through sinkdlm.protocol.inference_cache)."""
+    model = sinkdlm.hf.add_sink_token(tiny_model("llama"))
+    calls = []
+    real_pass = native.run_sink_pass
+    monkeypatch.setattr(native, "run_sink_pass", lambda *a: calls.append(1) or real_pass(*a))
+    ids, _ = batch(length=5)
+    out = sinkdlm.generate(model, ids, gen_length=6, steps=3, mask_id=VOCAB - 1)
+    assert out.shape == (2, 11)
+    assert len(calls) == 1
+
+
 def test_torch_compile_runs_fullgraph_with_gradients():
     model = patched_copy(tiny_model("llama"))
     ids, attention = batch()

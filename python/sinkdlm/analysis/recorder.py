@@ -1,12 +1,13 @@
 """Record per-step attention mass, sink shares and value norms while a model generates.
 
-Recording protocol (implemented by sinkdlm.models.DiffusionLM and by Hugging Face models patched
-with sinkdlm.hf.add_sink_token; any model can implement it):
-  * ``model.attention_layers()`` returns the attention modules in layer order;
+Recording protocol (sinkdlm.protocol; implemented by sinkdlm.models.DiffusionLM and by Hugging
+Face models patched with sinkdlm.hf.add_sink_token; any model can implement it):
+  * ``model.attention_layers()`` (or a finder its family registered) returns the attention modules
+    in layer order;
   * each has an attribute ``attention_observer`` (None by default); when it is a callable the
-    module calls it once per forward with an object carrying q (B,H,L,D) and k, v (B,Hkv,L,D)
-    after RoPE, lse (B,H,L) over all keys including sinks, scale, key_padding_mask (B,L) or None,
-    sink_k / sink_v (S,Hkv,D) or None, and sink_logit (H,) or None (see models.AttentionCall).
+    module calls it once per forward with an AttentionCall carrying q (B,H,L,D) and k, v
+    (B,Hkv,L,D) after RoPE, lse (B,H,L) over all keys including sinks, scale, key_padding_mask
+    (B,L) or None, sink_k / sink_v (S,Hkv,D) or None, and sink_logit (H,) or None.
 Each forward call of the model is one recorded step (sinkdlm.generate calls the model once per
 diffusion step; with classifier-free guidance the conditional and unconditional calls are
 separate steps if the sampler makes two calls). Per step only reductions are kept: O(layers x B x
@@ -20,7 +21,6 @@ bidirectional attention with an optional key-padding mask; anything else raises.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..models.transformer import AttentionCall
 from ..ops import attention_mass, sink_attention
 from ..ops.common import softmax_scale
+from ..protocol import AttentionCall, attention_layers
 
 
 @dataclass
@@ -101,7 +101,7 @@ class AttentionRecorder:
 
     def __init__(self, model, *, layers=None, max_steps=512):
         self.model = model
-        modules = _attention_layers(model)
+        modules = attention_layers(model)
         self._sdpa = modules is None  # no protocol: watch the model's SDPA calls instead
         if self._sdpa:
             self._wanted = None if layers is None else set(layers)
@@ -206,18 +206,6 @@ class AttentionRecorder:
             ),
             layers=self.layers,
         )
-
-
-def _attention_layers(model):
-    """The protocol's attention modules, or None: then the recorder watches SDPA calls."""
-    if hasattr(model, "attention_layers"):
-        return list(model.attention_layers())
-    if "transformers" in sys.modules:  # a Hugging Face model patched by sinkdlm.hf?
-        from .. import hf
-
-        if hf.has_sink_token(model):
-            return hf.attention_layers(model)
-    return None
 
 
 class _SdpaWatch(TorchFunctionMode):

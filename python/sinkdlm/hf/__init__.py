@@ -5,6 +5,7 @@ model.save_pretrained(path)
 model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
 """
 
+from ..protocol import register_model_hooks
 from . import native
 from .adapters import SinkAdapter, register_adapter
 from .patch import (
@@ -17,6 +18,12 @@ from .patch import (
 from .shims import from_pretrained
 
 native.register()
+# The recorder and the sampler find a patched model's attention layers and sink cache through
+# sinkdlm.protocol, without importing sinkdlm.hf.
+register_model_hooks(
+    attention_layers=lambda model: attention_layers(model) if has_sink_token(model) else None,
+    inference_cache=sink_kv_cache,
+)
 
 __all__ = [
     "SinkAdapter",

@@ -14,7 +14,7 @@ The replacement is bound to each attention module. ``layer_sink(module)`` gives 
 stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), under
 ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
 ``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
-``sinkdlm.hf.native``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
+``sinkdlm.protocol``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
 the user's tokens.
 """
 
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .native import autocast_inputs, expand_sink_output, observed_sink_attention
+from ..protocol import observed_sink_attention
+from .native import autocast_inputs, expand_sink_output
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..ops import sink_attention
-from ..ops.common import softmax_scale
+from ..protocol import observed_sink_attention
 
 ATTN_IMPLEMENTATION = "sinkdlm"
 SINK_KWARG = "sinkdlm_sink"
@@ -50,34 +49,6 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) for t in tensors)
-
-
-def observed_sink_attention(module, layer, query, key, value, sink_k, sink_v, **kwargs):
-    """``sink_attention(query, key, value, sink_k, sink_v, **kwargs)`` that also hands what the
-    layer saw to ``module.attention_observer`` when one is set (sinkdlm.analysis.AttentionRecorder
-    sets it while recording; see the recording protocol there)."""
-    observer = getattr(module, "attention_observer", None)
-    if observer is None:
-        return sink_attention(query, key, value, sink_k, sink_v, **kwargs)
-    from ..models.transformer import AttentionCall
-
-    out, lse = sink_attention(query, key, value, sink_k, sink_v, return_lse=True, **kwargs)
-    scale = kwargs.get("scale")
-    observer(
-        AttentionCall(
-            layer,
-            query.detach(),
-            key.detach(),
-            value.detach(),
-            lse.detach(),
-            softmax_scale(scale, query.shape[-1]),
-            kwargs.get("key_padding_mask"),
-            sink_k.detach()[None],
-            sink_v.detach()[None],
-            None,
-        )
-    )
-    return out
 
 
 def key_padding_from_mask(attention_mask, key_length):
