@@ -317,6 +317,20 @@ def test_kv_cache_and_bare_implementation_raise():
         model(input_ids=ids)
 
 
+def test_four_d_padding_masks_equal_the_two_d_mask_and_causal_ones_raise():
+    model = patched_copy(tiny_model("llama"))
+    ids, attention = batch()
+    real = attention.bool()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attention).logits
+        for mask in (real[:, None, None, :], real[:, None, :, None] & real[:, None, None, :]):
+            got = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got[real], want[real], rtol=0, atol=0)
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        with pytest.raises(ValueError, match="bidirectional attention with key padding"):
+            model(input_ids=ids, attention_mask=causal.expand(ids.shape[0], 1, -1, -1))
+
+
 def test_bf16_autocast_on_float32_weights():
     """Trainer's --bf16: float32 weights under autocast (rotary leaves q/k float32, v bfloat16)."""
     model = patched_copy(tiny_model("qwen2"))

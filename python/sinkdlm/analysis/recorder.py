@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..ops import attention_mass, sink_attention
 from ..ops.common import softmax_scale
+from ..padding import key_padding_from_sdpa_mask
 from ..protocol import AttentionCall, attention_layers
 
 
@@ -239,43 +240,12 @@ def _sdpa_call(
             "AttentionRecorder needs (B, H, L, D) self-attention from SDPA calls, got query "
             f"{tuple(query.shape)} and key {tuple(key.shape)}"
         )
-    kpm = _key_padding(attn_mask, query.shape[0], key.shape[-2])
+    kpm = key_padding_from_sdpa_mask(attn_mask, query.shape[0], key.shape[-2], "AttentionRecorder")
     _, lse = sink_attention(query, key, value, key_padding_mask=kpm, scale=scale, return_lse=True)
     scale = softmax_scale(scale, query.shape[-1])
     return AttentionCall(
         layer, query.detach(), key.detach(), value.detach(), lse, scale, kpm, None, None, None
     )
-
-
-def _key_padding(attn_mask, batch, length):
-    """(B, L) bool key-padding mask behind an SDPA mask, or an error for any other pattern."""
-    if attn_mask is None:
-        return None
-    visible = (
-        attn_mask
-        if attn_mask.dtype == torch.bool
-        else attn_mask > torch.finfo(attn_mask.dtype).min / 2
-    )
-    if attn_mask.dtype != torch.bool and not bool(((attn_mask == 0) | ~visible).all()):
-        raise ValueError(
-            "AttentionRecorder: SDPA masks with biases (not 0 / -inf) are not supported"
-        )
-    visible = visible.expand(batch, 1, length, length) if visible.dim() == 4 else visible
-    if visible.dim() != 4 or visible.shape[1] != 1:
-        raise ValueError(
-            "AttentionRecorder: SDPA masks must be (B, 1, L, L) key-padding masks, got shape "
-            f"{tuple(attn_mask.shape)}"
-        )
-    kpm = visible[:, 0].any(1)  # a key is real if some query sees it
-    real_rows = visible[:, 0].any(2)
-    # Rows that see anything see exactly the real keys (padding, not a structured pattern).
-    ok = (visible[:, 0] == (kpm[:, None, :] & real_rows[:, :, None])).all()
-    if not bool(ok):
-        raise ValueError(
-            "AttentionRecorder records bidirectional attention with key padding; this SDPA mask "
-            "has another pattern (causal, sliding window, ...)"
-        )
-    return kpm
 
 
 @torch.no_grad()

@@ -3,6 +3,12 @@
 model = sinkdlm.hf.add_sink_token(model)   # one call; nothing else in the script changes
 model.save_pretrained(path)
 model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
+
+patch.py does what every architecture shares (the sink embedding, the wrapped forward, the sink
+K/V cache); registry.py maps an architecture to its backend, one file each: native.py
+(AttentionInterface, transformers-native families) and adapters.py (remote-code LLaDA, Dream);
+layer.py holds what their attention layers share, checkpoint.py finds a saved sink embedding and
+shims.py loads remote code written for older transformers.
 """
 
 from ..protocol import register_model_hooks
