@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from devices import devices
+from conftest import devices
 
 import sinkdlm
 

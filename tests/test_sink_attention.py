@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from devices import devices
+from conftest import devices
 
 import sinkdlm
 from sinkdlm.ops.sink_attention import _sink_attention_composite
