@@ -14,30 +14,17 @@ that cached rows do not see the block's tokens change. A sink token is the cache
 its K/V do not depend on the input, so a model computes them once per call and keeps them in
 :attr:`BlockKVCache.sink_kv`, which a refresh never touches.
 
-How a model takes part (:func:`block_forward`): a model whose family supports the cache exposes
-``block_forward(tokens, attention_mask, *, cache, keep) -> logits`` (a method, like
-:class:`sinkdlm.models.DiffusionLM`, or a finder registered with :func:`register_block_forward`,
-as :mod:`sinkdlm.hf` does for Hugging Face models):
-
-* ``tokens`` (B, Lq) int64: the query tokens, at sequence positions ``cache.query_start ..``
-  (0 when ``cache`` is None or refreshing, where tokens are the whole sequence);
-* ``attention_mask``: None or (B, T) over the whole sequence, 1 = real token;
-* ``keep``: (K,) int64 positions within ``tokens`` whose logits the step reads: the LM head runs
-  on those hidden states only; the result is (B, K, V).
-
-Any other callable ``model(tokens[, attention_mask=...])`` runs without a cache: its full logits
-are computed and the kept positions taken from them.
+How a model takes part: through its block forward (:func:`sinkdlm.protocol.block_forward`),
+whose layers pass their K/V through :meth:`BlockKVCache.update`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 CACHE_MODES = ("prefix", "dual")
 
-__all__ = ["CACHE_MODES", "BlockKVCache", "block_forward", "register_block_forward"]
+__all__ = ["CACHE_MODES", "BlockKVCache"]
 
 
 class BlockKVCache:
@@ -122,37 +109,3 @@ class BlockKVCache:
     def query_positions(self, device=None) -> torch.Tensor:
         """(Lq,) int64 sequence positions of the tokens the next forward feeds."""
         return torch.arange(self.query_start, self.query_end, device=device)
-
-
-_FINDERS: list[Callable] = []
-
-
-def register_block_forward(find: Callable) -> None:
-    """Registers ``find(model) -> block_forward callable or None`` for a model family that cannot
-    carry the method itself (see the module docstring for the callable's contract)."""
-    _FINDERS.append(find)
-
-
-def _model_logits(model, tokens, attention_mask):
-    out = model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def block_forward(model) -> tuple[Callable, bool]:
-    """The ``block_forward`` of ``model`` and whether it supports :class:`BlockKVCache`.
-
-    Its method, else the first registered finder's, else a fallback for any callable returning
-    logits (full logits, then the kept positions; no cache).
-    """
-    method = getattr(model, "block_forward", None)
-    if callable(method):
-        return method, True
-    for find in _FINDERS:
-        forward = find(model)
-        if forward is not None:
-            return forward, True
-
-    def uncached(tokens, attention_mask, *, cache, keep):
-        return _model_logits(model, tokens, attention_mask)[:, keep]
-
-    return uncached, False

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
-from .block_cache import CACHE_MODES, BlockKVCache, block_forward
-from .remask_step import remask_step
+from .block_cache import CACHE_MODES, BlockKVCache
+from .ops import remask_step
+from .protocol import block_forward, inference_cache
 
 
 def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -43,15 +42,6 @@ def dream_transfer_schedule(
         counts.append(count)
         remaining = remaining - count
     return torch.stack(counts, dim=1)
-
-
-def _sink_kv_context(model):
-    # sinkdlm.hf is optional here: without it (or without transformers) there is no sink cache.
-    try:
-        from . import hf
-    except ImportError:
-        return contextlib.nullcontext()
-    return hf.sink_kv_cache(model) if hf.has_sink_token(model) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -119,7 +109,8 @@ def generate(
         (B, P + gen_length) int64: the prompts followed by the generated tokens.
 
     When the model carries a sink token (``sinkdlm.hf.has_sink_token``, or a DiffusionLM sink
-    variant), its K/V are computed once for the whole call, not once per step.
+    variant), its K/V are computed once for the whole call, not once per step (for Hugging Face
+    models ``sinkdlm.hf.sink_kv_cache``, entered through ``sinkdlm.protocol.inference_cache``).
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
         raise ValueError(
@@ -201,7 +192,7 @@ def generate(
         return logits.float() if logits.dtype == torch.float64 else logits
 
     total = None if until_full else steps
-    with _sink_kv_context(model), tqdm(total=total, disable=not progress, desc="denoising") as bar:
+    with inference_cache(model), tqdm(total=total, disable=not progress, desc="denoising") as bar:
         for block in range(num_blocks):
             start = prompt_length + block * block_length
             end = start + block_length

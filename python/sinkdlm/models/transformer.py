@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..block_cache import BlockKVCache
-from ..sink_attention import sink_attention
+from ..ops import sink_attention
+from ..ops.common import softmax_scale
+from ..protocol import observed_sink_attention, report_attention
 from .config import DiffusionLMConfig
 
 
@@ -36,27 +38,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
-
-
-@dataclass
-class AttentionCall:
-    """What one attention layer saw in one forward, handed to an attention observer.
-
-    q (B,H,L,D) and k, v (B,Hkv,L,D) after RoPE; lse (B,H,L) the log-sum-exp of each query row over
-    every key including the sinks; key_padding_mask bool (B,L) or None; sink_k, sink_v (S,Hkv,D)
-    for S sink tokens (after RoPE) or None; sink_logit (H,) or None; scale the softmax scale.
-    """
-
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    lse: torch.Tensor
-    scale: float
-    key_padding_mask: torch.Tensor | None
-    sink_k: torch.Tensor | None
-    sink_v: torch.Tensor | None
-    sink_logit: torch.Tensor | None
 
 
 @dataclass
@@ -94,7 +75,7 @@ class Attention(nn.Module):
     """GQA attention with the configured sink variant.
 
     ``attention_observer``: None, or a callable receiving an AttentionCall after every forward
-    (the recording protocol of sinkdlm.analysis.AttentionRecorder).
+    (the recording protocol, sinkdlm.protocol).
     """
 
     def __init__(self, cfg: DiffusionLMConfig, layer: int):
@@ -145,10 +126,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, hkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        scale = 1.0 / math.sqrt(hd)
-        want_lse = self.attention_observer is not None
+        scale = softmax_scale(None, hd)
         sink_k = sink_v = sink_out = None
-        lse = None
         if sink_x is not None:
             sink_k, sink_v = self._sink_kv(sink_x, sink_cos, sink_sin)
             # A sink sees only itself: its attention output is its own value, copied to each head.
@@ -161,10 +140,25 @@ class Attention(nn.Module):
         masks = (key_padding_mask, query_padding_mask)
         if sink_k is not None and sink_k.shape[0] > 1:
             out = self._multi_sink_attention(q, k, v, sink_k, sink_v, *masks, scale)
-            if want_lse:
+            if self.attention_observer is not None:
                 lse = self._multi_sink_lse(q, k, v, sink_k, sink_v, *masks, scale)
+                report_attention(
+                    self.attention_observer,
+                    self.layer,
+                    q,
+                    k,
+                    v,
+                    lse,
+                    scale,
+                    key_padding_mask,
+                    sink_k,
+                    sink_v,
+                    self.sink_logit,
+                )
         else:
-            res = sink_attention(
+            out = observed_sink_attention(
+                self,
+                self.layer,
                 q,
                 k,
                 v,
@@ -174,23 +168,6 @@ class Attention(nn.Module):
                 key_padding_mask=key_padding_mask,
                 query_padding_mask=query_padding_mask,
                 scale=scale,
-                return_lse=want_lse,
-            )
-            out, lse = res if want_lse else (res, None)
-        if want_lse:
-            self.attention_observer(
-                AttentionCall(
-                    self.layer,
-                    q.detach(),
-                    k.detach(),
-                    v.detach(),
-                    lse.detach(),
-                    scale,
-                    key_padding_mask,
-                    None if sink_k is None else sink_k.detach(),
-                    None if sink_v is None else sink_v.detach(),
-                    None if self.sink_logit is None else self.sink_logit.detach(),
-                )
             )
         out = out.transpose(1, 2).reshape(b, n, h * hd)
         if self.gate is not None:
