@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402
+from sinkdlm.block_cache import BlockKVCache  # noqa: E402
 from sinkdlm.hf import patch  # noqa: E402
 
 VOCAB, MASK_ID, PAD_ID = 64, 63, 0
@@ -214,3 +215,125 @@ def test_sink_pass_runs_once_per_call(monkeypatch):
         cache="dual",
     )
     assert len(passes) == 1
+
+
+# ---- remote-code models through their adapters (mirrors of LLaDA's and Dream's files) --------
+
+
+def remote_model(family, sink, seed=0):
+    from hf_mirrors.modeling_dream_mirror import DreamConfig, DreamModel
+    from hf_mirrors.modeling_llada_mirror import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(seed)
+    if family == "llada":
+        model = LLaDAModelLM(LLaDAConfig(vocab_size=VOCAB)).double().eval()
+        head = model.model.transformer.ff_out
+    else:
+        model = DreamModel(DreamConfig(vocab_size=VOCAB)).double().eval()
+        head = model.lm_head
+    with torch.no_grad():
+        head.weight.mul_(20)  # confident predictions
+        head.weight[MASK_ID] = 0
+    if sink:
+        sinkdlm.hf.add_sink_token(model)
+        with torch.no_grad():
+            sink_weight = model.model.sink_embedding.weight
+            sink_weight.copy_(
+                torch.randn(sink_weight.shape, generator=torch.Generator().manual_seed(7))
+            )
+    return model
+
+
+MODELS = {
+    "llada": lambda sink: remote_model("llada", sink),
+    "dream": lambda sink: remote_model("dream", sink),
+    "llama": lambda sink: tiny_llama(sink),
+}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "nosink"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_step_on_unchanged_tokens_reproduces_the_refresh(family, sink, mode):
+    """Right after a refresh, before any token changes, a cached step sees exactly the K/V the
+    full forward saw: its logits are the refresh's, and those are the uncached forward's. This
+    pins the fed tokens' positions, rotary, masks and sink under the cache."""
+    model = MODELS[family](sink)
+    _, ids, mask = ragged([6, 6] if family == "llada" else [6, 3])  # LLaDA ignores padding
+    mask = None if family == "llada" else mask
+    forward, cacheable = sinkdlm.protocol.block_forward(model)
+    assert cacheable
+    total, start, end = ids.shape[1] + 8, ids.shape[1] + 4, ids.shape[1] + 8
+    x = torch.cat([ids, torch.randint(1, MASK_ID, (2, 4)), torch.full((2, 4), MASK_ID)], dim=1)
+    full_mask = None if mask is None else torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], 1)
+    keep = torch.arange(start - 2, end)
+    uncached = forward(x, full_mask, cache=None, keep=keep)
+    kv = BlockKVCache(mode)
+    kv.refresh(total)
+    refreshed = forward(x, full_mask, cache=kv, keep=keep)
+    torch.testing.assert_close(refreshed, uncached, rtol=0, atol=1e-12)
+    kv.step(start - 2, end if mode == "dual" else total)
+    stepped = forward(x[:, start - 2 : kv.query_end], full_mask, cache=kv, keep=keep - (start - 2))
+    torch.testing.assert_close(stepped, refreshed, rtol=0, atol=1e-10)
+    # ... and the head only ran on the kept positions (the same logits as the full head's)
+    everything = forward(x, full_mask, cache=None, keep=torch.arange(total))
+    torch.testing.assert_close(uncached, everything[:, keep], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "nosink"])
+@pytest.mark.parametrize("mode", [None, "prefix", "dual"])
+def test_remote_code_generation(family, sink, mode):
+    model = remote_model(family, sink, seed=1)
+    prompts, ids, mask = ragged([5, 5, 5], seed=3)
+    kwargs = dict(
+        gen_length=8,
+        steps=8,
+        block_length=4,
+        mask_id=MASK_ID,
+        cache=mode,
+        logits_shift=family == "dream",
+    )
+    batched = sinkdlm.generate(model, ids, attention_mask=mask, **kwargs)
+    assert (batched != MASK_ID).all()
+    for row, prompt in enumerate(prompts):
+        alone = sinkdlm.generate(model, prompt[None], **kwargs)
+        torch.testing.assert_close(batched[row], alone[0], rtol=0, atol=0)
+    if not sink:  # the adapter is installed only for the cached forwards
+        assert not any("_sinkdlm_layer" in m.__dict__ for m in model.modules())
+
+
+def test_llada_prefix_equals_fast_dllm_on_llada_own_past_key_values():
+    """Fast-dLLM's generate_with_prefix_cache on LLaDA itself: the full forward's
+    (unrotated) K/V cut to the prefix, passed as LLaDA's past_key_values with x[:, start:]."""
+    model = remote_model("llada", sink=False, seed=2)
+    _, ids, _ = ragged([5, 5], seed=4)
+    gen_length, block_length = 8, 4
+    batch, total = 2, ids.shape[1] + gen_length
+    x = torch.cat([ids, torch.full((batch, gen_length), MASK_ID)], dim=1)
+    for start in range(ids.shape[1], total, block_length):
+        end = start + block_length
+        kept = None
+        while (x[:, start:end] == MASK_ID).any():
+            if kept is None:
+                out = model(input_ids=x, use_cache=True)
+                kept = [(k[:, :, :start], v[:, :, :start]) for k, v in out.past_key_values]
+                logits = out.logits[:, start:end]
+            else:
+                logits = model(input_ids=x[:, start:], past_key_values=kept, use_cache=False).logits
+                logits = logits[:, :block_length]
+            probs = torch.softmax(logits.float().double(), dim=-1)
+            for b in range(batch):
+                masked = [i for i in range(block_length) if x[b, start + i] == MASK_ID]
+                best = max(masked, key=lambda i: probs[b, i].max().item())
+                x[b, start + best] = int(logits[b, best].argmax())
+    got = sinkdlm.generate(
+        model,
+        ids,
+        gen_length=gen_length,
+        steps=gen_length,
+        block_length=block_length,
+        mask_id=MASK_ID,
+        cache="prefix",
+    )
+    torch.testing.assert_close(got, x, rtol=0, atol=0)

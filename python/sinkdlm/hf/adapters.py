@@ -7,7 +7,9 @@ those two functions for its attention module and call ``register_adapter``::
     register_adapter(SinkAdapter(
         name="MyDLM", attention_classes=("MyDLMAttention",), method="forward",
         replacement=my_forward,           # (module, *the method's args) -> what the method returns
-        run_sink_pass=run_my_sink_pass))  # (original_forward, embeds (1,1,d), position_ids (1,1))
+        run_sink_pass=run_my_sink_pass,   # (original_forward, embeds (1,1,d), position_ids (1,1))
+        final_norm=lambda model: ...,     # optional, for sinkdlm.generate (below)
+        sampler_kwargs=my_sampler_kwargs))
 
 The replacement is bound to each attention module. ``layer_sink(module)`` gives it
 ``(sink, layer_key, sink_position)``: when ``sink.collect`` is set (the sink pass, one token) it
@@ -15,7 +17,14 @@ stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), u
 ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
 ``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
 ``sinkdlm.protocol``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
-the user's tokens.
+the user's tokens (``sink.kv`` has no entry for a model without the sink token).
+
+sinkdlm.generate's block forward (sinkdlm/hf/block_cache.py) needs two more fields:
+``final_norm(model)``, the module whose output is the LM head's input (generate slices it to the
+positions a step reads), and ``sampler_kwargs(tokens, attention_mask, positions)``, the model's
+keyword arguments for one sampler forward. Under the block cache, ``sink.block`` is the
+BlockKVCache: the replacement rotates the fed tokens at ``block.query_start ..`` and attends to
+what ``block.update(layer_key, k, v)`` returns.
 """
 
 import sys
@@ -40,6 +49,11 @@ class SinkAdapter:
     method: str
     replacement: Callable
     run_sink_pass: Callable
+    final_norm: Callable | None = None
+    sampler_kwargs: Callable | None = None
+
+
+_ADAPTERS: dict[str, SinkAdapter] = {}
 
 
 def register_adapter(adapter):
@@ -47,7 +61,17 @@ def register_adapter(adapter):
     if not isinstance(adapter, SinkAdapter):
         raise TypeError(f"register_adapter takes a SinkAdapter, got {type(adapter).__name__}")
     for class_name in adapter.attention_classes:
+        _ADAPTERS[class_name] = adapter
         register_patch_path(class_name, lambda model, adapter=adapter: AdapterBackend(adapter))
+
+
+def adapter_for(model):
+    """The adapter of the first attention module of ``model`` that has one, else None."""
+    for module in model.modules():
+        adapter = _ADAPTERS.get(type(module).__name__)
+        if adapter is not None:
+            return adapter
+    return None
 
 
 LINK = "_sinkdlm_layer"
@@ -117,7 +141,7 @@ class AdapterBackend:
 
     def main(self, state, sink_kv, args, kwargs):
         # Left set after the call: gradient checkpointing re-runs the layers during backward.
-        state.channel = SinkKV(sink_kv)
+        state.channel = SinkKV(sink_kv, block=getattr(state, "block_cache", None))
         return state.original_forward(*args, **kwargs)
 
     def attention_layers(self, state):
@@ -135,6 +159,15 @@ def _no_kv_cache(past):
 def _rotate_half(x):
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
+
+
+def _attend(module, layer_key, sink, q, k, v, **kwargs):
+    """Sink attention of the layer's queries over ``k``/``v``, with the layer's sink when the
+    model has one, under the autocast rule."""
+    sink_kv = sink.kv.get(layer_key)
+    if sink_kv is None:
+        return observed_sink_attention(module, layer_key, *autocast_inputs(q, k, v), **kwargs)
+    return observed_sink_attention(module, layer_key, *autocast_inputs(q, k, v, *sink_kv), **kwargs)
 
 
 # ----- LLaDA (modeling_llada.py): LLaDABlock.attention(q, k, v, attention_bias, layer_past,
@@ -171,16 +204,43 @@ def _llada_attention(module, q, k, v, attention_bias=None, layer_past=None, use_
         sink.kv[layer_key] = (_llada_rotate_to(module, k, sink_position)[0, :, 0], v[0, :, 0])
         out = expand_sink_output(v, config.n_heads)
     else:
-        if config.rope:
+        block = sink.block
+        if config.rope and (block is None or block.refreshing):
             q, k = module.rotary_emb(q, k)
-        inputs = autocast_inputs(q, k, v, *sink.kv[layer_key])
-        out = observed_sink_attention(module, layer_key, *inputs).transpose(1, 2)
+        elif config.rope:  # the fed tokens sit at block.query_start ..
+            q, k = _llada_rotary_from(module, q, k, block.query_start)
+        if block is not None:
+            k, v = block.update(layer_key, k, v)
+        out = _attend(module, layer_key, sink, q, k, v).transpose(1, 2)
     return module.attn_out(out.reshape(batch, length, width)), present
+
+
+def _llada_rotary_from(module, q, k, start):
+    """LLaDA's rotary (its own tables and formula) for q and k of tokens at positions ``start ..
+    start + L - 1`` (its rotary_emb puts the queries at the end of the keys instead)."""
+    rope = module.rotary_emb
+    full_precision = getattr(module.config, "rope_full_precision", True)
+    q_, k_ = (q.float(), k.float()) if full_precision else (q, k)
+    end = start + q.shape[-2]
+    sin, cos = rope.get_rotary_embedding(end, q_.device)
+    sin, cos = sin.type_as(q_)[:, :, start:end], cos.type_as(q_)[:, :, start:end]
+    q_ = rope.apply_rotary_pos_emb(sin, cos, q_)
+    k_ = rope.apply_rotary_pos_emb(sin, cos, k_)
+    return q_.type_as(q), k_.type_as(k)
 
 
 def _llada_sink_pass(original_forward, embeds, position_ids):
     # LLaDA derives rotary positions from the length; the adapter rotates the sink K itself.
     original_forward(input_ids=None, input_embeddings=embeds, use_cache=False)
+
+
+def _llada_sampler_kwargs(tokens, attention_mask, positions):
+    # LLaDA takes no positions (its attention rotates at the cache's positions) and ignores
+    # padding, as the uncached sampler's calls do.
+    kwargs = dict(input_ids=tokens, use_cache=False)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    return kwargs
 
 
 register_adapter(
@@ -190,6 +250,8 @@ register_adapter(
         method="attention",
         replacement=_llada_attention,
         run_sink_pass=_llada_sink_pass,
+        final_norm=lambda model: model.model.transformer.ln_f,
+        sampler_kwargs=_llada_sampler_kwargs,
     )
 )
 
@@ -243,18 +305,23 @@ def _dream_forward(
         sink.kv[layer_key] = (k[0, :, 0], v[0, :, 0])
         out = expand_sink_output(v, q.shape[1])
     else:
-        out = observed_sink_attention(
-            module,
-            layer_key,
-            *autocast_inputs(q, k, v, *sink.kv[layer_key]),
-            key_padding_mask=_dream_key_padding(attention_mask, batch, length),
-        )
+        if sink.block is not None:  # Dream's rotary already used the fed tokens' position_ids
+            k, v = sink.block.update(layer_key, k, v)
+        key_padding_mask = _dream_key_padding(attention_mask, batch, k.shape[2])
+        out = _attend(module, layer_key, sink, q, k, v, key_padding_mask=key_padding_mask)
         out = out.transpose(1, 2)
     return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value
 
 
 def _dream_sink_pass(original_forward, embeds, position_ids):
     original_forward(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+
+
+def _dream_sampler_kwargs(tokens, attention_mask, positions):
+    kwargs = dict(input_ids=tokens, position_ids=positions.expand(tokens.shape[0], -1))
+    if attention_mask is not None:  # Dream's attention takes 4-D masks: (B, 1, 1, T) key padding
+        kwargs["attention_mask"] = attention_mask.bool()[:, None, None, :]
+    return kwargs
 
 
 register_adapter(
@@ -264,5 +331,7 @@ register_adapter(
         method="forward",
         replacement=_dream_forward,
         run_sink_pass=_dream_sink_pass,
+        final_norm=lambda model: model.model.norm,
+        sampler_kwargs=_dream_sampler_kwargs,
     )
 )

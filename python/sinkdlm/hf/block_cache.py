@@ -8,14 +8,26 @@ already seen, which is what transformers turns into the queries' positions and m
 the whole sequence as the keys' length; each attention layer's ``cache.update`` hands back the
 cached K/V with the fed tokens' rows fresh. The LM head runs on the kept positions only through
 the model's own ``logits_to_keep`` (a 1-D tensor of positions).
+
+Remote-code models with an adapter (LLaDA, Dream: hf/adapters.py) run through the adapter's
+attention replacement, which reads the BlockKVCache from the layers' channel. With the sink
+token it is installed already; without it, it is installed for the duration of each cached
+forward, with no sink. Their forwards have no way to keep some logits, so the head's input is
+restricted instead: a forward hook on the final norm (the adapter's ``final_norm``) returns the
+kept positions of its output only.
 """
 
+import contextlib
 import inspect
 
+import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..block_cache import BlockKVCache
+from .adapters import AdapterBackend, adapter_for
+from .layer import SinkKV
+from .patch import _host, _state, _unwrap
 
 
 class _BlockLayer(CacheLayerMixin):
@@ -84,12 +96,81 @@ class NativeBlockForward:
         return self.model(**kwargs).logits
 
 
+@contextlib.contextmanager
+def _kept_head_input(norm, keep, state):
+    """While active, ``norm``'s output is cut to the ``keep`` positions (dim 1), except in the
+    sink pass of a model with the sink token (``state``), which runs through it too."""
+
+    def cut(module, args, output):
+        in_sink_pass = state is not None and state.channel is not None and state.channel.collect
+        return output if in_sink_pass else output[:, keep]
+
+    handle = norm.register_forward_hook(cut)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _CacheOnlyState:
+    """What an adapter's replacement reads on a model without the sink token: no sink, the
+    sampler's BlockKVCache."""
+
+    def __init__(self, host, block):
+        self.host = host
+        self.channel = SinkKV(block=block)
+        self.sink_position = 0
+
+
+@contextlib.contextmanager
+def _through_cache(model, adapter, block):
+    """The model's attention runs through ``block``: for a model with the sink token its
+    adapter reads it from the state; without one, the adapter is installed (no sink) for now."""
+    state = _state(model)
+    if state is not None:
+        state.block_cache = block
+        try:
+            yield
+        finally:
+            state.block_cache = None
+        return
+    backend = AdapterBackend(adapter)
+    cache_state = _CacheOnlyState(_host(model), block)
+    backend.install(cache_state)
+    try:
+        yield
+    finally:
+        backend.uninstall(cache_state)
+
+
+class AdapterBlockForward:
+    """The block forward of a remote-code model with an adapter (see the module docstring)."""
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter = model, adapter
+        self.final_norm = adapter.final_norm(_unwrap(model))
+
+    def __call__(self, tokens, attention_mask, *, cache, keep):
+        start = 0 if cache is None else cache.query_start
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        kwargs = self.adapter.sampler_kwargs(tokens, attention_mask, positions[None])
+        through = (
+            contextlib.nullcontext()
+            if cache is None
+            else _through_cache(self.model, self.adapter, cache)
+        )
+        with through, _kept_head_input(self.final_norm, keep, _state(self.model)):
+            return self.model(**kwargs).logits
+
+
 def find_block_forward(model):
     """The block forward of a Hugging Face model, or None for one sinkdlm cannot run."""
     if not isinstance(model, PreTrainedModel):
         return None
+    adapter = adapter_for(model)
+    if adapter is not None and adapter.final_norm is not None:
+        return AdapterBlockForward(model, adapter)
     parameters = _forward_parameters(model)
     if "logits_to_keep" in parameters and ({"cache", "past_key_values"} & parameters):
         return NativeBlockForward(model, parameters)
     return None
-

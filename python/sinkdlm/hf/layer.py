@@ -8,12 +8,16 @@ class SinkKV:
     """Per-forward channel between the model wrapper and the attention calls.
 
     ``collect=True`` (the sink pass): each layer stores its sink K (rotated at the sink position)
-    and V, each (Hkv, D), under ``kv[layer_key]`` and returns o = V. Otherwise layers read ``kv``.
+    and V, each (Hkv, D), under ``kv[layer_key]`` and returns o = V. Otherwise layers read ``kv``
+    (empty for a model without the sink token, patched only for sinkdlm.generate's block cache).
+    ``block``: the sampler's :class:`sinkdlm.block_cache.BlockKVCache` while the forward runs
+    through it, else None.
     """
 
-    def __init__(self, kv=None, collect=False):
+    def __init__(self, kv=None, collect=False, block=None):
         self.kv = {} if kv is None else kv
         self.collect = collect
+        self.block = block
 
 
 def expand_sink_output(value, num_heads):
