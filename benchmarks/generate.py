@@ -1,0 +1,361 @@
+"""sinkdlm.generate: no cache vs Fast-dLLM's prefix and dual block caches, with and without the
+sliced LM head, and threshold decoding with a small trained model.
+
+Speed: a Llama-shaped transformers model with random weights and sinkdlm's sink token
+(``sinkdlm.hf.add_sink_token``: attention through sinkdlm's CPU kernel, the cache through
+``sinkdlm.hf.BlockCache``), LLaDA's schedule with steps = gen_length (one token per step), block
+32, float32, prompts of 64 tokens. Each configuration runs ``sinkdlm.generate`` whole,
+``--repeats`` times (the configurations interleaved), and reports the best run's generated tokens
+per second (wall clock), the ratio to no cache (same head) by wall clock and by the process's CPU
+time (on a machine shared with other jobs the CPU time of a 1-thread run is the steadier
+measure), and the time spent outside the model's forwards as a share of the time inside them
+(the forwards timed by a thin wrapper around the model's block forward). "full head" computes
+every position's logits, as generate did before the head was sliced (the wrapper asks for all
+and keeps the block's).
+
+Threshold: a small DiffusionLM with one sink token is trained on the demo corpus as the demo
+trains it (cached on disk after the first run), then 16-token validation prompts are completed to
+its training length (48 tokens, blocks of 16) with Fast-dLLM's threshold rule at 0.9 (and 0.5,
+0.2: a model this small is rarely 90% sure), no cache vs prefix vs dual: tokens/s, mean tokens
+filled per model call, and how many generated tokens agree with the uncached generation.
+
+Presets: ``small`` (default, minutes on 2 CPU cores: a ~12M-parameter model, batch 1, gen 256 and
+512) and ``issue`` (issue 14's matrix: ~100M parameters, batch 1 and 4, gen 256 and 512; hours on
+2 CPU cores).
+
+Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [--threads N]
+Writes benchmarks/results/generate_<device>.json and .png and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import sinkdlm
+import sinkdlm.hf
+from sinkdlm import protocol
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESETS = {
+    "small": dict(
+        hidden=384,
+        layers=4,
+        heads=6,
+        kv_heads=2,
+        ffn=1024,
+        vocab=8192,
+        batches=[1],
+        gen_lengths=[256, 512],
+    ),
+    "issue": dict(
+        hidden=768,
+        layers=12,
+        heads=12,
+        kv_heads=4,
+        ffn=2048,
+        vocab=32000,
+        batches=[1, 4],
+        gen_lengths=[256, 512],
+    ),
+}
+MODES = [None, "prefix", "dual"]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+class Timed:
+    """The model's block forward, timed; ``full_head`` computes every query position's logits
+    and keeps the step's afterwards (the head as it was before slicing)."""
+
+    def __init__(self, model, full_head):
+        self.forward, cacheable = protocol.block_forward(model)
+        assert cacheable, f"{type(model).__name__} has no block forward"
+        self.full_head = full_head
+        self.seconds = 0.0
+        self.calls = 0
+
+    def block_forward(self, tokens, attention_mask, *, cache, keep):
+        start = time.perf_counter()
+        if self.full_head:
+            every = torch.arange(tokens.shape[1], device=tokens.device)
+            logits = self.forward(tokens, attention_mask, cache=cache, keep=every)[:, keep]
+        else:
+            logits = self.forward(tokens, attention_mask, cache=cache, keep=keep)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return logits
+
+
+def timed_generate(model, prompts, *, full_head, **kwargs):
+    """(output, wall seconds in generate, CPU seconds in generate, wall seconds in the model,
+    model calls)."""
+    timed = Timed(model, full_head)
+    with protocol.inference_cache(model):  # the sink pass once per call, as for the model
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = sinkdlm.generate(timed, prompts, **kwargs)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return out, seconds, cpu_seconds, timed.seconds, timed.calls
+
+
+def llama(preset, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=preset["vocab"],
+        hidden_size=preset["hidden"],
+        intermediate_size=preset["ffn"],
+        num_hidden_layers=preset["layers"],
+        num_attention_heads=preset["heads"],
+        num_key_value_heads=preset["kv_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    return sinkdlm.hf.add_sink_token(model)
+
+
+def speed(args, preset) -> list[dict]:
+    model = llama(preset)
+    params = sum(p.numel() for p in model.parameters())
+    vocab = preset["vocab"]
+    configs = [
+        (batch, gen_length, full_head, mode)
+        for batch in preset["batches"]
+        for gen_length in preset["gen_lengths"]
+        for full_head in (True, False)
+        for mode in MODES
+    ]
+    best, best_cpu = {}, {}  # per configuration: the fastest run by wall clock; least CPU time
+    for repeat in range(args.repeats):
+        for batch, gen_length, full_head, mode in configs:
+            g = torch.Generator().manual_seed(1)
+            prompts = torch.randint(0, vocab - 1, (batch, args.prompt_length), generator=g)
+            _, seconds, cpu_seconds, inside, calls = timed_generate(
+                model,
+                prompts,
+                full_head=full_head,
+                gen_length=gen_length,
+                steps=gen_length,
+                block_length=args.block_length,
+                mask_id=vocab - 1,
+                cache=mode,
+            )
+            key = (batch, gen_length, full_head, mode)
+            run = dict(seconds=seconds, cpu_seconds=cpu_seconds, inside=inside, calls=calls)
+            if key not in best or seconds < best[key]["seconds"]:
+                best[key] = {
+                    **run,
+                    "cpu_seconds": min(cpu_seconds, best.get(key, run)["cpu_seconds"]),
+                }
+            print(
+                f"run {repeat + 1}: batch {batch} gen {gen_length} {mode or 'none':>6} "
+                f"{'full' if full_head else 'sliced':>6} head: {batch * gen_length / seconds:7.1f} "
+                f"tok/s (CPU time {cpu_seconds:.1f} s)",
+                flush=True,
+            )
+    rows = []
+    for batch, gen_length, full_head, mode in configs:
+        key, base_key = (batch, gen_length, full_head, mode), (batch, gen_length, full_head, None)
+        run, base = best[key], best[base_key]
+        rows.append(
+            dict(
+                batch=batch,
+                gen_length=gen_length,
+                cache=mode or "none",
+                head="full" if full_head else "sliced",
+                seconds=run["seconds"],
+                cpu_seconds=best_cpu[key],
+                tokens_per_s=batch * gen_length / run["seconds"],
+                vs_no_cache=base["seconds"] / run["seconds"],
+                vs_no_cache_cpu_time=best_cpu[base_key] / best_cpu[key],
+                model_calls=run["calls"],
+                outside_model_share=(run["seconds"] - run["inside"]) / run["inside"],
+                params=params,
+            )
+        )
+    return rows
+
+
+def trained_model(args):
+    """A small one-sink DiffusionLM trained on the demo corpus, and its validation chunks."""
+    from sinkdlm import data as text_data
+    from sinkdlm.demo import train_model
+    from sinkdlm.models import DiffusionLM, load_model, save_model, variant_config
+
+    text = text_data.load_text_data(seq_len=args.train_seq_len, vocab_size=1024)
+    settings = f"d{args.train_width}-l4-s{args.train_steps}-L{args.train_seq_len}"
+    path = text_data.cache_dir() / f"generate-bench-sink1-{settings}.safetensors"
+    if path.is_file():
+        return load_model(path).eval(), text
+    torch.manual_seed(0)
+    cfg = variant_config(
+        "sink1",
+        vocab_size=text.vocab_size,
+        mask_id=text.mask_id,
+        d_model=args.train_width,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+    )
+    model = DiffusionLM(cfg)
+    train_args = argparse.Namespace(
+        device="cpu", lr=3e-3, seed=0, batch_size=32, train_steps=args.train_steps
+    )
+    train_model(model, text.train, train_args, desc="training the threshold model")
+    save_model(model, path)
+    return model.eval(), text
+
+
+def threshold(args) -> list[dict]:
+    model, text = trained_model(args)
+    prompt_length = args.threshold_prompt_length
+    prompts = text.val[: args.threshold_prompts, :prompt_length]
+    gen_length = args.train_seq_len - prompt_length  # the length the model was trained on
+    rows = []
+    for value in args.thresholds:
+        reference = None
+        for mode in MODES:
+            out, seconds, _, inside, calls = timed_generate(
+                model,
+                prompts,
+                full_head=False,
+                gen_length=gen_length,
+                steps=gen_length,
+                block_length=args.threshold_block_length,
+                mask_id=text.mask_id,
+                threshold=value,
+                cache=mode,
+            )
+            generated = out[:, prompt_length:]
+            reference = generated if reference is None else reference
+            row = dict(
+                cache=mode or "none",
+                threshold=value,
+                tokens_per_s=generated.numel() / seconds,
+                tokens_per_step=gen_length / calls,
+                agreement_with_no_cache=(generated == reference).double().mean().item(),
+                outside_model_share=(seconds - inside) / inside,
+                model_calls=calls,
+            )
+            rows.append(row)
+            print(
+                f"threshold {value} {row['cache']:>6}: {row['tokens_per_s']:7.1f} tok/s, "
+                f"{row['tokens_per_step']:.2f} tokens/step, agreement "
+                f"{100 * row['agreement_with_no_cache']:.1f}%",
+                flush=True,
+            )
+    return rows
+
+
+def table(result) -> str:
+    lines = [
+        "| batch | gen | cache | head | tokens/s | vs no cache | (CPU time) | outside model |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["speed"]:
+        lines.append(
+            f"| {r['batch']} | {r['gen_length']} | {r['cache']} | {r['head']} | "
+            f"{r['tokens_per_s']:.1f} | {r['vs_no_cache']:.2f}x | "
+            f"{r['vs_no_cache_cpu_time']:.2f}x | {100 * r['outside_model_share']:.1f}% |"
+        )
+    lines += [
+        "",
+        "| threshold | cache | tokens/s | tokens/step | agreement with no cache |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in result["threshold"]:
+        lines.append(
+            f"| {r['threshold']} | {r['cache']} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_step']:.2f} | {100 * r['agreement_with_no_cache']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["batch"], r["gen_length"]) for r in result["speed"]})
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(groups), 3.6))
+    width = 0.13
+    bars = [(mode or "none", head) for head in ("full", "sliced") for mode in MODES]
+    for i, (cache, head) in enumerate(bars):
+        values = [
+            next(
+                r["tokens_per_s"]
+                for r in result["speed"]
+                if (r["batch"], r["gen_length"], r["cache"], r["head"]) == (*g, cache, head)
+            )
+            for g in groups
+        ]
+        positions = [j + (i - 2.5) * width for j in range(len(groups))]
+        ax.bar(
+            positions,
+            values,
+            width,
+            label=f"{cache}, {head} head",
+            hatch="" if head == "sliced" else "//",
+        )
+    ax.set_xticks(range(len(groups)), [f"batch {b}, gen {g}" for b, g in groups])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"sinkdlm.generate, {result['cpu']} ({result['threads']} threads)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (best)")
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.2])
+    parser.add_argument("--threshold-prompts", type=int, default=8)
+    parser.add_argument("--threshold-prompt-length", type=int, default=16)
+    parser.add_argument("--threshold-block-length", type=int, default=16)
+    # The demo's model (sinkdlm demo defaults): generation fills it to its training length.
+    parser.add_argument("--train-steps", type=int, default=1500)
+    parser.add_argument("--train-width", type=int, default=128)
+    parser.add_argument("--train-seq-len", type=int, default=64)
+    parser.add_argument("--skip-speed", action="store_true", help="only the threshold part")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    result = dict(
+        cpu=cpu_name(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        preset=args.preset,
+        settings={**preset, **vars(args)},
+        code_path="sinkdlm.hf native backend: sinkdlm CPU sink-attention kernel, "
+        "sinkdlm.hf.BlockCache, sinkdlm.remask_step CPU kernel; float32",
+    )
+    result["speed"] = [] if args.skip_speed else speed(args, preset)
+    result["threshold"] = threshold(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "generate_cpu.json").write_text(json.dumps(result, indent=2))
+    if result["speed"]:
+        plot(result, RESULTS / "generate_cpu.png")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
