@@ -182,7 +182,7 @@ def generate(
         if kv is not None and refresh:
             kv.refresh(total_length)
         elif kv is not None:
-            query_start = int(read[0])
+            query_start = max(start - 1, 0) if logits_shift else start  # read[0], without a sync
             kv.step(query_start, end if cache == "dual" else total_length)
             tokens = tokens[:, query_start : kv.query_end]
         logits = forward(tokens, model_mask, cache=kv, keep=read - query_start)
