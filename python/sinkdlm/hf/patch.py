@@ -232,7 +232,8 @@ def _reject_reentrant_checkpointing(host):
         if _reentrant(used):
             raise ValueError(
                 "the sink token needs non-reentrant gradient checkpointing: enable it with "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)"
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers 5's default; "
+                "4.x defaults to reentrant)"
             )
 
 

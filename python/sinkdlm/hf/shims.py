@@ -100,10 +100,10 @@ def _shim_generation_configs(module):
         obj._sinkdlm_shimmed = True
 
 
-def _expects_tied_weights_dict():
+def _transformers_5():
     from transformers import PreTrainedModel
 
-    return hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")  # transformers 5
+    return hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
 
 
 def _tie_listed_weights(model, targets):
@@ -121,7 +121,7 @@ def _shim_model_class(cls):
         return cls
     _shim_generation_configs(sys.modules.get(cls.__module__))
     listed = getattr(cls, "_tied_weights_keys", None)
-    if isinstance(listed, (list, tuple)) and _expects_tied_weights_dict():
+    if isinstance(listed, (list, tuple)) and _transformers_5():
         cls._sinkdlm_tied_targets = tuple(listed)
         cls._tied_weights_keys = None  # post_init (inside __init__) must not read the list
     tie = getattr(cls, "tie_weights", None)
@@ -236,12 +236,13 @@ def _load_quietly(cls, path, config, kwargs):
     restored right after by add_sink_token)."""
     had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
     previous = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
-    inherited = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or set()
+    inherited = getattr(cls, "_keys_to_ignore_on_load_unexpected", None)
     pattern = r"(^|\.)sink_embedding\.weight$"
-    # transformers 5 keeps these patterns in a set, older versions in a list
-    cls._keys_to_ignore_on_load_unexpected = (
-        [*inherited, pattern] if isinstance(inherited, list) else {*inherited, pattern}
-    )
+    # transformers 5 keeps these patterns in a set, 4.x in a list
+    if isinstance(inherited, list) or (inherited is None and not _transformers_5()):
+        cls._keys_to_ignore_on_load_unexpected = [*(inherited or []), pattern]
+    else:
+        cls._keys_to_ignore_on_load_unexpected = {*(inherited or set()), pattern}
     try:
         return cls.from_pretrained(path, config=config, **kwargs)
     finally:
