@@ -115,7 +115,9 @@ def attention_mass(device):
         kpm[1, n - 2 :] = False
         kw = dict(sink_logit=sink_logit, key_padding_mask=kpm)
         _, lse = sinkdlm.sink_attention(q, k, v, sink_k, sink_v, return_lse=True, **kw)
-        moved = [t.to(device=device, dtype=dtype) for t in (q, k, lse.masked_fill(~kpm[:, None], 0))]
+        moved = [
+            t.to(device=device, dtype=dtype) for t in (q, k, lse.masked_fill(~kpm[:, None], 0))
+        ]
         outs += sinkdlm.analysis.attention_mass(
             *moved,
             sink_k.to(device=device, dtype=dtype),
@@ -188,7 +190,7 @@ def check_ops() -> int:
     allowed = set(os.environ.get("SINKDLM_CUDA_CHECK_ALLOW_MISSING", "").split())
     rows, problems = op_table(), []
     label = {"cuda": "CUDA kernel", "composite": "composite kernel (serves every device)"}
-    print(f"  {'op':32s} {'CUDA':40s} smoke case")
+    print(f"  {'op':32s} {'CUDA':54s} smoke case")
     for op, how, cases in rows:
         text = label.get(how, "MISSING: no CUDA kernel")
         if how == "missing" and op in allowed:
@@ -196,14 +198,18 @@ def check_ops() -> int:
         elif how == "missing":
             problems.append(f"{op} has no CUDA kernel")
         elif op in allowed:
-            problems.append(f"{op} has a CUDA kernel now: drop it from SINKDLM_CUDA_CHECK_ALLOW_MISSING")
+            problems.append(
+                f"{op} has a CUDA kernel now: drop it from SINKDLM_CUDA_CHECK_ALLOW_MISSING"
+            )
         if how == "cuda" and not cases:
             problems.append(f"{op} has a CUDA kernel but no case in scripts/cuda_smoke.py")
-        print(f"  {op:32s} {text:40s} {', '.join(cases) or '-'}")
+        print(f"  {op:32s} {text:54s} {', '.join(cases) or '-'}")
     known = {op for op, _, _ in rows}
     if not known:
         problems.append("no sinkdlm ops are registered")
-    problems += [f"SINKDLM_CUDA_CHECK_ALLOW_MISSING names {op}, which is no op" for op in allowed - known]
+    problems += [
+        f"SINKDLM_CUDA_CHECK_ALLOW_MISSING names {op}, which is no op" for op in allowed - known
+    ]
     for p in problems:
         print(f"  FAIL: {p}")
     return 1 if problems else 0
@@ -238,7 +244,8 @@ def main() -> int:
             status, error = "fail", f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - start
         results[name] = dict(status=status, seconds=round(seconds, 2), error=error)
-        print(f"cuda_smoke: {name}: {status} ({seconds:.1f} s){'' if error is None else ': ' + error}")
+        detail = "" if error is None else f": {error}"
+        print(f"cuda_smoke: {name}: {status} ({seconds:.1f} s){detail}")
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
