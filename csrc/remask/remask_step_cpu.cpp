@@ -9,6 +9,7 @@
 
 #include "common/half.h"
 #include "common/row_ops.h"
+#include "common/target_clones.h"
 #include "remask/philox.h"
 
 namespace sinkdlm {
@@ -21,12 +22,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 2048;
 
 inline float to_float(float value) { return value; }  // next to half.h's bfloat16/float16 ones
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SINKDLM_TARGET_CLONES
-#endif
 
 template <typename T>
 __attribute__((always_inline)) inline float convert_and_max_impl(const T* src, int64_t n,
@@ -41,22 +36,26 @@ __attribute__((always_inline)) inline float convert_and_max_impl(const T* src, i
 }
 
 // Converts a chunk to float32 into `out` and returns its max.
-SINKDLM_TARGET_CLONES float convert_and_max(const float* src, int64_t n, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const float* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const float16* src, int64_t n, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const float16* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const bfloat16* src, int64_t n, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const bfloat16* src, int64_t n, float* out) {
   return convert_and_max_impl(src, n, out);
 }
 
-SINKDLM_TARGET_CLONES void scale(const float* values, int64_t n, float factor, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+void scale(const float* values, int64_t n, float factor, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = values[i] * factor;
 }
 
-SINKDLM_TARGET_CLONES float max_of(const float* values, int64_t n) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA) float max_of(const float* values, int64_t n) {
   float max = -kInf;
 #pragma omp simd reduction(max : max)
   for (int64_t i = 0; i < n; ++i) max = values[i] > max ? values[i] : max;
@@ -64,7 +63,8 @@ SINKDLM_TARGET_CLONES float max_of(const float* values, int64_t n) {
 }
 
 // Max over all entries but `skip`.
-SINKDLM_TARGET_CLONES float max_except(const float* values, int64_t n, int64_t skip) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float max_except(const float* values, int64_t n, int64_t skip) {
   float max = -kInf;
 #pragma omp simd reduction(max : max)
   for (int64_t i = 0; i < n; ++i) {
@@ -117,8 +117,8 @@ inline Float8 log_positive8(Float8 x) {
 }
 
 // out[i] = philox::gumbel(seed, offset, b, l, v_start + i) for i < 32; v_start a multiple of 4.
-SINKDLM_TARGET_CLONES void gumbel32(uint64_t seed, uint32_t offset, int64_t b, int64_t l,
-                                    int64_t v_start, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+void gumbel32(uint64_t seed, uint32_t offset, int64_t b, int64_t l, int64_t v_start, float* out) {
   Uint8 x = Uint8{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<uint32_t>(v_start >> 2);
   Uint8 y = Uint8{} + static_cast<uint32_t>(l);
   Uint8 z = Uint8{} + static_cast<uint32_t>(b);
