@@ -163,8 +163,8 @@ __device__ __forceinline__ ScanState shuffle_down(const ScanState& s, int delta)
 
 __device__ __forceinline__ bool is_eligible(const RemaskStepParams& p, int64_t b, int64_t l) {
   const int64_t start = p.window ? p.window[2 * b] : 0;
-  const int64_t end = p.window ? p.window[2 * b + 1] : p.length;
-  return l >= start && l < end && p.x[b * p.x_stride_b + l * p.x_stride_l] == p.mask_id;
+  const int64_t end = p.window ? p.window[2 * b + 1] : p.seq_len;
+  return l >= start && l < end && p.x[b * p.x_stride.b + l * p.x_stride.l] == p.mask_id;
 }
 
 template <typename Tag>
@@ -172,10 +172,10 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
   using E = Elem<Tag>;
   using Storage = typename E::Storage;
   const int64_t position = blockIdx.x;
-  const int64_t b = position / p.length, l = position % p.length;
+  const int64_t b = position / p.seq_len, l = position % p.seq_len;
   if (!is_eligible(p, b, l)) {  // block-uniform
     if (threadIdx.x == 0) {
-      p.x_new[position] = p.x[b * p.x_stride_b + l * p.x_stride_l];
+      p.x_new[position] = p.x[b * p.x_stride.b + l * p.x_stride.l];
       p.confidence[position] = -INFINITY;
     }
     return;
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
                      b,
                      l};
   const Storage* row =
-      static_cast<const Storage*>(p.logits) + b * p.logits_stride_b + l * p.logits_stride_l;
+      static_cast<const Storage*>(p.logits) + b * p.logits_stride.b + l * p.logits_stride.l;
   const int vocab = static_cast<int>(p.vocab);
 
   // Scalar head up to 16-byte alignment, 16-byte vector body, scalar tail.
@@ -269,11 +269,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   static_assert(kSelectThreads == kRadixBins, "one histogram bin per thread");
 
   const int64_t b = blockIdx.x;
-  const int64_t length = p.length;
-  const float* confidence = p.confidence + b * length;
+  const int64_t seq_len = p.seq_len;
+  const float* confidence = p.confidence + b * seq_len;
 
   int local = 0;
-  for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) local += is_eligible(p, b, l);
+  for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) local += is_eligible(p, b, l);
   const int eligible = BlockReduce(temp.reduce).Sum(local);
   if (threadIdx.x == 0) shared_count = eligible;
   __syncthreads();
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
     for (int shift = 56; shift >= 0; shift -= 8) {
       histogram[threadIdx.x] = 0;
       __syncthreads();
-      for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) {
+      for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) {
         if (!is_eligible(p, b, l)) continue;
         const uint64_t key = rank_key(confidence[l], l);
         if ((key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & 0xFF], 1);
@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   }
   const uint64_t cutoff = prefix;  // keys are unique: after 8 digits, the k-th largest key
 
-  for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) {
-    const int64_t position = b * length + l;
+  for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) {
+    const int64_t position = b * seq_len + l;
     const bool eligible_here = is_eligible(p, b, l);
     const bool pick =
         eligible_here && k > 0 &&
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
 
 template <typename Tag>
 cudaError_t launch(const RemaskStepParams& p, cudaStream_t stream) {
-  const int64_t positions = p.batch * p.length;
+  const int64_t positions = p.batch * p.seq_len;
   scan_kernel<Tag><<<static_cast<unsigned>(positions), kScanThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -335,20 +335,21 @@ cudaError_t launch(const RemaskStepParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t remask_step_cuda(const RemaskStepParams& params, cudaStream_t stream) {
-  const int64_t positions = params.batch * params.length;
+  const int64_t positions = params.batch * params.seq_len;
   if (positions == 0) return cudaSuccess;
-  if (positions > INT_MAX || params.vocab > INT_MAX || params.length > UINT32_MAX) {
+  if (positions > INT_MAX || params.vocab > INT_MAX || params.seq_len > UINT32_MAX) {
     return cudaErrorInvalidValue;
   }
-  switch (params.logits_type) {
-    case LogitsType::kFloat16:
+  switch (params.logits_dtype) {
+    case ScalarType::kFloat16:
       return launch<Fp16Tag>(params, stream);
-    case LogitsType::kBFloat16:
+    case ScalarType::kBFloat16:
       return launch<Bf16Tag>(params, stream);
-    case LogitsType::kFloat32:
+    case ScalarType::kFloat32:
       return launch<float>(params, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace remask
