@@ -5,21 +5,16 @@
 // reduced across warps at the end; nothing of size L x L exists. Blocks of key tile 0 also sum the
 // mass on the sink (key sink and/or logit sink).
 #include "attention_mass.h"
+#include "common.cuh"
 
 namespace sinkdlm {
 namespace {
 
-constexpr int kKeys = 32;  // = warp size: lane <-> key
+constexpr int kKeys = device::kWarpSize;  // lane <-> key
 constexpr int kWarps = 4;
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kKeys* kWarps)
@@ -66,7 +61,7 @@ __global__ void __launch_bounds__(kKeys* kWarps)
         const T* sk = static_cast<const T*>(p.sink_k) + b * p.sink_batch_stride + hk * D;
         T part = 0;
         for (int64_t d = lane; d < D; d += kKeys) part += qi[d * qs.d] * sk[d];
-        s += exp_of(warp_sum(part) * scale - lse_i);
+        s += exp_of(device::warp_sum(part) * scale - lse_i);
       }
       if (sink_logit != nullptr) s += exp_of(sink_logit[h] - lse_i);
       sink_acc += s;

@@ -2,15 +2,13 @@
 // position, 16-byte loads) computing max, log-sum-exp, the noisy argmax, the second max and the
 // entropy together; kernel 2 picks each row's most confident positions with a block-wide radix
 // select over unique 64-bit ranking keys and scatters the result.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <climits>
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "../csrc/remask/philox.h"
+#include "common.cuh"
 #include "remask_step.h"
 
 namespace sinkdlm {
@@ -26,36 +24,6 @@ struct ScanState {
   float best_score, best_logit;
   int best_index;
   float top1, top2;
-};
-
-__device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) {
-  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-}
-__device__ __forceinline__ float fp16_bits_to_float(uint16_t bits) {
-  return __half2float(__ushort_as_half(bits));
-}
-
-struct Bf16Tag {};
-struct Fp16Tag {};
-template <typename Tag>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Storage = float;
-  static constexpr int kPerVector = 4;
-  __device__ static float to_float(float v) { return v; }
-};
-template <>
-struct Elem<Bf16Tag> {
-  using Storage = uint16_t;
-  static constexpr int kPerVector = 8;
-  __device__ static float to_float(uint16_t v) { return bf16_bits_to_float(v); }
-};
-template <>
-struct Elem<Fp16Tag> {
-  using Storage = uint16_t;
-  static constexpr int kPerVector = 8;
-  __device__ static float to_float(uint16_t v) { return fp16_bits_to_float(v); }
 };
 
 __device__ __forceinline__ void init_state(ScanState& s) {
@@ -147,30 +115,15 @@ __device__ __forceinline__ void combine(ScanState& a, const ScanState& b, const 
   }
 }
 
-__device__ __forceinline__ ScanState shuffle_down(const ScanState& s, int delta) {
-  constexpr unsigned kAll = 0xFFFFFFFFu;
-  ScanState o;
-  o.max = __shfl_down_sync(kAll, s.max, delta);
-  o.sum = __shfl_down_sync(kAll, s.sum, delta);
-  o.weighted = __shfl_down_sync(kAll, s.weighted, delta);
-  o.best_score = __shfl_down_sync(kAll, s.best_score, delta);
-  o.best_logit = __shfl_down_sync(kAll, s.best_logit, delta);
-  o.best_index = __shfl_down_sync(kAll, s.best_index, delta);
-  o.top1 = __shfl_down_sync(kAll, s.top1, delta);
-  o.top2 = __shfl_down_sync(kAll, s.top2, delta);
-  return o;
-}
-
 __device__ __forceinline__ bool is_eligible(const RemaskStepParams& p, int64_t b, int64_t l) {
   const int64_t start = p.window ? p.window[2 * b] : 0;
   const int64_t end = p.window ? p.window[2 * b + 1] : p.seq_len;
   return l >= start && l < end && p.x[b * p.x_stride.b + l * p.x_stride.l] == p.mask_id;
 }
 
-template <typename Tag>
+template <ScalarType kType>
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepParams p) {
-  using E = Elem<Tag>;
-  using Storage = typename E::Storage;
+  using Storage = typename device::Element<kType>::Storage;
   const int64_t position = blockIdx.x;
   const int64_t b = position / p.seq_len, l = position % p.seq_len;
   if (!is_eligible(p, b, l)) {  // block-uniform
@@ -191,47 +144,30 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
                      l};
   const Storage* row =
       static_cast<const Storage*>(p.logits) + b * p.logits_stride.b + l * p.logits_stride.l;
-  const int vocab = static_cast<int>(p.vocab);
-
-  // Scalar head up to 16-byte alignment, 16-byte vector body, scalar tail.
-  const int misalignment = static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16);
-  int head = misalignment == 0 ? 0 : (16 - misalignment) / static_cast<int>(sizeof(Storage));
-  head = head < vocab ? head : vocab;
-  const int vectors = (vocab - head) / E::kPerVector;
-  const int tail_start = head + vectors * E::kPerVector;
 
   ScanState s;
   init_state(s);
-  for (int v = threadIdx.x; v < head; v += kScanThreads) visit(s, E::to_float(row[v]), v, c);
-  const uint4* body = reinterpret_cast<const uint4*>(row + head);
-  for (int i = threadIdx.x; i < vectors; i += kScanThreads) {
-    const uint4 raw = __ldg(body + i);
-    Storage values[E::kPerVector];
-    static_assert(sizeof(values) == sizeof(uint4), "one 16-byte load per vector");
-    memcpy(values, &raw, sizeof(raw));
-    const int v0 = head + i * E::kPerVector;
-#pragma unroll
-    for (int j = 0; j < E::kPerVector; ++j) visit(s, E::to_float(values[j]), v0 + j, c);
-  }
-  for (int v = tail_start + threadIdx.x; v < vocab; v += kScanThreads) {
-    visit(s, E::to_float(row[v]), v, c);
-  }
+  device::for_each_element<kType, kScanThreads>(row, static_cast<int>(p.vocab), threadIdx.x,
+                                                [&](float logit, int v) { visit(s, logit, v, c); });
 
   // Warp, then block reduction.
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) combine(s, shuffle_down(s, delta), c);
-  __shared__ ScanState warp_states[kScanThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto merge = [&](ScanState a, const ScanState& other) {
+    combine(a, other, c);
+    return a;
+  };
+  s = device::warp_reduce(s, merge);
+  constexpr int kWarps = kScanThreads / device::kWarpSize;
+  __shared__ ScanState warp_states[kWarps];
+  const int warp = threadIdx.x / device::kWarpSize, lane = threadIdx.x % device::kWarpSize;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (warp != 0) return;
-  if (lane < kScanThreads / 32) {
+  if (lane < kWarps) {
     s = warp_states[lane];
   } else {
     init_state(s);
   }
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) combine(s, shuffle_down(s, delta), c);
+  s = device::warp_reduce(s, merge);
   if (lane != 0) return;
 
   double confidence = 0.0;
@@ -322,10 +258,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   }
 }
 
-template <typename Tag>
+template <ScalarType kType>
 cudaError_t launch(const RemaskStepParams& p, cudaStream_t stream) {
   const int64_t positions = p.batch * p.seq_len;
-  scan_kernel<Tag><<<static_cast<unsigned>(positions), kScanThreads, 0, stream>>>(p);
+  scan_kernel<kType><<<static_cast<unsigned>(positions), kScanThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   select_kernel<<<static_cast<unsigned>(p.batch), kSelectThreads, 0, stream>>>(p);
@@ -342,11 +278,11 @@ cudaError_t remask_step_cuda(const RemaskStepParams& params, cudaStream_t stream
   }
   switch (params.logits_dtype) {
     case ScalarType::kFloat16:
-      return launch<Fp16Tag>(params, stream);
+      return launch<ScalarType::kFloat16>(params, stream);
     case ScalarType::kBFloat16:
-      return launch<Bf16Tag>(params, stream);
+      return launch<ScalarType::kBFloat16>(params, stream);
     case ScalarType::kFloat32:
-      return launch<float>(params, stream);
+      return launch<ScalarType::kFloat32>(params, stream);
     default:
       return cudaErrorInvalidValue;
   }
