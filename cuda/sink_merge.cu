@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kWarpSize* kWarps)
 // One block per output sink row o (hk for a shared sink, b * Hkv + hk per batch).
 __global__ void __launch_bounds__(kReduceThreads)
     sink_grad_reduce_kernel(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                            int64_t blocks, bool shared, const float* part_k,
-                            const float* part_v, float* dsink_k, float* dsink_v) {
+                            int64_t blocks, bool shared, const float* part_k, const float* part_v,
+                            float* dsink_k, float* dsink_v) {
   const int64_t o = blockIdx.x, hk = o % kv_heads, group = heads / kv_heads;
   const int64_t b_begin = shared ? 0 : o / kv_heads, b_end = shared ? batch : b_begin + 1;
   for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 __global__ void __launch_bounds__(kReduceThreads)
-    sink_logit_reduce_kernel(int64_t batch, int64_t heads, int64_t blocks,
-                             const float* part_logit, float* dsink_logit) {
+    sink_logit_reduce_kernel(int64_t batch, int64_t heads, int64_t blocks, const float* part_logit,
+                             float* dsink_logit) {
   for (int64_t h = threadIdx.x; h < heads; h += blockDim.x) {
     float s = 0.f;
     for (int64_t b = 0; b < batch; ++b)
@@ -259,8 +259,8 @@ cudaError_t launch_sink_merge_bwd(const SinkGradParams<T, float>& p, void* works
   if (slots > 0) {
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.heads),
                     static_cast<unsigned>(p.batch));
-    sink_grad_rows_kernel<T><<<grid, kWarpSize * kWarps, 0, stream>>>(p, part_k, part_v,
-                                                                       part_logit);
+    sink_grad_rows_kernel<T>
+        <<<grid, kWarpSize * kWarps, 0, stream>>>(p, part_k, part_v, part_logit);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -276,17 +276,16 @@ cudaError_t launch_sink_merge_bwd(const SinkGradParams<T, float>& p, void* works
     }
   }
   if (logit) {
-    sink_logit_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(p.batch, p.heads, blocks,
-                                                               part_logit, p.dsink_logit);
+    sink_logit_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(p.batch, p.heads, blocks, part_logit,
+                                                               p.dsink_logit);
     return cudaGetLastError();
   }
   return cudaSuccess;
 }
 
-#define SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(T)                                              \
-  template cudaError_t launch_sink_merge_fwd<T>(const SinkMergeParams<T, float>&,           \
-                                                cudaStream_t);                              \
-  template cudaError_t launch_sink_merge_bwd<T>(const SinkGradParams<T, float>&, void*, \
+#define SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(T)                                                   \
+  template cudaError_t launch_sink_merge_fwd<T>(const SinkMergeParams<T, float>&, cudaStream_t); \
+  template cudaError_t launch_sink_merge_bwd<T>(const SinkGradParams<T, float>&, void*,          \
                                                 cudaStream_t);
 SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(float)
 SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(float16)

@@ -76,8 +76,8 @@ void dispatch_storage_type(at::ScalarType dtype, Fn&& fn) {
     case at::kBFloat16:
       return fn.template operator()<bfloat16, float>();
     default:
-      TORCH_CHECK_TYPE(false, "sink_attention: q must be float32, float64, float16 or bfloat16, got ",
-                       dtype);
+      TORCH_CHECK_TYPE(
+          false, "sink_attention: q must be float32, float64, float16 or bfloat16, got ", dtype);
   }
 }
 

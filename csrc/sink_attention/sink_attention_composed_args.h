@@ -62,11 +62,10 @@ inline SinkAttentionDims check_sink_attention_args(
   }
   if (key_padding_mask) {
     TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                    key_padding_mask->size(0) == d.batch &&
-                    key_padding_mask->size(1) == d.seqlen &&
+                    key_padding_mask->size(0) == d.batch && key_padding_mask->size(1) == d.seqlen &&
                     key_padding_mask->device() == q.device(),
-                "sink_attention: key_padding_mask must be bool (B, L) = (", d.batch, ", ",
-                d.seqlen, ") on ", q.device(), ", got ", key_padding_mask->scalar_type(),
+                "sink_attention: key_padding_mask must be bool (B, L) = (", d.batch, ", ", d.seqlen,
+                ") on ", q.device(), ", got ", key_padding_mask->scalar_type(),
                 key_padding_mask->sizes());
   }
   return d;
@@ -85,8 +84,8 @@ inline void check_sink_attention_bwd_args(const SinkAttentionDims& d, const at::
               "sink_attention_bwd: lse must be (B, H, L) on ", q.device(), ", got ", lse.sizes());
   if (grad_lse) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(),
-                "sink_attention_bwd: grad_lse must be ", lse.sizes(), " on ", q.device(),
-                ", got ", grad_lse->sizes());
+                "sink_attention_bwd: grad_lse must be ", lse.sizes(), " on ", q.device(), ", got ",
+                grad_lse->sizes());
   }
 }
 

@@ -18,8 +18,6 @@
 // P_ij * dlse_i, which is what a value column of ones and a dO column equal to dlse give (with
 // that column of out set to 0, rowsum(dO * out) is unchanged). So the backward runs once at head
 // dim D + 1 (rounded up to 8 on CUDA): exact, at the cost of the wider copies.
-#include "sink_attention/sink_attention_composed.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/ops/_fused_sdp_choice.h>
@@ -40,6 +38,7 @@
 #include <limits>
 
 #include "common/cpu_context.h"
+#include "sink_attention/sink_attention_composed.h"
 #include "sink_attention/sink_attention_composed_args.h"
 #include "sink_attention/sink_merge_cpu.h"
 
@@ -86,9 +85,9 @@ at::Tensor widen(const at::Tensor& x, int64_t width, const at::Tensor& column = 
 // needs.
 at::Tensor key_bias(const at::Tensor& key_padding_mask, at::ScalarType dtype, bool cuda) {
   const int64_t B = key_padding_mask.size(0), L = key_padding_mask.size(1);
-  at::Tensor bias = at::zeros({B, 1, 1, cuda ? round_up(L, 16) : L},
-                              key_padding_mask.options().dtype(dtype))
-                        .narrow(3, 0, L);
+  at::Tensor bias =
+      at::zeros({B, 1, 1, cuda ? round_up(L, 16) : L}, key_padding_mask.options().dtype(dtype))
+          .narrow(3, 0, L);
   bias.masked_fill_(key_padding_mask.logical_not().view({B, 1, 1, L}), -kInf);
   return bias;
 }
@@ -129,8 +128,9 @@ Plan plan_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     case at::SDPBackend::cudnn_attention:
       return {Backend::kCudnn, repeat};
     default:
-      TORCH_CHECK(false, "sink_attention: no fused attention kernel (flash, memory-efficient, "
-                         "cuDNN) takes these inputs on ",
+      TORCH_CHECK(false,
+                  "sink_attention: no fused attention kernel (flash, memory-efficient, "
+                  "cuDNN) takes these inputs on ",
                   q.device(), " (", q.scalar_type(), ", head_dim ", q.size(3),
                   "); scaled_dot_product_attention would fall back to its L x L math kernel. "
                   "Enable a fused backend (torch.nn.attention.sdpa_kernel) or change dtype");
@@ -181,14 +181,14 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const Plan& plan, const at::Ten
   switch (plan.backend) {
     case Backend::kCpuFlash:
       return at::_scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, false, optional(b),
-                                                            scale);
+                                                             scale);
     case Backend::kFlash: {
       auto r = at::_scaled_dot_product_flash_attention(q, kk, vv, 0.0, false, false, scale);
       return {std::get<0>(r), std::get<1>(r)};
     }
     case Backend::kEfficient: {
-      auto r = at::_scaled_dot_product_efficient_attention(q, kk, vv, optional(b), true, 0.0,
-                                                           false, scale);
+      auto r = at::_scaled_dot_product_efficient_attention(q, kk, vv, optional(b), true, 0.0, false,
+                                                           scale);
       return {std::get<0>(r), std::get<1>(r).narrow(2, 0, L)};  // lse rows padded to 32
     }
     case Backend::kCudnn: {
@@ -305,7 +305,8 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
   const auto acc_opts = q.options().dtype(acc);
   at::Tensor dsink_k = sink_k ? at::zeros(sink_k->sizes(), acc_opts) : at::empty({0}, q.options());
   at::Tensor dsink_v = sink_v ? at::zeros(sink_v->sizes(), acc_opts) : at::empty({0}, q.options());
-  at::Tensor dsink_logit = sink_logit ? at::zeros({d.heads}, acc_opts) : at::empty({0}, q.options());
+  at::Tensor dsink_logit =
+      sink_logit ? at::zeros({d.heads}, acc_opts) : at::empty({0}, q.options());
   const auto to_input_dtype = [&] {
     if (sink_k) {
       dsink_k = dsink_k.to(sink_k->scalar_type());
@@ -315,8 +316,7 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
   };
   if (q.numel() == 0) {
     to_input_dtype();
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), dsink_k, dsink_v,
-            dsink_logit};
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), dsink_k, dsink_v, dsink_logit};
   }
 
   // Padded rows take no part: with lse = +inf their P = exp(S - lse) is exactly 0.
@@ -351,8 +351,12 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
     kernels.bwd(a);
   }
   to_input_dtype();
-  return {strided_like(dq, q), strided_like(dk.narrow(3, 0, d.head_dim), k),
-          strided_like(dv.narrow(3, 0, d.head_dim), v), dsink_k, dsink_v, dsink_logit};
+  return {strided_like(dq, q),
+          strided_like(dk.narrow(3, 0, d.head_dim), k),
+          strided_like(dv.narrow(3, 0, d.head_dim), v),
+          dsink_k,
+          dsink_v,
+          dsink_logit};
 }
 
 namespace {
@@ -388,13 +392,12 @@ std::tuple<at::Tensor, at::Tensor> composed_fwd_cpu(
                                      kCpuKernels);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-composed_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
-                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
-                 const std::optional<at::Tensor>& sink_logit,
-                 const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-                 const at::Tensor& lse, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composed_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& sink_k,
+    const std::optional<at::Tensor>& sink_v, const std::optional<at::Tensor>& sink_logit,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
   return sink_attention_composed_bwd(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
                                      key_padding_mask, out, lse, scale, kCpuKernels);
 }

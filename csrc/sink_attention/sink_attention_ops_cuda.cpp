@@ -52,11 +52,13 @@ void merge_bwd_cuda(const MergeBwdArgs& a) {
 
 constexpr MergeKernels kCudaKernels{&merge_fwd_cuda, &merge_bwd_cuda};
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
-    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& sink_k,
+                                            const std::optional<at::Tensor>& sink_v,
+                                            const std::optional<at::Tensor>& sink_logit,
+                                            const std::optional<at::Tensor>& key_padding_mask,
+                                            double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   return sink_attention_composed_fwd(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale,
                                      kCudaKernels);
@@ -66,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& sink_k,
     const std::optional<at::Tensor>& sink_v, const std::optional<at::Tensor>& sink_logit,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   return sink_attention_composed_bwd(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
                                      key_padding_mask, out, lse, scale, kCudaKernels);

@@ -145,7 +145,7 @@ void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
     }
 }
 
-#define SINKDLM_INSTANTIATE_SINK_MERGE(T, A)                                                \
+#define SINKDLM_INSTANTIATE_SINK_MERGE(T, A)                                               \
   template void sink_merge_fwd_cpu<T, A>(const SinkMergeParams<T, A>&, const CpuContext&); \
   template void sink_merge_bwd_cpu<T, A>(const SinkGradParams<T, A>&, const CpuContext&);
 SINKDLM_INSTANTIATE_SINK_MERGE(float, float)

@@ -8,8 +8,8 @@
 namespace sinkdlm {
 
 // Writes p.out and p.lse from the attention over the real keys (p.attn_out, p.attn_lse).
-// p.out may alias p.attn_out when both have the same strides. Instantiated for (T, A) = (float, float),
-// (double, double), (float16, float), (bfloat16, float).
+// p.out may alias p.attn_out when both have the same strides. Instantiated for (T, A) = (float,
+// float), (double, double), (float16, float), (bfloat16, float).
 template <typename T, typename A>
 void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx);
 

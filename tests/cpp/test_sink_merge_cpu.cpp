@@ -115,10 +115,10 @@ void contiguous_strides(int64_t (&st)[4], int64_t H, int64_t L, int64_t D) {
 template <typename T, typename A>
 sinkdlm::SinkMergeParams<T, A> fwd_params(const Case& c, const std::vector<T>& q,
                                           const std::vector<T>& attn_out,
-                                          const std::vector<A>& attn_lse,
-                                          const std::vector<A>& sk, const std::vector<A>& sv,
-                                          const std::vector<A>& lam, const bool* mask,
-                                          std::vector<T>& out, std::vector<A>& lse) {
+                                          const std::vector<A>& attn_lse, const std::vector<A>& sk,
+                                          const std::vector<A>& sv, const std::vector<A>& lam,
+                                          const bool* mask, std::vector<T>& out,
+                                          std::vector<A>& lse) {
   sinkdlm::SinkMergeParams<T, A> p{};
   p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
   p.scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(c.D)));
@@ -138,8 +138,8 @@ sinkdlm::SinkMergeParams<T, A> fwd_params(const Case& c, const std::vector<T>& q
 }
 
 const Case kCases[] = {
-    {2, 4, 2, 5, 8, true, false, false, false},  {2, 4, 2, 5, 8, true, true, true, true},
-    {3, 4, 1, 7, 5, false, false, true, true},   {1, 2, 2, 1, 3, true, true, false, false},
+    {2, 4, 2, 5, 8, true, false, false, false}, {2, 4, 2, 5, 8, true, true, true, true},
+    {3, 4, 1, 7, 5, false, false, true, true},  {1, 2, 2, 1, 3, true, true, false, false},
     {2, 6, 3, 9, 16, true, false, true, true},
 };
 
@@ -275,8 +275,8 @@ TEST(SinkMergeCpu, Bfloat16ForwardNearFloat64) {
   std::vector<sinkdlm::bfloat16> out;
   std::vector<float> lse;
   sink_merge_fwd_cpu(fwd_params<sinkdlm::bfloat16, float>(
-                         c, to_bf16(in.q), to_bf16(in.attn_out), to_f32(in.attn_lse),
-                         to_f32(in.sk), to_f32(in.sv), to_f32(in.lam), in.mask.get(), out, lse),
+                         c, to_bf16(in.q), to_bf16(in.attn_out), to_f32(in.attn_lse), to_f32(in.sk),
+                         to_f32(in.sv), to_f32(in.lam), in.mask.get(), out, lse),
                      ctx);
   for (size_t i = 0; i < out.size(); ++i)
     EXPECT_NEAR(sinkdlm::to_float(out[i]), want_out[i], 2e-2) << i;
