@@ -1,8 +1,9 @@
 """CUDA sink attention: sinkdlm against SDPA with no sink, SDPA on [sink ; kv], FlexAttention.
 
 Methods, on the same inputs (q, k, v and a sink token's k/v, one sink shared by the batch):
-  sinkdlm          sinkdlm.sink_attention(q, k, v, sink_k, sink_v): ATen's fused attention over
-                   the keys, the sink merged in through the log-sum-exp (forward and backward)
+  sinkdlm          sinkdlm.sink_attention(q, k, v, sink_k, sink_v, backend="composed") (what
+                   "auto" runs on CUDA): ATen's fused attention over the keys, the sink merged
+                   in through the log-sum-exp (forward and backward)
   sdpa_nosink      F.scaled_dot_product_attention(q, k, v) with no sink at all: the ceiling
   concat_<backend> SDPA on [sink ; kv] under sdpa_kernel(<backend>) (flash, efficient, cudnn);
                    K/V are repeated per query head where the backend takes no GQA
@@ -66,8 +67,8 @@ def make_methods(q, k, v, sink_k, sink_v, flex_mode):
     gqa = H != Hkv
     device = q.device.type
 
-    def sinkdlm_op():
-        return sinkdlm.sink_attention(q, k, v, sink_k, sink_v)
+    def sinkdlm_op():  # on CUDA "composed" is what "auto" runs; on the CPU it is not
+        return sinkdlm.sink_attention(q, k, v, sink_k, sink_v, backend="composed")
 
     def sdpa_nosink():
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "sink_attention/sink_attention_composed.h"
 #include "sink_merge.h"
 

@@ -5,6 +5,19 @@ callers pass them as small ``sink_k`` / ``sink_v`` tensors instead of concatenat
 onto every sequence. ``sink_attention`` runs the native kernel (``torch.ops.sinkdlm``) where
 one is built for the tensors' device and a PyTorch composite with the same semantics
 elsewhere. ``sink_attention_reference`` is the paper's literal form, for tests.
+
+Paths (``backend=``):
+
+* ``"native"``: sinkdlm's own CPU kernel (``csrc/sink_attention/sink_attention_cpu.cpp``).
+* ``"composed"``: ATen's fused attention over the real keys (the kernel
+  ``F.scaled_dot_product_attention`` would run), then the sink merged in through the
+  log-sum-exp by a sinkdlm kernel, forward and backward (``csrc/sink_attention/
+  sink_attention_composed.h``). The op ``torch.ops.sinkdlm.sink_attention_composed_fwd`` on the
+  CPU and CUDA, the same math in plain torch ops (``sink_attention_composite.py``) elsewhere.
+* ``"auto"`` (default): whatever kernel the dispatcher holds for the device under
+  ``sinkdlm::sink_attention_fwd``: the native kernel on the CPU, the composed one on CUDA; on
+  devices without one (MPS, XPU, a CUDA torch built without nvcc, and float64 on CUDA, which
+  ATen's fused kernels lack) the plain-torch composition.
 """
 
 from __future__ import annotations
@@ -12,18 +25,46 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from . import _C
+from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
+from .sink_attention_composite import sink_attention_composite
 
 __all__ = ["sink_attention", "sink_attention_reference", "sink_attention_mask"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "native", "composed")
+_OP = "sinkdlm::sink_attention_fwd"
+_COMPOSED_OP = "sinkdlm::sink_attention_composed_fwd"
+_NATIVE_KERNELS: dict[tuple[str, str], bool] = {}
 
-# Devices with a native kernel in this build. Everything else takes the composite path.
-_NATIVE_DEVICE_TYPES = frozenset(
-    {"cpu", "meta"} | ({"cuda"} if _C.build_info()["cuda_linked"] else set())
-)
+
+@torch.compiler.assume_constant_result
+def has_native_kernel(op: str, device_type: str) -> bool:
+    """Whether the dispatcher holds a kernel of ``op`` for ``device_type`` (asked once)."""
+    key = (op, device_type)
+    if key not in _NATIVE_KERNELS:
+        dispatch_key = torch._C._dispatch_key_for_device(device_type)
+        _NATIVE_KERNELS[key] = torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    return _NATIVE_KERNELS[key]
+
+
+def _pick_op(backend: str, q: torch.Tensor):
+    """The op that runs ``backend`` for q, or None for the plain-torch composition."""
+    device = q.device.type
+    no_fused_kernel = device == "cuda" and q.dtype == torch.float64  # ATen's fused: no float64
+    if backend == "native":
+        if device not in ("cpu", "meta") or not has_native_kernel(_OP, device):
+            raise ValueError(
+                f"sink_attention: backend='native' is sinkdlm's own CPU kernel; for tensors on "
+                f"{device} use backend='auto' or 'composed'"
+            )
+        return torch.ops.sinkdlm.sink_attention_fwd
+    op, fn = (
+        (_COMPOSED_OP, torch.ops.sinkdlm.sink_attention_composed_fwd)
+        if backend == "composed"
+        else (_OP, torch.ops.sinkdlm.sink_attention_fwd)
+    )
+    return fn if has_native_kernel(op, device) and not no_fused_kernel else None
 
 
 def _fail(name: str, expected: str, got: object, exc: type[Exception] = ValueError):
@@ -106,6 +147,11 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
         _fail("scale", "a finite float", scale, TypeError)
 
 
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        _fail("backend", "one of 'auto', 'native', 'composed'", repr(backend))
+
+
 def softmax_scale(scale: float | None, head_dim: int) -> float:
     """The score scale: ``scale`` when given, else ``head_dim ** -0.5`` (SDPA's default)."""
     return float(scale) if scale is not None else head_dim**-0.5
@@ -122,6 +168,7 @@ def sink_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional attention over ``[sink ; keys]`` without concatenating the sink.
 
@@ -138,63 +185,29 @@ def sink_attention(
             attention; padded query rows return zeros (and lse 0). The sink is always visible.
         scale: score scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of each row's scores.
+        backend: ``"auto"`` (default), ``"native"`` (sinkdlm's CPU kernel) or ``"composed"``
+            (ATen's fused attention with the sink merged in); see the module docstring.
 
     Returns:
-        ``out`` ``(B, H, L, D)`` contiguous in q's dtype, and with ``return_lse`` the
-        ``(B, H, L)`` log-sum-exp in float32 (float64 for float64 inputs).
+        ``out`` ``(B, H, L, D)`` in q's dtype, and with ``return_lse`` the ``(B, H, L)``
+        log-sum-exp in float32 (float64 for float64 inputs). ``out`` is contiguous from the
+        native kernel and laid out ``(B, L, H, D)`` in memory, as SDPA returns it, from the
+        composed path (so ``out.transpose(1, 2).reshape(B, L, H * D)`` is free).
 
     Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
     """
     _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
+    _check_backend(backend)
     scale = softmax_scale(scale, q.shape[-1])
-    if q.device.type in _NATIVE_DEVICE_TYPES:
-        out, lse = torch.ops.sinkdlm.sink_attention_fwd(
-            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale
-        )
-        return (out, lse) if return_lse else out
-    return _sink_attention_composite(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, return_lse
-    )
+    op = _pick_op(backend, q)
+    args = (q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
+    out, lse = op(*args) if op is not None else sink_attention_composite(*args)
+    return (out, lse) if return_lse else out
 
 
 def _expand_sink(sink: torch.Tensor, batch: int) -> torch.Tensor:
     """(Hkv, D) or (B, Hkv, D) -> (B, Hkv, D)."""
     return sink.expand(batch, *sink.shape[-2:]) if sink.dim() == 2 else sink
-
-
-def _sink_attention_composite(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, return_lse
-):
-    """Devices without a native kernel: SDPA on ``[sink ; kv]`` (whatever backend the device
-    has), or the reference math where SDPA cannot express the request (logit sink, lse)."""
-    if sink_logit is not None or return_lse:
-        return sink_attention_reference(
-            q,
-            k,
-            v,
-            sink_k,
-            sink_v,
-            sink_logit=sink_logit,
-            key_padding_mask=key_padding_mask,
-            scale=scale,
-            return_lse=return_lse,
-        )
-    B, H, L, _ = q.shape
-    attn_mask = None
-    if sink_k is not None:
-        k = torch.cat([_expand_sink(sink_k, B).unsqueeze(2), k], dim=2)
-        v = torch.cat([_expand_sink(sink_v, B).unsqueeze(2), v], dim=2)
-    if key_padding_mask is not None:
-        keys = key_padding_mask
-        if sink_k is not None:
-            keys = torch.cat([keys.new_ones(B, 1), keys], dim=1)
-        attn_mask = keys[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=H != k.shape[1]
-    )
-    if key_padding_mask is not None:
-        out = out.masked_fill(~key_padding_mask[:, None, :, None], 0)
-    return out.contiguous()
 
 
 def sink_attention_mask(
@@ -318,64 +331,107 @@ def sink_attention_reference(
 
 
 # ---- op registration: fake kernels and autograd -------------------------------------------
+# Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
+# on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
+# return: the native CPU kernel's contiguous tensors, the composed path's SDPA-like out and
+# empty_like gradients.
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("sinkdlm::sink_attention_fwd")
+def _fwd_fake(q, composed):
+    B, H, L, D = q.shape
+    out = q.new_empty(B, L, H, D).transpose(1, 2) if composed else q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+
+def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
+    def like(t):
+        if t is None:
+            return q.new_empty(0)
+        return torch.empty_like(t) if composed and t.dim() == 4 else t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
+
+
+def _native_on(device_type: str) -> bool:
+    """sink_attention_{fwd,bwd} run sinkdlm's own kernel on the CPU (and meta), composed else."""
+    return device_type in ("cpu", "meta")
+
+
+@torch.library.register_fake(_OP)
 def _sink_attention_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    return _fwd_fake(q, composed=not _native_on(q.device.type))
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
 def _sink_attention_bwd_fake(
     grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
 ):
-    def like(t):
-        return t.new_empty(t.shape) if t is not None else q.new_empty(0)
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
 
-    return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
+
+@torch.library.register_fake(_COMPOSED_OP)
+def _composed_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
+    return _fwd_fake(q, composed=True)
+
+
+@torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
+def _composed_bwd_fake(
+    grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
+):
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed=True)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale = inputs
     out, lse = output
+    # An unused lse then brings None, not zeros: the backward skips its gradient's work.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv, dsink_k, dsink_v, dsink_logit = torch.ops.sinkdlm.sink_attention_bwd(
-        grad_out,
-        grad_lse,
-        q,
-        k,
-        v,
-        sink_k,
-        sink_v,
-        sink_logit,
-        key_padding_mask,
-        out,
-        lse,
-        ctx.scale,
-    )
-    return (
-        dq,
-        dk,
-        dv,
-        dsink_k if sink_k is not None else None,
-        dsink_v if sink_v is not None else None,
-        dsink_logit if sink_logit is not None else None,
-        None,
-        None,
-    )
+def _autograd(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dsink_k, dsink_v, dsink_logit = bwd_op(
+            grad_out,
+            grad_lse,
+            q,
+            k,
+            v,
+            sink_k,
+            sink_v,
+            sink_logit,
+            key_padding_mask,
+            out,
+            lse,
+            ctx.scale,
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dsink_k if sink_k is not None else None,
+            dsink_v if sink_v is not None else None,
+            dsink_logit if sink_logit is not None else None,
+            None,
+            None,
+        )
+
+    return backward
 
 
 torch.library.register_autograd(
-    "sinkdlm::sink_attention_fwd", _backward, setup_context=_setup_context
+    _OP, _autograd(torch.ops.sinkdlm.sink_attention_bwd), setup_context=_setup_context
+)
+torch.library.register_autograd(
+    _COMPOSED_OP,
+    _autograd(torch.ops.sinkdlm.sink_attention_composed_bwd),
+    setup_context=_setup_context,
 )
