@@ -1,15 +1,19 @@
 """sinkdlm.sink_attention against the paper's literal form (sink_attention_reference)."""
 
+import importlib
 import itertools
 
 import pytest
 import torch
-from devices import devices
+from conftest import devices
 
 import sinkdlm
-from sinkdlm.sink_attention_composite import sink_attention_composite
+from sinkdlm.ops.sink_attention_composite import sink_attention_composite
 
-# CUDA runs the SDPA-on-[sink ; kv] route until a native CUDA kernel is linked: a GPU is enough.
+sink_attention_module = importlib.import_module("sinkdlm.ops.sink_attention")
+
+# CUDA runs the composed kernel where sinkdlm links it, the plain-torch composite elsewhere: a
+# GPU is enough.
 DEVICES = devices(native_cuda=False)
 needs = pytest.mark.parametrize("device", DEVICES)
 
@@ -212,6 +216,17 @@ def test_composite_path_matches_reference(sink, padding):
     )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sink", ["shared+logit", "logit", "per_batch"])
+def test_device_without_kernel_takes_the_composite_route(sink, monkeypatch):
+    """With no kernel for the device the dispatcher reports, sink_attention runs the composite
+    (the same merge in plain torch ops), forward and backward."""
+    monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device_type: False)
+    called = []
+    monkeypatch.setattr(torch.ops.sinkdlm, "sink_attention_fwd", lambda *a: called.append(a))
+    check(*make_inputs(2, 4, 2, 13, 16, sink, True), torch.float64)
+    assert not called
 
 
 @pytest.mark.parametrize("sink", ["shared+logit", "per_batch", "logit"])

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from devices import cuda_native
+from conftest import cuda_native
 from test_sink_attention import (
     NAMES,
     SHAPES,
@@ -19,9 +19,9 @@ from test_sink_attention import (
 
 import sinkdlm
 
-composite = importlib.import_module("sinkdlm.sink_attention_composite")
+composite = importlib.import_module("sinkdlm.ops.sink_attention_composite")
 
-sink_attention_module = importlib.import_module("sinkdlm.sink_attention")
+sink_attention_module = importlib.import_module("sinkdlm.ops.sink_attention")
 
 needs_gpu = pytest.mark.skipif(
     not cuda_native(), reason="needs a GPU and sinkdlm built against a CUDA torch"

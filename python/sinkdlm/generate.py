@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
-from .remask_step import remask_step
+from .ops import remask_step
+from .protocol import inference_cache
 
 
 def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -42,15 +41,6 @@ def dream_transfer_schedule(
         counts.append(count)
         remaining = remaining - count
     return torch.stack(counts, dim=1)
-
-
-def _sink_kv_context(model):
-    # sinkdlm.hf is optional here: without it (or without transformers) there is no sink cache.
-    try:
-        from . import hf
-    except ImportError:
-        return contextlib.nullcontext()
-    return hf.sink_kv_cache(model) if hf.has_sink_token(model) else contextlib.nullcontext()
 
 
 def _model_logits(model, tokens, attention_mask):
@@ -106,7 +96,8 @@ def generate(
         (B, P + gen_length) int64: the prompts followed by the generated tokens.
 
     When the model carries a sink token (``sinkdlm.hf.has_sink_token``), its K/V are computed
-    once for the whole call (``sinkdlm.hf.sink_kv_cache``), not once per step.
+    once for the whole call (``sinkdlm.hf.sink_kv_cache``, entered through
+    ``sinkdlm.protocol.inference_cache``), not once per step.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
         raise ValueError(
@@ -160,7 +151,7 @@ def generate(
         return logits
 
     window = torch.empty(batch, 2, dtype=torch.int64, device=device)
-    with _sink_kv_context(model), tqdm(total=steps, disable=not progress, desc="denoising") as bar:
+    with inference_cache(model), tqdm(total=steps, disable=not progress, desc="denoising") as bar:
         for block in range(num_blocks):
             start = prompt_length + block * block_length
             end = start + block_length

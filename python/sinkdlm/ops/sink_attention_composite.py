@@ -26,18 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from .common import accumulation_dtype, expand_sink
+
 __all__ = ["sink_attention_composite"]
 
 QUERY_BLOCK = 256  # rows per block of the plain-torch attention: block x L scores at a time
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def expand_sink(sink: torch.Tensor, batch: int) -> torch.Tensor:
-    """(Hkv, D) or (B, Hkv, D) -> (B, Hkv, D), a view."""
-    return sink.expand(batch, *sink.shape[-2:]) if sink.dim() == 2 else sink
 
 
 def sink_attention_composite(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):

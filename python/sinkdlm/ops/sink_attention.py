@@ -1,0 +1,212 @@
+"""Sink attention: bidirectional attention where every query also sees one sink token.
+
+The sink token attends only to itself, so its keys and values never depend on the input:
+callers pass them as small ``sink_k`` / ``sink_v`` tensors instead of concatenating a token
+onto every sequence. ``sink_attention`` runs a kernel of ``torch.ops.sinkdlm`` where
+the dispatcher has one for the tensors' device and a PyTorch composite with the same semantics
+elsewhere. ``sinkdlm.sink_attention_reference`` (ops/reference.py) is the paper's literal form.
+
+Paths (``backend=``):
+
+* ``"native"``: sinkdlm's own CPU kernel (``csrc/sink_attention/sink_attention_cpu.cpp``).
+* ``"composed"``: ATen's fused attention over the real keys (the kernel
+  ``F.scaled_dot_product_attention`` would run), then the sink merged in through the
+  log-sum-exp by a sinkdlm kernel, forward and backward (``csrc/sink_attention/
+  sink_attention_composed.h``). The op ``torch.ops.sinkdlm.sink_attention_composed_fwd`` on the
+  CPU and CUDA, the same math in plain torch ops (``ops/sink_attention_composite.py``) elsewhere.
+* ``"auto"`` (default): whatever kernel the dispatcher holds for the device under
+  ``sinkdlm::sink_attention_fwd``: the native kernel on the CPU, the composed one on CUDA; on
+  devices without one (MPS, XPU, a CUDA torch built without nvcc, and float64 on CUDA, which
+  ATen's fused kernels lack) the plain-torch composition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_sink_attention_args
+from .common import accumulation_dtype, has_native_kernel, softmax_scale
+from .sink_attention_composite import sink_attention_composite
+
+__all__ = ["sink_attention"]
+
+BACKENDS = ("auto", "native", "composed")
+_OP = "sinkdlm::sink_attention_fwd"
+_COMPOSED_OP = "sinkdlm::sink_attention_composed_fwd"
+
+
+def _pick_op(backend: str, q: torch.Tensor):
+    """The op that runs ``backend`` for q, or None for the plain-torch composition."""
+    device = q.device.type
+    no_fused_kernel = device == "cuda" and q.dtype == torch.float64  # ATen's fused: no float64
+    if backend == "native":
+        if device not in ("cpu", "meta") or not has_native_kernel(_OP, device):
+            raise ValueError(
+                f"sink_attention: backend='native' is sinkdlm's own CPU kernel; for tensors on "
+                f"{device} use backend='auto' or 'composed'"
+            )
+        return torch.ops.sinkdlm.sink_attention_fwd
+    op, fn = (
+        (_COMPOSED_OP, torch.ops.sinkdlm.sink_attention_composed_fwd)
+        if backend == "composed"
+        else (_OP, torch.ops.sinkdlm.sink_attention_fwd)
+    )
+    return fn if has_native_kernel(op, device) and not no_fused_kernel else None
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"sink_attention: backend must be one of 'auto', 'native', 'composed', got {backend!r}"
+        )
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink_k: torch.Tensor | None = None,
+    sink_v: torch.Tensor | None = None,
+    *,
+    sink_logit: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional attention over ``[sink ; keys]`` without concatenating the sink.
+
+    Args:
+        q: ``(B, H, L, D)`` float32, float64, float16 or bfloat16; any strides.
+        k, v: ``(B, Hkv, L, D)``, q's dtype and device; ``H % Hkv == 0`` (GQA / MQA).
+        sink_k, sink_v: the sink token's key and value, ``(Hkv, D)`` (one sink for the
+            batch) or ``(B, Hkv, D)``; both or neither. With neither this is plain
+            non-causal attention (plus ``sink_logit`` if given).
+        sink_logit: optional floating ``(H,)``: a per-head logit with no value (the gpt-oss
+            form of a sink), added to each softmax denominator in logit units (not scaled)
+            and included in the log-sum-exp. May be combined with a sink token.
+        key_padding_mask: optional bool ``(B, L)``, True = real token. Padded keys get no
+            attention; padded query rows return zeros (and lse 0). The sink is always visible.
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of each row's scores.
+        backend: ``"auto"`` (default), ``"native"`` (sinkdlm's CPU kernel) or ``"composed"``
+            (ATen's fused attention with the sink merged in); see the module docstring.
+
+    Returns:
+        ``out`` ``(B, H, L, D)`` in q's dtype, and with ``return_lse`` the ``(B, H, L)``
+        log-sum-exp in float32 (float64 for float64 inputs). ``out`` is contiguous from the
+        native kernel and laid out ``(B, L, H, D)`` in memory, as SDPA returns it, from the
+        composed path (so ``out.transpose(1, 2).reshape(B, L, H * D)`` is free).
+
+    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
+    """
+    check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
+    _check_backend(backend)
+    scale = softmax_scale(scale, q.shape[-1])
+    op = _pick_op(backend, q)
+    args = (q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
+    out, lse = op(*args) if op is not None else sink_attention_composite(*args)
+    return (out, lse) if return_lse else out
+
+
+# ---- op registration: fake kernels and autograd -------------------------------------------
+# Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
+# on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
+# return: the native CPU kernel's contiguous tensors, the composed path's SDPA-like out and
+# empty_like gradients.
+
+
+def _fwd_fake(q, composed):
+    B, H, L, D = q.shape
+    out = q.new_empty(B, L, H, D).transpose(1, 2) if composed else q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+
+
+def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
+    def like(t):
+        if t is None:
+            return q.new_empty(0)
+        return torch.empty_like(t) if composed and t.dim() == 4 else t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
+
+
+def _native_on(device_type: str) -> bool:
+    """sink_attention_{fwd,bwd} run sinkdlm's own kernel on the CPU (and meta), composed else."""
+    return device_type in ("cpu", "meta")
+
+
+@torch.library.register_fake(_OP)
+def _sink_attention_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
+    return _fwd_fake(q, composed=not _native_on(q.device.type))
+
+
+@torch.library.register_fake("sinkdlm::sink_attention_bwd")
+def _sink_attention_bwd_fake(
+    grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
+):
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
+
+
+@torch.library.register_fake(_COMPOSED_OP)
+def _composed_fwd_fake(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
+    return _fwd_fake(q, composed=True)
+
+
+@torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
+def _composed_bwd_fake(
+    grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse, scale
+):
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed=True)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale = inputs
+    out, lse = output
+    # An unused lse then brings None, not zeros: the backward skips its gradient's work.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse)
+    ctx.scale = scale
+
+
+def _autograd(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dsink_k, dsink_v, dsink_logit = bwd_op(
+            grad_out,
+            grad_lse,
+            q,
+            k,
+            v,
+            sink_k,
+            sink_v,
+            sink_logit,
+            key_padding_mask,
+            out,
+            lse,
+            ctx.scale,
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dsink_k if sink_k is not None else None,
+            dsink_v if sink_v is not None else None,
+            dsink_logit if sink_logit is not None else None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+torch.library.register_autograd(
+    _OP, _autograd(torch.ops.sinkdlm.sink_attention_bwd), setup_context=_setup_context
+)
+torch.library.register_autograd(
+    _COMPOSED_OP,
+    _autograd(torch.ops.sinkdlm.sink_attention_composed_bwd),
+    setup_context=_setup_context,
+)
