@@ -361,6 +361,16 @@ def test_cuda_each_fused_backend(sdpa_backend, padding):
             raise
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cuda_composite_matches_cpu_reference(dtype, monkeypatch):
+    """The plain-torch composite on a GPU (a CUDA torch without sinkdlm's CUDA build): the
+    memory-efficient kernel, or the blocked form for float64."""
+    monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device: False)
+    for shape in [(2, 8, 2, 129, 64), (2, 4, 1, 77, 20)]:
+        check(make_inputs(*shape, "shared+logit", True, dtype=dtype, device="cuda"), dtype, "auto")
+
+
 @needs_gpu
 def test_cuda_float64_runs_the_composite():
     check(make_inputs(2, 4, 2, 33, 16, "shared+logit", True, device="cuda"), torch.float64, "auto")
