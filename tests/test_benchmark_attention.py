@@ -1,5 +1,5 @@
-"""benchmarks/attention_cuda.py without a GPU: its --dry-run runs every method on the CPU with
-tiny sizes (and they must agree), and a plain run refuses clearly."""
+"""benchmarks/attention_cuda.py on a machine without a GPU: its --dry-run runs every method on
+the CPU with tiny sizes (and they must agree), and a plain run refuses clearly."""
 
 import importlib.util
 import json
