@@ -32,21 +32,19 @@ def check(inputs, dtype, backend, scale=None, with_lse=True):
     (out, lse, ours), (r_out, r_lse, ref) = run_both(
         *inputs, scale=scale, backend=backend, with_lse=with_lse
     )
-    assert out.dtype == q_dtype(inputs) and out.shape == inputs[0].shape
+    q = inputs[0]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    if backend == "composed" or q.device.type != "cpu":  # not the native kernel's contiguous out
+        assert has_layout_of(out, q)
     grads = [t.grad if t is not None else None for t in ours]
     r_grads = [t.grad if t is not None else None for t in ref]
     assert_close_all([out, lse, *grads], [r_out, r_lse, *r_grads], dtype, NAMES)
     return out
 
 
-def q_dtype(inputs):
-    return inputs[0].dtype
-
-
-def is_blhd(out):
-    """(B, H, L, D) laid out (B, L, H, D) in memory, as SDPA returns it."""
-    B, H, L, D = out.shape
-    return out.stride() == (L * H * D, D, H * D, 1)
+def has_layout_of(out, q):
+    """The composed path's promise (and its fake's): out laid out like torch.empty_like(q)."""
+    return out.stride() == torch.empty_like(q).stride()
 
 
 def check_fully_padded_batch(B, H, Hkv, L, D, sink, backend, dtype=torch.float64):
@@ -104,8 +102,9 @@ def test_composed_matches_reference_float64(shape, sink, padding):
     if padding == "allpad":
         check_fully_padded_batch(*shape, sink, "composed")
         return
-    out = check(make_inputs(*shape, sink, padding == "pad"), torch.float64, "composed")
-    assert is_blhd(out)
+    inputs = make_inputs(*shape, sink, padding == "pad")
+    out = check(inputs, torch.float64, "composed")
+    assert has_layout_of(out, inputs[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -305,9 +304,15 @@ def test_meta_tensors_get_shapes_and_layout(backend):
 
 
 def test_layouts_of_the_two_cpu_paths():
+    """Native: contiguous. Composed: q's layout, e.g. (B, L, H, D)-major for a projection viewed
+    as heads, which the backend's out then has too (the merge runs in place)."""
     q, k, v, sk, sv, _, _ = make_inputs(2, 4, 2, 9, 16, "shared", False, torch.float32)
-    assert sinkdlm.sink_attention(q, k, v, sk, sv).is_contiguous()  # auto = native on the CPU
-    assert is_blhd(sinkdlm.sink_attention(q, k, v, sk, sv, backend="composed"))
+    q_blhd = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for x in (q, q_blhd):
+        assert sinkdlm.sink_attention(x, k, v, sk, sv).is_contiguous()  # auto: native on the CPU
+        out = sinkdlm.sink_attention(x, k, v, sk, sv, backend="composed")
+        assert has_layout_of(out, x)
+    assert not out.is_contiguous()
 
 
 def test_bad_backend_raises_clearly():

@@ -42,8 +42,8 @@ struct MergeKernels {
   void (*bwd)(const MergeBwdArgs&);
 };
 
-// Same arguments and results as sinkdlm::sink_attention_fwd / _bwd. out is (B, H, L, D) laid out
-// (B, L, H, D) in memory like SDPA's; dq, dk, dv have the strides of empty_like(q / k / v).
+// Same arguments and results as sinkdlm::sink_attention_fwd / _bwd. out, dq, dk and dv have the
+// strides of empty_like(q / q / k / v): the inputs' own layout where it is dense.
 std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,

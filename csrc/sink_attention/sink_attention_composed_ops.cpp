@@ -59,12 +59,6 @@ struct Plan {
   bool repeat_kv;  // the backend takes no GQA: K/V repeated per query head
 };
 
-// (B, H, L, D) laid out (B, L, H, D) in memory, as SDPA returns it: a caller's
-// out.transpose(1, 2).reshape(B, L, H * D) is then free, and so is the backward's dO.
-at::Tensor empty_blhd(int64_t B, int64_t H, int64_t L, int64_t D, const at::TensorOptions& o) {
-  return at::empty({B, L, H, D}, o).transpose(1, 2);
-}
-
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // x (B, H, L, D) zero-padded to `width` columns; column D set to `column` ((B, H, L), or the
@@ -263,7 +257,10 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
       check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask);
   TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
-  at::Tensor out = empty_blhd(d.batch, d.heads, d.seqlen, d.head_dim, q.options());
+  // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
+  // viewed as heads) gives an out whose transpose(1, 2).reshape(B, L, H * D) is free, and the
+  // merge runs in place over the backend's out whenever the layouts agree.
+  at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({d.batch, d.heads, d.seqlen}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
 
@@ -282,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
   a.sink_logit = in_acc(sink_logit, acc);
   a.row_mask = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
   a.scale = scale;
-  a.out = attn_out.strides() == out.strides() ? attn_out : out;  // merge in place when it can
+  a.out = attn_out.strides() == out.strides() ? attn_out : out;
   a.lse = lse;
   kernels.fwd(a);
   return {a.out, lse};

@@ -95,8 +95,9 @@ def sink_attention(
     Returns:
         ``out`` ``(B, H, L, D)`` in q's dtype, and with ``return_lse`` the ``(B, H, L)``
         log-sum-exp in float32 (float64 for float64 inputs). ``out`` is contiguous from the
-        native kernel and laid out ``(B, L, H, D)`` in memory, as SDPA returns it, from the
-        composed path (so ``out.transpose(1, 2).reshape(B, L, H * D)`` is free).
+        native kernel and has q's layout (``torch.empty_like(q)``) from the composed path, as
+        SDPA's flash kernel does: for a q that is a ``(B, L, H, D)`` projection viewed as heads,
+        ``out.transpose(1, 2).reshape(B, L, H * D)`` is then free.
 
     Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
     """
@@ -112,13 +113,11 @@ def sink_attention(
 # ---- op registration: fake kernels and autograd -------------------------------------------
 # Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
 # on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
-# return: the native CPU kernel's contiguous tensors, the composed path's SDPA-like out and
-# empty_like gradients.
+# return: the native CPU kernel's contiguous tensors, the composed path's empty_like ones.
 
 
 def _fwd_fake(q, composed):
-    B, H, L, D = q.shape
-    out = q.new_empty(B, L, H, D).transpose(1, 2) if composed else q.new_empty(q.shape)
+    out = torch.empty_like(q) if composed else q.new_empty(q.shape)
     return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 

@@ -35,8 +35,8 @@ QUERY_BLOCK = 256  # rows per block of the plain-torch attention: block x L scor
 
 def sink_attention_composite(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
     """``(out, lse)`` of :func:`sinkdlm.sink_attention` on checked arguments (``scale``
-    resolved), differentiable in q, k, v, the sinks and through lse. ``out`` is laid out
-    ``(B, L, H, D)`` in memory, like SDPA's."""
+    resolved), differentiable in q, k, v, the sinks and through lse. ``out`` has q's layout
+    (``torch.empty_like(q)``), like the composed op's."""
     return _SinkAttentionComposite.apply(
         q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale
     )
@@ -220,7 +220,7 @@ def _merge(q, attn_out, attn_lse, sink_k, sink_v, sink_logit, key_padding_mask, 
         padded = ~key_padding_mask[:, None, :]
         merged = merged.masked_fill(padded.unsqueeze(-1), 0)
         lse = lse.masked_fill(padded, 0)
-    out = q.new_empty(B, L, H, D).transpose(1, 2)
+    out = torch.empty_like(q)
     out.copy_(merged)
     return out, lse
 
