@@ -151,6 +151,52 @@ def sink_attention(device):
     return tuple(outs)
 
 
+def _composed_case(device, configs):
+    """The composed path (ATen's fused attention, the sink merged in: cuda/sink_merge.cu on the
+    GPU) forward and backward, gradients through out and lse, on (b, h, hkv, n, d, sink, dtype)."""
+    outs = []
+    for b, h, hkv, n, d, per_batch_sink, dtype in configs:
+        leaves = [randn(b, h, n, d), randn(b, hkv, n, d), randn(b, hkv, n, d)]
+        sink_shape = (b, hkv, d) if per_batch_sink else (hkv, d)
+        leaves += [randn(*sink_shape), randn(*sink_shape), randn(h)]
+        leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
+        kpm = torch.ones(b, n, dtype=torch.bool)
+        kpm[0, : n // 3] = False  # left padding
+        if b > 1:
+            kpm[1] = False  # a fully padded row
+        q, k, v, sink_k, sink_v, sink_logit = leaves
+        out, lse = sinkdlm.sink_attention(
+            q, k, v, sink_k, sink_v, sink_logit=sink_logit, key_padding_mask=kpm.to(device),
+            return_lse=True, backend="composed",
+        )  # fmt: skip
+        grad_out, grad_lse = randn(*out.shape).to(device, dtype), randn(*lse.shape).to(device)
+        torch.autograd.backward((out, lse), (grad_out, grad_lse))
+        outs += [out, lse, *(t.grad for t in leaves)]
+        # Without padding or lse gradient: the plain fused backward (flash where it applies).
+        for t in leaves:
+            t.grad = None
+        out = sinkdlm.sink_attention(q, k, v, sink_k, sink_v, backend="composed")
+        out.backward(grad_out)
+        outs += [out, *(t.grad for t in leaves[:5])]
+    return tuple(t.float() for t in outs)
+
+
+@case("sinkdlm::sink_attention_composed_fwd", "sinkdlm::sink_attention_composed_bwd",
+      rtol=2e-2, atol=2e-2)  # fmt: skip
+def sink_attention_composed(device):
+    # float16 GQA 8/2, L 77, head dim 20 (zero-padded to 24 on the GPU); float32 MQA, L 1.
+    return _composed_case(
+        device, [(2, 8, 2, 77, 20, False, torch.float16), (1, 4, 1, 1, 64, True, torch.float32)]
+    )
+
+
+@case("sinkdlm::sink_attention_composed_fwd", "sinkdlm::sink_attention_composed_bwd",
+      rtol=8e-2, atol=8e-2)  # fmt: skip
+def sink_attention_composed_bf16(device):
+    # bfloat16, head dim 128, L 130 (a ragged row block in the merge's backward), MHA.
+    return _composed_case(device, [(2, 4, 4, 130, 128, False, torch.bfloat16)])
+
+
 # ---- driver -------------------------------------------------------------------------------------
 
 
@@ -190,7 +236,7 @@ def check_ops() -> int:
     allowed = set(os.environ.get("SINKDLM_CUDA_CHECK_ALLOW_MISSING", "").split())
     rows, problems = op_table(), []
     label = {"cuda": "CUDA kernel", "composite": "composite kernel (serves every device)"}
-    print(f"  {'op':32s} {'CUDA':54s} smoke case")
+    print(f"  {'op':38s} {'CUDA':54s} smoke case")
     for op, how, cases in rows:
         text = label.get(how, "MISSING: no CUDA kernel")
         if how == "missing" and op in allowed:
@@ -203,7 +249,7 @@ def check_ops() -> int:
             )
         if how == "cuda" and not cases:
             problems.append(f"{op} has a CUDA kernel but no case in scripts/cuda_smoke.py")
-        print(f"  {op:32s} {text:54s} {', '.join(cases) or '-'}")
+        print(f"  {op:38s} {text:54s} {', '.join(cases) or '-'}")
     known = {op for op, _, _ in rows}
     if not known:
         problems.append("no sinkdlm ops are registered")

@@ -170,7 +170,8 @@ bench() {  # bench NAME SCRIPT ARGS...
   rm -f "$marker"
 }
 bench remask benchmarks/remask.py --devices cuda --repeats 3
-bench attention_cuda benchmarks/attention_cuda.py
+# A slice of the README grid that fits the step's time (the whole grid: run it on its own).
+bench attention_cuda benchmarks/attention_cuda.py --lengths 2048 8192 --head-dims 128 --reps 5
 
 # ---- summary --------------------------------------------------------------------------------
 "$PY" - "$DIR" <<'EOF' || say "could not write summary.json"
