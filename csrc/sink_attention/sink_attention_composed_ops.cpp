@@ -40,6 +40,7 @@
 #include "common/cpu_context.h"
 #include "sink_attention/sink_attention_composed.h"
 #include "sink_attention/sink_attention_composed_args.h"
+#include "common/torch_interop.h"
 #include "sink_attention/sink_merge_cpu.h"
 
 namespace sinkdlm::composed {
@@ -358,23 +359,15 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
 
 namespace {
 
-const CpuContext& merge_cpu_context() {
-  static const CpuContext ctx =
-      make_cpu_context([](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-        at::parallel_for(0, n, 1, fn);
-      });
-  return ctx;
-}
-
 void merge_fwd_cpu(const MergeFwdArgs& a) {
   dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
-    sink_merge_fwd_cpu(merge_fwd_params<T, A>(a), merge_cpu_context());
+    sink_merge_fwd_cpu(merge_fwd_params<T, A>(a), torch_cpu_context());
   });
 }
 
 void merge_bwd_cpu(const MergeBwdArgs& a) {
   dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
-    sink_merge_bwd_cpu(merge_bwd_params<T, A>(a), merge_cpu_context());
+    sink_merge_bwd_cpu(merge_bwd_params<T, A>(a), torch_cpu_context());
   });
 }
 

@@ -31,7 +31,7 @@ const T* row_ptr(const T* x, const int64_t* st, int64_t b, int64_t h, int64_t i)
 template <typename T, typename A>
 void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx) {
   const int64_t H = p.heads, L = p.seqlen, D = p.head_dim, group = p.heads / p.kv_heads;
-  ctx.parallel_for(p.batch * H * L, [&](int64_t begin, int64_t end) {
+  ctx.parallel_for(p.batch * H * L, /*grain=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
       T* o = p.out + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
@@ -77,7 +77,7 @@ void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
   // over heads (and the batch) in order below: the result does not depend on the thread count.
   std::vector<A> part_k(token ? B * H * D : 0), part_v(token ? B * H * D : 0);
   std::vector<A> part_logit(logit ? B * H : 0);
-  ctx.parallel_for(B * H, [&](int64_t begin, int64_t end) {
+  ctx.parallel_for(B * H, /*grain=*/1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       const A* sk = token ? p.sink_k + b * p.sink_batch_stride + hk * D : nullptr;
@@ -120,7 +120,7 @@ void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
   if (token) {
     const bool shared = p.sink_batch_stride == 0;
     const int64_t n_out = shared ? Hkv : B * Hkv;
-    ctx.parallel_for(n_out, [&](int64_t begin, int64_t end) {
+    ctx.parallel_for(n_out, /*grain=*/1, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
         const int64_t hk = o % Hkv;
         A* dk = p.dsink_k + o * D;
