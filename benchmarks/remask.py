@@ -9,7 +9,7 @@ the whole batch (2 x 8 GB) do not fit in this machine's memory. Reports time (be
 --repeats), speed-up, and the fused step's logits read rate against the device's copy bandwidth
 (measured here: best of timed dst.copy_(src) over a 1 GiB buffer, counting read + write).
 
-Usage: PYTHONPATH=python python benchmarks/remask.py [--devices cpu cuda] [--repeats 2]
+Usage: PYTHONPATH=python python3 benchmarks/remask.py [--devices cpu cuda] [--repeats 2]
 Writes benchmarks/results/remask_<device>.json and .png.
 """
 
