@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
+from ..train import check_loss_args
+
 
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
@@ -23,6 +26,7 @@ def draw_masks(input_ids, *, eps=1e-3, attention_mask=None, prompt_mask=None, ge
     tokens (prompt_mask True) are never masked. Random numbers come from ``generator`` (on
     input_ids' device) so two models can be scored on identical draws.
     """
+    eps = _checks.real("draw_masks", "eps", eps, 0, 1, low_open=True, high_open=True)
     b, n = input_ids.shape
     dev = input_ids.device
     t = torch.rand(b, 1, device=dev, generator=generator)
@@ -41,6 +45,9 @@ def smdm_terms(
     """One noisy forward pass: dict of float32 scalars ``loss`` (the bound, differentiable),
     ``nll_sum`` (sum of p_mask-weighted CE), ``correct`` (masked tokens predicted right),
     ``n_masked`` and ``n_tokens`` (real tokens)."""
+    check_loss_args(
+        "smdm_terms", model, input_ids, mask_id, eps, attention_mask, prompt_mask, generator
+    )
     masked, p_mask = draw_masks(
         input_ids,
         eps=eps,
