@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from devices import devices
@@ -343,6 +344,16 @@ BAD = {
         r"key_padding_mask must be \(B, L\) = \(2, 5\)",
     ),
     "not a tensor": (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+    # Issue 19: True passed as 1.0, nan raised TypeError, 1e300 overflowed float32 to NaN.
+    "scale bool": (dict(scale=True), TypeError, r"scale must be a real number, got bool True"),
+    "scale str": (dict(scale="0.5"), TypeError, r"scale must be a real number, got str '0.5'"),
+    "scale nan": (dict(scale=float("nan")), ValueError, r"scale must be a finite number, got nan"),
+    "scale inf": (dict(scale=float("-inf")), ValueError, r"scale must be a finite number"),
+    "scale huge": (
+        dict(scale=1e300),
+        ValueError,
+        r"scale must be finite in torch.float32 \(the accumulation type of torch.float32\)",
+    ),
 }
 
 
@@ -359,6 +370,20 @@ def test_bad_input_raises_clearly(case):
             kwargs.pop("sink_v"),
             **kwargs,
         )
+
+
+def test_numpy_and_integer_scales_are_accepted():
+    """Issue 19: np.float32(0.25) was refused as "must be a finite float, got 0.25"."""
+    g = _good()
+    args = (g["q"], g["k"], g["v"], g["sink_k"], g["sink_v"])
+    want = sinkdlm.sink_attention(*args, scale=0.25)
+    for scale in (np.float32(0.25), np.float64(0.25)):
+        torch.testing.assert_close(sinkdlm.sink_attention(*args, scale=scale), want)
+    torch.testing.assert_close(
+        sinkdlm.sink_attention(*args, scale=np.int64(1)), sinkdlm.sink_attention(*args, scale=1.0)
+    )
+    q64, k64, v64 = (t.double() for t in args[:3])
+    sinkdlm.sink_attention(q64, k64, v64, scale=1e300)  # finite in float64: allowed
 
 
 def test_op_called_directly_checks_too():

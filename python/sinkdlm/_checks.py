@@ -85,3 +85,14 @@ def mask_id(fn: str, value, vocab_size: int | None) -> int:
     """A mask token id: an int in [0, vocab_size) (just >= 0 when the size is unknown)."""
     maximum = None if vocab_size is None else vocab_size - 1
     return integer(fn, "mask_id", value, minimum=0, maximum=maximum)
+
+
+def softmax_scale(fn: str, scale, dtype: torch.dtype) -> None:
+    """A score scale: None or a real number, finite in the accumulation dtype the kernels use
+    (float64 for float64 inputs, float32 otherwise: 1e300 would round to inf there)."""
+    if scale is None:
+        return
+    scale = real(fn, "scale", scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if abs(scale) > torch.finfo(acc).max:
+        fail(fn, "scale", f"finite in {acc} (the accumulation type of {dtype})", scale)

@@ -9,12 +9,10 @@ elsewhere. ``sink_attention_reference`` is the paper's literal form, for tests.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from . import _C
+from . import _C, _checks
 
 __all__ = ["sink_attention", "sink_attention_reference", "sink_attention_mask"]
 
@@ -102,8 +100,7 @@ def _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale):
             _fail("key_padding_mask", f"(B, L) = ({B}, {L})", f"shape {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             _fail("key_padding_mask", f"on {q.device} like q", key_padding_mask.device)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        _fail("scale", "a finite float", scale, TypeError)
+    _checks.softmax_scale("sink_attention", scale, q.dtype)
 
 
 def softmax_scale(scale: float | None, head_dim: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from ..sink_attention import softmax_scale
 
 _OP = "sinkdlm::attention_mass"
@@ -24,39 +25,35 @@ _NATIVE_DEVICE_TYPES = frozenset(
 )
 
 
-def _check(q, k, lse, sink_k, sink_logit, key_padding_mask):
+def _check(q, k, lse, sink_k, sink_logit, key_padding_mask, scale):
+    def fail(name, expected, got, exc=ValueError):
+        _checks.fail("attention_mass", name, expected, got, exc)
+
+    tensors = (("q", q), ("k", k), ("lse", lse), ("sink_k", sink_k), ("sink_logit", sink_logit))
+    for name, t in tensors:
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            fail(name, "a floating-point tensor", _checks.describe(t), TypeError)
     if q.dim() != 4:
-        raise ValueError(f"q must be (B,H,L,D), got shape {tuple(q.shape)}")
+        fail("q", "(B,H,L,D)", f"shape {tuple(q.shape)}")
     b, h, n, d = q.shape
-    if k.dim() != 4 or k.shape[0] != b or k.shape[2:] != (n, d) or h % max(k.shape[1], 1):
-        raise ValueError(
-            f"k must be (B,Hkv,L,D) with H % Hkv == 0 for q {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
+    if k.dim() != 4 or k.shape[0] != b or k.shape[2:] != (n, d) or not k.shape[1] or h % k.shape[1]:
+        fail("k", f"(B,Hkv,L,D) with Hkv >= 1 dividing H for q {tuple(q.shape)}", tuple(k.shape))
     if lse.shape != (b, h, n):
-        raise ValueError(f"lse must be (B,H,L) = {(b, h, n)}, got {tuple(lse.shape)}")
+        fail("lse", f"(B,H,L) = {(b, h, n)}", tuple(lse.shape))
     if sink_k is not None and sink_k.shape not in ((k.shape[1], d), (b, k.shape[1], d)):
-        raise ValueError(
-            f"sink_k must be (Hkv,D) or (B,Hkv,D) = {(k.shape[1], d)} or "
-            f"{(b, k.shape[1], d)}, got {tuple(sink_k.shape)}"
-        )
+        fail("sink_k", f"(Hkv,D) or (B,Hkv,D) = {(k.shape[1], d)} or {(b, k.shape[1], d)}",
+             tuple(sink_k.shape))  # fmt: skip
     if sink_logit is not None and sink_logit.shape != (h,):
-        raise ValueError(f"sink_logit must be (H,) = ({h},), got {tuple(sink_logit.shape)}")
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, n)
-    ):
-        raise ValueError(
-            f"key_padding_mask must be bool (B,L) = {(b, n)}, got "
-            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-        )
-    for name, t in (
-        ("k", k),
-        ("lse", lse),
-        ("sink_k", sink_k),
-        ("sink_logit", sink_logit),
-        ("key_padding_mask", key_padding_mask),
-    ):
+        fail("sink_logit", f"(H,) = ({h},)", tuple(sink_logit.shape))
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            fail("key_padding_mask", "a bool tensor", _checks.describe(key_padding_mask), TypeError)
+        if key_padding_mask.shape != (b, n):
+            fail("key_padding_mask", f"(B,L) = {(b, n)}", tuple(key_padding_mask.shape))
+    _checks.softmax_scale("attention_mass", scale, q.dtype)
+    for name, t in (*tensors[1:], ("key_padding_mask", key_padding_mask)):
         if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            fail(name, f"on q's device {q.device}", t.device)
 
 
 def attention_mass(q, k, lse, sink_k=None, *, sink_logit=None, key_padding_mask=None, scale=None):
@@ -77,7 +74,7 @@ def attention_mass(q, k, lse, sink_k=None, *, sink_logit=None, key_padding_mask=
         (key sink plus logit sink). Rows of a softmax sum to 1, so mass.sum(-1) + sink_mass = 1
         for a sequence with real tokens.
     """
-    _check(q, k, lse, sink_k, sink_logit, key_padding_mask)
+    _check(q, k, lse, sink_k, sink_logit, key_padding_mask, scale)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale(scale, q.shape[-1])
     args = [
