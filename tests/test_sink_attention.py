@@ -397,3 +397,17 @@ def test_op_called_directly_checks_too():
         torch.ops.sinkdlm.sink_attention_fwd(
             g["q"], torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), None, None, None, None, 1.0
         )
+
+
+def test_reference_gradients_finite_for_an_all_padding_sequence():
+    """Issue 19: with no sink token, a fully padded batch row gave NaN in the reference's dv
+    (its forward was finite): every key of that row is masked, the softmax is 0/0."""
+    q, k, v, *_ = make_inputs(2, 2, 1, 4, 8, "none", False)
+    kpm = torch.tensor([[False] * 4, [True, True, False, True]])
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = sinkdlm.sink_attention_reference(q, k, v, key_padding_mask=kpm)
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g).all(), name
+        assert (g[0] == 0).all(), f"{name} of the all-padding row"

@@ -296,6 +296,9 @@ def sink_attention_reference(
     if mask is not None:
         mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        # A row that sees no key (a padded query of an all-padding sequence, no sink token) is
+        # zeroed below; finite scores keep the NaN of an all -inf softmax out of the gradients.
+        scores = scores.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
     if sink_logit is not None:
         logit = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, scores.shape[2], 1)
         scores = torch.cat([scores, logit], dim=-1)
