@@ -1,5 +1,6 @@
 """sinkdlm.remask_step against the plain-PyTorch reference (LLaDA's way, float64 softmax)."""
 
+import numpy as np
 import pytest
 import torch
 from devices import devices
@@ -176,8 +177,8 @@ def test_temperature_samples_softmax():
         (lambda a: a.update(x=a["x"].int()), "x must be int64"),
         (lambda a: a.update(num_transfer=torch.tensor([1, -1])), "num_transfer must be >= 0"),
         (lambda a: a.update(num_transfer=torch.tensor([1])), "num_transfer must be"),
-        (lambda a: a.update(mask_id=50), "mask_id must be in"),
-        (lambda a: a.update(mask_id=-1), "mask_id must be in"),
+        (lambda a: a.update(mask_id=50), "mask_id must be an int with 0 <= mask_id <= 49"),
+        (lambda a: a.update(mask_id=-1), "mask_id must be an int with 0 <= mask_id <= 49"),
         (lambda a: a.update(window=torch.tensor([[0, 7], [2, 1]])), "window rows"),
         (lambda a: a.update(window=torch.tensor([[0, 8], [0, 2]])), "window rows"),
         (lambda a: a.update(window=torch.tensor([0, 2])), "window must be"),
@@ -243,3 +244,54 @@ def test_minus_infinity_logits(device, strategy):
     got, want = run_both(logits, x, mask_id, num_transfer, strategy=strategy, temperature=0.9)
     assert_same_step(got, want)
     assert torch.isfinite(got[2][x == mask_id]).all()
+
+
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+def test_python_and_numpy_integer_counts_are_accepted(step):
+    """Issue 19: np.int64(2) gave "Expected a value of type 'Tensor' for argument
+    'num_transfer'"."""
+    logits, x, mask_id, _, _ = make_inputs(2, 9, 40, torch.float32, "cpu")
+    want = step(logits, x, mask_id, torch.tensor([2, 2]))
+    for count in (2, np.int64(2), np.int32(2)):
+        for a, b in zip(step(logits, x, np.int64(mask_id), count), want, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+@pytest.mark.parametrize(
+    "override, exc, pattern",
+    [
+        (dict(num_transfer=2.0), TypeError,
+         r"num_transfer must be an int or a \(B,\) int64 tensor, got float 2.0"),
+        (dict(num_transfer=-1), ValueError, r"num_transfer must be an int with 0 <= num_transfer"),
+        (dict(mask_id=2**70), ValueError, r"mask_id must be an int with 0 <= mask_id <= 49, got"),
+        (dict(mask_id=3.0), TypeError, r"mask_id must be an int, got float 3.0"),
+        (dict(generator=5), TypeError, r"generator must be a torch.Generator or None, got int 5"),
+        (dict(temperature="0.5"), TypeError, r"temperature must be a real number, got str"),
+        (dict(temperature=float("inf")), ValueError, r"temperature must be a finite number"),
+        (dict(threshold=float("nan")), ValueError, r"threshold must be a finite number, got nan"),
+        (dict(threshold=True), TypeError, r"threshold must be a real number, got bool"),
+        (dict(x=[[3, 3]]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(logits=torch.randn(2, 7, 50, device="meta")), ValueError,
+         r"x must be on the logits' device meta, got cpu"),
+        (dict(window=torch.zeros(2, 2, dtype=torch.int64, device="meta")), ValueError,
+         r"window must be on the logits' device cpu, got meta"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_named(step, override, exc, pattern):
+    """Issue 19: mask_id=2**70 failed with "Expected 'int' ... found type 'int'", generator=5
+    with an AttributeError, and meta logits with a CPU x returned uninitialised CPU tensors."""
+    name = step.__name__
+    args = dict(logits=torch.randn(2, 7, 50), x=torch.full((2, 7), 3), mask_id=3, num_transfer=1)
+    args.update(override)
+    with pytest.raises(exc, match=f"{name}: {pattern}"):
+        step(args.pop("logits"), args.pop("x"), args.pop("mask_id"), args.pop("num_transfer"),
+             **args)  # fmt: skip
+
+
+def test_fake_kernel_checks_devices():
+    """The op called directly (as torch.compile does) must refuse mixed devices too."""
+    logits = torch.randn(2, 7, 50, device="meta")
+    x, count = torch.full((2, 7), 3), torch.ones(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="remask_step: x must be on the logits' device meta"):
+        torch.ops.sinkdlm.remask_step(logits, x, 3, count, None, "margin", 0.0, None, 0, 0)

@@ -21,17 +21,24 @@ def describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def integer(fn: str, name: str, value, minimum: int | None = None, maximum: int | None = None):
+def integer(
+    fn: str,
+    name: str,
+    value,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    expected: str = "an int",
+):
     """``value`` as a Python int: ints and NumPy integers (anything with ``__index__``), not bool.
 
-    ``minimum`` / ``maximum`` are inclusive bounds.
+    ``minimum`` / ``maximum`` are inclusive bounds; ``expected`` names the accepted types.
     """
     if isinstance(value, bool) or isinstance(value, torch.Tensor):
-        fail(fn, name, "an int", describe(value), TypeError)
+        fail(fn, name, expected, describe(value), TypeError)
     try:
         value = operator.index(value)
     except TypeError:
-        fail(fn, name, "an int", describe(value), TypeError)
+        fail(fn, name, expected, describe(value), TypeError)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         lo = "" if minimum is None else f"{minimum} <= "
         hi = "" if maximum is None else f" <= {maximum}"
@@ -39,14 +46,25 @@ def integer(fn: str, name: str, value, minimum: int | None = None, maximum: int 
     return value
 
 
-def real(fn: str, name: str, value, low=None, high=None, low_open=False, high_open=False):
-    """``value`` as a finite Python float: ints, floats, NumPy floats, not bool; bounds optional
-    (closed unless ``low_open`` / ``high_open``)."""
+def real(
+    fn: str,
+    name: str,
+    value,
+    low=None,
+    high=None,
+    low_open=False,
+    high_open=False,
+    allow_infinite=False,
+):
+    """``value`` as a Python float: ints, floats, NumPy floats, not bool; never NaN, finite
+    unless ``allow_infinite``; bounds optional (closed unless ``low_open`` / ``high_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(fn, name, "a real number", describe(value), TypeError)
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
+    if allow_infinite and math.isinf(value) and not (below or above):
+        return value
     if not math.isfinite(value) or below or above:
         lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
         hi = "" if high is None else f" {'<' if high_open else '<='} {high}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
+
 STRATEGIES = ("low_confidence", "margin", "entropy", "random")
 
 
@@ -50,10 +52,34 @@ def _needs_noise(strategy: str, temperature: float) -> bool:
     return temperature > 0 or strategy == "random"
 
 
-def _as_num_transfer(num_transfer, batch: int, device: torch.device) -> torch.Tensor:
-    if isinstance(num_transfer, int):
-        return torch.full((batch,), num_transfer, dtype=torch.int64, device=device)
-    return num_transfer
+def _check_step_args(
+    fn, logits, x, mask_id, num_transfer, temperature, threshold, window, generator
+):
+    """What the op cannot check itself (Python types) or not everywhere (devices: a meta
+    logits tensor would send a CPU x to the fake kernel). Returns mask_id, num_transfer (B,)
+    int64, temperature and threshold as the op takes them; shapes, dtypes and values of the
+    tensors are the op's to check."""
+    for name, t in (("logits", logits), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            _checks.fail(fn, name, "a torch.Tensor", _checks.describe(t), TypeError)
+    if logits.dim() != 3:
+        _checks.fail(fn, "logits", "(B, L, V)", f"shape {tuple(logits.shape)}")
+    batch, _, vocab = logits.shape
+    mask_id = _checks.integer(fn, "mask_id", mask_id, 0, vocab - 1)
+    if not isinstance(num_transfer, torch.Tensor):
+        expected = "an int or a (B,) int64 tensor"
+        count = _checks.integer(fn, "num_transfer", num_transfer, 0, expected=expected)
+        num_transfer = torch.full((batch,), count, dtype=torch.int64, device=logits.device)
+    for name, t in (("x", x), ("num_transfer", num_transfer), ("window", window)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            _checks.fail(fn, name, "a torch.Tensor", _checks.describe(t), TypeError)
+        if t is not None and t.device != logits.device:
+            _checks.fail(fn, name, f"on the logits' device {logits.device}", t.device)
+    temperature = _checks.real(fn, "temperature", temperature, low=0)
+    if threshold is not None:
+        threshold = _checks.real(fn, "threshold", threshold, allow_infinite=True)
+    _checks.generator(fn, generator)
+    return mask_id, num_transfer, temperature, threshold
 
 
 def remask_step(
@@ -98,19 +124,12 @@ def remask_step(
         position in its window, -inf elsewhere. Ranking ties go to the lower position, argmax ties
         to the lower token id.
     """
+    mask_id, num_transfer, temperature, threshold = _check_step_args(
+        "remask_step", logits, x, mask_id, num_transfer, temperature, threshold, window, generator
+    )
     seed = remask_step_seed(generator) if _needs_noise(strategy, temperature) else 0
-    num_transfer = _as_num_transfer(num_transfer, logits.shape[0], logits.device)
     return torch.ops.sinkdlm.remask_step(
-        logits,
-        x,
-        int(mask_id),
-        num_transfer,
-        window,
-        strategy,
-        float(temperature),
-        None if threshold is None else float(threshold),
-        seed,
-        0,
+        logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed, 0
     )
 
 
@@ -134,9 +153,12 @@ def remask_step_reference(
         raise ValueError(
             f"remask_step_reference: strategy must be one of {STRATEGIES}, got {strategy!r}"
         )
+    fn = "remask_step_reference"
+    mask_id, num_transfer, temperature, threshold = _check_step_args(
+        fn, logits, x, mask_id, num_transfer, temperature, threshold, window, generator
+    )
     batch, length, vocab = logits.shape
     device = logits.device
-    num_transfer = _as_num_transfer(num_transfer, batch, device)
     gumbel = uniform = None
     if _needs_noise(strategy, temperature):
         gumbel, uniform = remask_step_noise(remask_step_seed(generator), 0, batch, length, vocab)
@@ -184,6 +206,11 @@ def remask_step_reference(
 def _remask_step_fake(
     logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed, offset
 ):
+    for name, t in (("x", x), ("num_transfer", num_transfer), ("window", window)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"remask_step: {name} must be on the logits' device {logits.device}, got {t.device}"
+            )
     shape = x.shape
     return (
         x.new_empty(shape),
