@@ -300,3 +300,12 @@ def test_recorder_max_steps_and_protocol():
         linear(torch.randn(1, 2))
     with pytest.raises(RuntimeError, match="recorded no step"):
         rec.trace()
+
+
+def test_attention_mass_backward_raises():
+    """Issue 19: without an autograd kernel, backward gave zero gradients with a warning."""
+    (q, k, lse, sk, sl, kpm), scale = make_inputs(CASES[0], torch.float32, "cpu")
+    q.requires_grad_()
+    mass, sink_mass = attention_mass(q, k, lse, sk, scale=scale)
+    with pytest.raises(NotImplementedError, match="attention_mass is not differentiable"):
+        (mass.sum() + sink_mass.sum()).backward()

@@ -295,3 +295,12 @@ def test_fake_kernel_checks_devices():
     x, count = torch.full((2, 7), 3), torch.ones(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="remask_step: x must be on the logits' device meta"):
         torch.ops.sinkdlm.remask_step(logits, x, 3, count, None, "margin", 0.0, None, 0, 0)
+
+
+def test_backward_through_confidence_raises():
+    """Issue 19: without an autograd kernel, backward gave zero gradients with a warning."""
+    logits, x, mask_id, num_transfer, _ = make_inputs(2, 6, 30, torch.float32, "cpu")
+    logits.requires_grad_()
+    confidence = sinkdlm.remask_step(logits, x, mask_id, num_transfer)[2]
+    with pytest.raises(NotImplementedError, match="remask_step is not differentiable"):
+        confidence[torch.isfinite(confidence)].sum().backward()

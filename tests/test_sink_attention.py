@@ -411,3 +411,43 @@ def test_reference_gradients_finite_for_an_all_padding_sequence():
     for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(g).all(), name
         assert (g[0] == 0).all(), f"{name} of the all-padding row"
+
+
+@pytest.mark.parametrize("sink", ["none", "shared+logit", "per_batch", "logit"])
+def test_double_backward_matches_reference(sink):
+    """Issue 19: second-order gradients were silently zero (no autograd for the backward op)."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 6, 8, sink, True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam) if t is not None]
+
+    def second_order(fn):
+        out, lse = fn(q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True)
+        loss = (out**3).sum() + (lse * torch.linspace(-1, 1, lse.numel()).view_as(lse)).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+
+    got, want = second_order(sinkdlm.sink_attention), second_order(sinkdlm.sink_attention_reference)
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gradgradcheck():
+    q, k, v, sk, sv, lam, kpm = make_inputs(1, 2, 1, 4, 4, "shared+logit", True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam)]
+
+    def f(q, k, v, sk, sv, lam):
+        return sinkdlm.sink_attention(
+            q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+        )
+
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_double_backward_low_precision_keeps_dtypes():
+    q, k, v, *_ = make_inputs(1, 2, 2, 5, 8, "none", False, dtype=torch.bfloat16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    (g,) = torch.autograd.grad(sinkdlm.sink_attention(q, k, v).float().sum(), q, create_graph=True)
+    assert g.dtype == torch.bfloat16
+    (h,) = torch.autograd.grad(g.float().pow(2).sum(), k)
+    assert h.dtype == torch.bfloat16 and h.abs().sum() > 0

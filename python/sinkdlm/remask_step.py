@@ -222,3 +222,15 @@ def _remask_step_fake(
 @torch.library.register_fake("sinkdlm::remask_step_noise")
 def _remask_step_noise_fake(seed, offset, batch, length, vocab):
     return torch.empty(batch, length, vocab), torch.empty(batch, length)
+
+
+def _remask_step_backward(ctx, *grads):
+    raise NotImplementedError(
+        "remask_step is not differentiable: its confidence ranks positions and is not meant to "
+        "carry gradients; compute it from detached logits (or under torch.no_grad())"
+    )
+
+
+# Without an autograd kernel, PyTorch would backpropagate zeros through the confidence with only
+# a warning; this makes that an error.
+torch.library.register_autograd("sinkdlm::remask_step", _remask_step_backward)

@@ -140,7 +140,9 @@ def sink_attention(
         ``out`` ``(B, H, L, D)`` contiguous in q's dtype, and with ``return_lse`` the
         ``(B, H, L)`` log-sum-exp in float32 (float64 for float64 inputs).
 
-    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
+    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse),
+    twice too: under ``create_graph=True`` the backward runs through the reference's PyTorch
+    ops (O(L^2) memory) so that its result can be differentiated again.
     """
     _check_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
     scale = softmax_scale(scale, q.shape[-1])
@@ -346,8 +348,40 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _differentiable_backward(ctx, inputs, key_padding_mask, grad_out, grad_lse):
+    """The backward for ``create_graph=True`` (double backward, Hessian-vector products): the
+    gradients of the float64/float32 reference, taken with a graph so that they can be
+    differentiated again. O(L^2) memory, like the reference; the first-order backward stays
+    the kernel's."""
+    dtype = _acc_dtype(inputs[0].dtype)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    acc = [t.to(dtype) if t is not None else None for t in inputs]
+    out, lse = sink_attention_reference(
+        *acc[:5],
+        sink_logit=acc[5],
+        key_padding_mask=key_padding_mask,
+        scale=ctx.scale,
+        return_lse=True,
+    )
+    outputs, cotangents = [], []
+    for y, dy in ((out, grad_out), (lse, grad_lse)):
+        if dy is not None:
+            outputs.append(y)
+            cotangents.append(dy.to(y.dtype))
+    grads = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], cotangents, create_graph=True, allow_unused=True
+    )
+    result = [None] * 8
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = None if g is None else g.to(inputs[i].dtype)
+    return tuple(result)
+
+
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+        inputs = (q, k, v, sink_k, sink_v, sink_logit)
+        return _differentiable_backward(ctx, inputs, key_padding_mask, grad_out, grad_lse)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dsink_k, dsink_v, dsink_logit = torch.ops.sinkdlm.sink_attention_bwd(

@@ -159,3 +159,14 @@ def attention_mass_reference(
     mass = probs[..., :n].sum(2) / count
     sink_mass = probs[..., n:].sum((2, 3)) / count[..., 0]
     return mass, sink_mass
+
+
+def _attention_mass_backward(ctx, *grads):
+    raise NotImplementedError(
+        "attention_mass is not differentiable (an analysis of a forward's attention): detach "
+        "q, k, lse and the sinks, or call it under torch.no_grad()"
+    )
+
+
+# Without an autograd kernel, PyTorch would backpropagate zeros with only a warning.
+torch.library.register_autograd(_OP, _attention_mass_backward)
