@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import realigned  # noqa: E402
 from hf_mirrors.modeling_dream_mirror import DreamConfig, DreamModel  # noqa: E402
 from hf_mirrors.modeling_llada_mirror import LLaDAConfig, LLaDAModelLM  # noqa: E402
-from test_hf_patch import realigned  # noqa: E402
 
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402

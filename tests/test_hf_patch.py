@@ -7,41 +7,19 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from devices import devices  # noqa: E402
+from conftest import (  # noqa: E402
+    TINY_HF_CONFIG,
+    TINY_HF_FAMILIES,
+    devices,
+    realigned,
+    tiny_hf_model,
+)
 
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402
 from sinkdlm.hf import native  # noqa: E402
 
-VOCAB = 128
-FAMILIES = {
-    "llama": transformers.LlamaConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-    "mistral": transformers.MistralConfig,
-}
-
-
-def tiny_model(family, dtype=torch.float32, seed=0, **overrides):
-    """2 layers, hidden 32, 4 query heads sharing 2 KV heads (GQA)."""
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    if family == "mistral":
-        settings["sliding_window"] = None
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](**settings))
-    return model.to(dtype).eval()
+VOCAB = TINY_HF_CONFIG["vocab_size"]
 
 
 def batch(length=9, size=2, seed=1):
@@ -81,9 +59,9 @@ def patched_copy(model, **kwargs):
 
 @pytest.mark.parametrize("device", devices(native_cuda=False))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", TINY_HF_FAMILIES)
 def test_matches_literal_sink_token(family, dtype, device):
-    model = tiny_model(family, dtype).to(device)
+    model = tiny_hf_model(family, dtype).to(device)
     patched = patched_copy(model)
     ids, attention = (t.to(device) for t in batch())
     with torch.no_grad():
@@ -103,7 +81,7 @@ def test_matches_literal_sink_token(family, dtype, device):
 
 def test_sink_position_is_relative():
     """Sink at -1 with tokens at 0..L-1 is the same model as the sink at 0 with tokens at 1..L."""
-    model = tiny_model("llama", torch.float64)
+    model = tiny_hf_model("llama", torch.float64)
     at_minus_one = patched_copy(model)
     at_zero = patched_copy(model, sink_position=0)
     ids, attention = batch()
@@ -120,13 +98,13 @@ def test_sink_position_is_relative():
 
 
 def test_gradients_reach_the_sink_and_train_only_sink_freezes_the_rest():
-    model = sinkdlm.hf.add_sink_token(tiny_model("qwen2"))
+    model = sinkdlm.hf.add_sink_token(tiny_hf_model("qwen2"))
     ids, attention = batch()
     model(input_ids=ids, attention_mask=attention).logits.square().mean().backward()
     assert model.model.sink_embedding.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
 
-    frozen = sinkdlm.hf.add_sink_token(tiny_model("qwen2"), train_only_sink=True)
+    frozen = sinkdlm.hf.add_sink_token(tiny_hf_model("qwen2"), train_only_sink=True)
     frozen.train()
     frozen(input_ids=ids, attention_mask=attention).logits.square().mean().backward()
     sink = frozen.model.sink_embedding.weight
@@ -139,7 +117,7 @@ def test_gradients_reach_the_sink_and_train_only_sink_freezes_the_rest():
 
 
 def test_gradient_checkpointing_keeps_gradients():
-    model = sinkdlm.hf.add_sink_token(tiny_model("llama", torch.float64))
+    model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama", torch.float64))
     ids, attention = batch()
     model(input_ids=ids, attention_mask=attention).logits.sum().backward()
     want = model.model.sink_embedding.weight.grad.clone()
@@ -155,7 +133,7 @@ def test_gradient_checkpointing_keeps_gradients():
 
 
 def test_init_options():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     table = model.get_input_embeddings().weight
     mean = sinkdlm.hf.add_sink_token(copy.deepcopy(model)).model.sink_embedding.weight
     torch.testing.assert_close(mean, table.mean(0))
@@ -168,7 +146,7 @@ def test_init_options():
 
 
 def test_remove_restores_bit_for_bit_and_double_patch_is_a_no_op():
-    model = tiny_model("mistral")
+    model = tiny_hf_model("mistral")
     ids, attention = batch()
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=attention).logits
@@ -191,19 +169,8 @@ def test_remove_restores_bit_for_bit_and_double_patch_is_a_no_op():
         assert torch.equal(model(input_ids=ids, attention_mask=attention).logits, before)
 
 
-def realigned(model):
-    """Copies every parameter into a fresh allocation. Weights loaded from safetensors sit in
-    memory-mapped buffers whose alignment differs from freshly allocated ones, and CPU BLAS picks
-    alignment-dependent kernels (last-bit differences); realigned, the same weights give the
-    same bits."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
-    return model
-
-
 def test_save_and_reload_give_identical_logits(tmp_path):
-    model = patched_copy(tiny_model("qwen3"))
+    model = patched_copy(tiny_hf_model("qwen3"))
     ids, attention = batch()
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=attention).logits
@@ -223,7 +190,7 @@ def test_save_and_reload_give_identical_logits(tmp_path):
 
 
 def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
-    model = sinkdlm.hf.add_sink_token(tiny_model("llama"))
+    model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama"))
     calls = []
     real_pass = native.run_sink_pass
     monkeypatch.setattr(native, "run_sink_pass", lambda *a: calls.append(1) or real_pass(*a))
@@ -251,8 +218,20 @@ def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
     assert not torch.equal(after, first)
 
 
+def test_generate_runs_the_sink_pass_once(monkeypatch):
+    """sinkdlm.generate enters the sink K/V cache (through sinkdlm.protocol.inference_cache)."""
+    model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama"))
+    calls = []
+    real_pass = native.run_sink_pass
+    monkeypatch.setattr(native, "run_sink_pass", lambda *a: calls.append(1) or real_pass(*a))
+    ids, _ = batch(length=5)
+    out = sinkdlm.generate(model, ids, gen_length=6, steps=3, mask_id=VOCAB - 1)
+    assert out.shape == (2, 11)
+    assert len(calls) == 1
+
+
 def test_torch_compile_runs_fullgraph_with_gradients():
-    model = patched_copy(tiny_model("llama"))
+    model = patched_copy(tiny_hf_model("llama"))
     ids, attention = batch()
     want = model(input_ids=ids, attention_mask=attention).logits
     want.sum().backward()
@@ -271,13 +250,13 @@ def test_peft_lora_keeps_the_sink_trainable():
     ids, attention = batch()
     lora = dict(r=4, target_modules=["q_proj", "v_proj"])
     # sink first, then LoRA with the sink module saved alongside the adapter
-    model = sinkdlm.hf.add_sink_token(tiny_model("llama"))
+    model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama"))
     model = peft.get_peft_model(model, peft.LoraConfig(**lora, modules_to_save=["sink_embedding"]))
     model(input_ids=ids, attention_mask=attention).logits.sum().backward()
     trained = [n for n, p in model.named_parameters() if p.grad is not None and "sink" in n]
     assert trained and all(p.requires_grad for n, p in model.named_parameters() if n in trained)
     # LoRA first, then the sink
-    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**lora))
+    model = peft.get_peft_model(tiny_hf_model("llama"), peft.LoraConfig(**lora))
     sinkdlm.hf.add_sink_token(model)
     assert sinkdlm.hf.has_sink_token(model)
     model(input_ids=ids, attention_mask=attention).logits.sum().backward()
@@ -298,16 +277,30 @@ def test_unknown_architecture_raises_with_the_supported_list():
 
 
 def test_kv_cache_and_bare_implementation_raise():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     model.set_attn_implementation(native.ATTN_IMPLEMENTATION)
     ids, _ = batch()
     with pytest.raises(RuntimeError, match="add_sink_token"):
         model(input_ids=ids)
 
 
+def test_four_d_padding_masks_equal_the_two_d_mask_and_causal_ones_raise():
+    model = patched_copy(tiny_hf_model("llama"))
+    ids, attention = batch()
+    real = attention.bool()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attention).logits
+        for mask in (real[:, None, None, :], real[:, None, :, None] & real[:, None, None, :]):
+            got = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got[real], want[real], rtol=0, atol=0)
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        with pytest.raises(ValueError, match="bidirectional attention with key padding"):
+            model(input_ids=ids, attention_mask=causal.expand(ids.shape[0], 1, -1, -1))
+
+
 def test_bf16_autocast_on_float32_weights():
     """Trainer's --bf16: float32 weights under autocast (rotary leaves q/k float32, v bfloat16)."""
-    model = patched_copy(tiny_model("qwen2"))
+    model = patched_copy(tiny_hf_model("qwen2"))
     ids, attention = batch()
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=attention).logits
@@ -321,7 +314,7 @@ def test_bf16_autocast_on_float32_weights():
 
 def test_deepcopy_of_a_patched_model_is_independent():
     """EMA and similar copies: the copy runs its own weights and its own sink."""
-    model = patched_copy(tiny_model("llama"))
+    model = patched_copy(tiny_hf_model("llama"))
     ids, attention = batch()
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -337,7 +330,7 @@ def test_deepcopy_of_a_patched_model_is_independent():
 def test_attention_recorder_hooks_a_patched_model():
     from sinkdlm.analysis import AttentionRecorder, moving_sink_stats
 
-    model = patched_copy(tiny_model("llama"))
+    model = patched_copy(tiny_hf_model("llama"))
     ids, attention = batch()
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=attention).logits
@@ -360,6 +353,6 @@ def test_attention_recorder_hooks_a_patched_model():
     stats = moving_sink_stats(trace)
     assert 0 < stats["sink_token_share"] < 1
     # Unpatched, the recorder watches SDPA calls: a causal Llama is refused, not mis-recorded.
-    unpatched = tiny_model("llama")
+    unpatched = tiny_hf_model("llama")
     with torch.no_grad(), AttentionRecorder(unpatched), pytest.raises(ValueError, match="bidirect"):
         unpatched(input_ids=ids, attention_mask=attention)

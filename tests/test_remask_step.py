@@ -1,11 +1,15 @@
 """sinkdlm.remask_step against the plain-PyTorch reference (LLaDA's way, float64 softmax)."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
-from devices import devices
+from conftest import devices
 
 import sinkdlm
+
+remask_module = importlib.import_module("sinkdlm.ops.remask_step")
 
 STRATEGIES = ["low_confidence", "margin", "entropy", "random"]
 
@@ -186,7 +190,12 @@ def test_temperature_samples_softmax():
         (lambda a: a.update(temperature=-1.0), "temperature must be"),
     ],
 )
-def test_bad_input_raises(change, message):
+@pytest.mark.parametrize("route", ["native", "composite"])
+def test_bad_input_raises(change, message, route, monkeypatch):
+    errors = (ValueError, TypeError, RuntimeError)
+    if route == "composite":  # a device without a kernel: the Python checks, same messages
+        monkeypatch.setattr(remask_module, "has_native_kernel", lambda op, device_type: False)
+        errors = (ValueError, TypeError)
     args = dict(
         logits=torch.randn(2, 7, 50),
         x=torch.full((2, 7), 3),
@@ -197,7 +206,7 @@ def test_bad_input_raises(change, message):
         temperature=0.0,
     )
     change(args)
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+    with pytest.raises(errors, match=message):
         sinkdlm.remask_step(
             args["logits"],
             args["x"],
@@ -207,6 +216,24 @@ def test_bad_input_raises(change, message):
             strategy=args["strategy"],
             temperature=args["temperature"],
         )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_composite_route_matches_native_kernel(strategy, temperature, threshold, monkeypatch):
+    """Devices without a kernel run the composite: the kernel's results, noise included."""
+    logits, x, mask_id, num_transfer, window = make_inputs(4, 11, 1031, torch.bfloat16, "cpu", 2)
+    kwargs = dict(strategy=strategy, temperature=temperature, threshold=threshold, window=window)
+    native = sinkdlm.remask_step(
+        logits, x, mask_id, num_transfer, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    monkeypatch.setattr(remask_module, "has_native_kernel", lambda op, device_type: False)
+    composite = sinkdlm.remask_step(
+        logits, x, mask_id, num_transfer, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    assert_same_step(composite, native)
+    assert composite[1].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,14 +1,17 @@
 """sinkdlm.sink_attention against the paper's literal form (sink_attention_reference)."""
 
+import importlib
 import itertools
 
 import numpy as np
 import pytest
 import torch
-from devices import devices
+from conftest import devices
 
 import sinkdlm
-from sinkdlm.sink_attention import _sink_attention_composite
+from sinkdlm.ops.sink_attention import _sink_attention_composite
+
+sink_attention_module = importlib.import_module("sinkdlm.ops.sink_attention")
 
 # CUDA runs the SDPA-on-[sink ; kv] route until a native CUDA kernel is linked: a GPU is enough.
 DEVICES = devices(native_cuda=False)
@@ -200,6 +203,17 @@ def test_composite_path_matches_reference(sink, padding):
     got = _sink_attention_composite(q, k, v, sk, sv, lam, kpm, 0.25, False)
     want = sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm, scale=0.25)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sink", ["shared+logit", "logit", "per_batch"])
+def test_device_without_kernel_takes_the_composite_route(sink, monkeypatch):
+    """With no kernel for the device the dispatcher reports, sink_attention runs the composite
+    (here the dense form: a logit sink or the lse), forward and backward."""
+    monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device_type: False)
+    called = []
+    monkeypatch.setattr(torch.ops.sinkdlm, "sink_attention_fwd", lambda *a: called.append(a))
+    check(*make_inputs(2, 4, 2, 13, 16, sink, True), torch.float64)
+    assert not called
 
 
 @pytest.mark.parametrize("sink", ["shared+logit", "per_batch", "logit"])

@@ -4,13 +4,15 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 
 from . import _C  # noqa: F401  (registers torch.ops.sinkdlm.*)
 from .generate import dream_transfer_schedule, generate, llada_transfer_schedule
-from .remask_step import (
+from .ops import (
     remask_step,
     remask_step_noise,
     remask_step_reference,
     remask_step_seed,
+    sink_attention,
+    sink_attention_mask,
+    sink_attention_reference,
 )
-from .sink_attention import sink_attention, sink_attention_mask, sink_attention_reference
 from .train import masked_diffusion_loss
 
 __all__ = [

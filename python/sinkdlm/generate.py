@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from .remask_step import remask_step
+from .ops import remask_step
+from .protocol import inference_cache
 
 
 def _check_schedule_args(fn: str, num_masked, steps) -> int:
@@ -92,15 +91,6 @@ def _check_generate_args(
     return _checks.mask_id("generate", mask_id, vocab_size)
 
 
-def _sink_kv_context(model):
-    # sinkdlm.hf is optional here: without it (or without transformers) there is no sink cache.
-    try:
-        from . import hf
-    except ImportError:
-        return contextlib.nullcontext()
-    return hf.sink_kv_cache(model) if hf.has_sink_token(model) else contextlib.nullcontext()
-
-
 def _model_logits(model, tokens, attention_mask):
     out = model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
     return out.logits if hasattr(out, "logits") else out
@@ -155,7 +145,8 @@ def generate(
         (B, P + gen_length) int64: the prompts followed by the generated tokens.
 
     When the model carries a sink token (``sinkdlm.hf.has_sink_token``), its K/V are computed
-    once for the whole call (``sinkdlm.hf.sink_kv_cache``), not once per step.
+    once for the whole call (``sinkdlm.hf.sink_kv_cache``, entered through
+    ``sinkdlm.protocol.inference_cache``), not once per step.
     """
     mask_id = _check_generate_args(
         model, input_ids, attention_mask, gen_length, steps, block_length, mask_id
@@ -210,7 +201,7 @@ def generate(
         return logits
 
     window = torch.empty(batch, 2, dtype=torch.int64, device=device)
-    with _sink_kv_context(model), tqdm(total=steps, disable=not progress, desc="denoising") as bar:
+    with inference_cache(model), tqdm(total=steps, disable=not progress, desc="denoising") as bar:
         for block in range(num_blocks):
             start = prompt_length + block * block_length
             end = start + block_length

@@ -1,12 +1,13 @@
 """Record per-step attention mass, sink shares and value norms while a model generates.
 
-Recording protocol (implemented by sinkdlm.models.DiffusionLM and by Hugging Face models patched
-with sinkdlm.hf.add_sink_token; any model can implement it):
-  * ``model.attention_layers()`` returns the attention modules in layer order;
+Recording protocol (sinkdlm.protocol; implemented by sinkdlm.models.DiffusionLM and by Hugging
+Face models patched with sinkdlm.hf.add_sink_token; any model can implement it):
+  * ``model.attention_layers()`` (or a finder its family registered) returns the attention modules
+    in layer order;
   * each has an attribute ``attention_observer`` (None by default); when it is a callable the
-    module calls it once per forward with an object carrying q (B,H,L,D) and k, v (B,Hkv,L,D)
-    after RoPE, lse (B,H,L) over all keys including sinks, scale, key_padding_mask (B,L) or None,
-    sink_k / sink_v (S,Hkv,D) or None, and sink_logit (H,) or None (see models.AttentionCall).
+    module calls it once per forward with an AttentionCall carrying q (B,H,L,D) and k, v
+    (B,Hkv,L,D) after RoPE, lse (B,H,L) over all keys including sinks, scale, key_padding_mask
+    (B,L) or None, sink_k / sink_v (S,Hkv,D) or None, and sink_logit (H,) or None.
 Each forward call of the model is one recorded step (sinkdlm.generate calls the model once per
 diffusion step; with classifier-free guidance the conditional and unconditional calls are
 separate steps if the sampler makes two calls). Per step only reductions are kept: O(layers x B x
@@ -20,7 +21,6 @@ bidirectional attention with an optional key-padding mask; anything else raises.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..models.transformer import AttentionCall
-from ..sink_attention import sink_attention, softmax_scale
-from .attention_mass import attention_mass
+from ..ops import attention_mass, sink_attention
+from ..ops.common import softmax_scale
+from ..padding import key_padding_from_sdpa_mask
+from ..protocol import AttentionCall, attention_layers
 
 
 @dataclass
@@ -101,7 +102,7 @@ class AttentionRecorder:
 
     def __init__(self, model, *, layers=None, max_steps=512):
         self.model = model
-        modules = _attention_layers(model)
+        modules = attention_layers(model)
         self._sdpa = modules is None  # no protocol: watch the model's SDPA calls instead
         if self._sdpa:
             self._wanted = None if layers is None else set(layers)
@@ -208,18 +209,6 @@ class AttentionRecorder:
         )
 
 
-def _attention_layers(model):
-    """The protocol's attention modules, or None: then the recorder watches SDPA calls."""
-    if hasattr(model, "attention_layers"):
-        return list(model.attention_layers())
-    if "transformers" in sys.modules:  # a Hugging Face model patched by sinkdlm.hf?
-        from .. import hf
-
-        if hf.has_sink_token(model):
-            return hf.attention_layers(model)
-    return None
-
-
 class _SdpaWatch(TorchFunctionMode):
     """Hands every F.scaled_dot_product_attention call (arguments as given) to ``observe`` after
     running it unchanged. Inside __torch_function__ the mode is off, so the analysis it triggers
@@ -251,43 +240,12 @@ def _sdpa_call(
             "AttentionRecorder needs (B, H, L, D) self-attention from SDPA calls, got query "
             f"{tuple(query.shape)} and key {tuple(key.shape)}"
         )
-    kpm = _key_padding(attn_mask, query.shape[0], key.shape[-2])
+    kpm = key_padding_from_sdpa_mask(attn_mask, query.shape[0], key.shape[-2], "AttentionRecorder")
     _, lse = sink_attention(query, key, value, key_padding_mask=kpm, scale=scale, return_lse=True)
     scale = softmax_scale(scale, query.shape[-1])
     return AttentionCall(
         layer, query.detach(), key.detach(), value.detach(), lse, scale, kpm, None, None, None
     )
-
-
-def _key_padding(attn_mask, batch, length):
-    """(B, L) bool key-padding mask behind an SDPA mask, or an error for any other pattern."""
-    if attn_mask is None:
-        return None
-    visible = (
-        attn_mask
-        if attn_mask.dtype == torch.bool
-        else attn_mask > torch.finfo(attn_mask.dtype).min / 2
-    )
-    if attn_mask.dtype != torch.bool and not bool(((attn_mask == 0) | ~visible).all()):
-        raise ValueError(
-            "AttentionRecorder: SDPA masks with biases (not 0 / -inf) are not supported"
-        )
-    visible = visible.expand(batch, 1, length, length) if visible.dim() == 4 else visible
-    if visible.dim() != 4 or visible.shape[1] != 1:
-        raise ValueError(
-            "AttentionRecorder: SDPA masks must be (B, 1, L, L) key-padding masks, got shape "
-            f"{tuple(attn_mask.shape)}"
-        )
-    kpm = visible[:, 0].any(1)  # a key is real if some query sees it
-    real_rows = visible[:, 0].any(2)
-    # Rows that see anything see exactly the real keys (padding, not a structured pattern).
-    ok = (visible[:, 0] == (kpm[:, None, :] & real_rows[:, :, None])).all()
-    if not bool(ok):
-        raise ValueError(
-            "AttentionRecorder records bidirectional attention with key padding; this SDPA mask "
-            "has another pattern (causal, sliding window, ...)"
-        )
-    return kpm
 
 
 @torch.no_grad()

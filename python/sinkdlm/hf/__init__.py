@@ -3,8 +3,15 @@
 model = sinkdlm.hf.add_sink_token(model)   # one call; nothing else in the script changes
 model.save_pretrained(path)
 model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding included)
+
+patch.py does what every architecture shares (the sink embedding, the wrapped forward, the sink
+K/V cache); registry.py maps an architecture to its backend, one file each: native.py
+(AttentionInterface, transformers-native families) and adapters.py (remote-code LLaDA, Dream);
+layer.py holds what their attention layers share, checkpoint.py finds a saved sink embedding and
+shims.py loads remote code written for older transformers.
 """
 
+from ..protocol import register_model_hooks
 from . import native
 from .adapters import SinkAdapter, register_adapter
 from .patch import (
@@ -17,6 +24,12 @@ from .patch import (
 from .shims import from_pretrained
 
 native.register()
+# The recorder and the sampler find a patched model's attention layers and sink cache through
+# sinkdlm.protocol, without importing sinkdlm.hf.
+register_model_hooks(
+    attention_layers=lambda model: attention_layers(model) if has_sink_token(model) else None,
+    inference_cache=sink_kv_cache,
+)
 
 __all__ = [
     "SinkAdapter",

@@ -1,4 +1,4 @@
-"""Adapters for remote-code DLMs whose attention calls SDPA itself (LLaDA, Dream).
+"""The adapter backend: remote-code DLMs whose attention calls SDPA itself (LLaDA, Dream).
 
 An adapter names the attention module classes it handles, the method it swaps on each instance,
 the replacement and how to run the sink alone through the model. To add an architecture, write
@@ -14,17 +14,21 @@ The replacement is bound to each attention module. ``layer_sink(module)`` gives 
 stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), under
 ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
 ``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
-``sinkdlm.hf.native``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
+``sinkdlm.protocol``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
 the user's tokens.
 """
 
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .native import autocast_inputs, expand_sink_output, observed_sink_attention
+from ..padding import key_padding_from_model_mask
+from ..protocol import observed_sink_attention
+from .layer import SinkKV, autocast_inputs, expand_sink_output
+from .registry import register_patch_path
 
 
 @dataclass(frozen=True)
@@ -38,29 +42,12 @@ class SinkAdapter:
     run_sink_pass: Callable
 
 
-_ADAPTERS = {}
-
-
 def register_adapter(adapter):
-    """Registers ``adapter`` for every class name in ``adapter.attention_classes``."""
+    """Registers ``adapter`` (hf/registry.py) for every class in ``adapter.attention_classes``."""
     if not isinstance(adapter, SinkAdapter):
         raise TypeError(f"register_adapter takes a SinkAdapter, got {type(adapter).__name__}")
     for class_name in adapter.attention_classes:
-        _ADAPTERS[class_name] = adapter
-
-
-def supported_adapters():
-    """Attention class names that have an adapter."""
-    return sorted(_ADAPTERS)
-
-
-def adapter_for(host):
-    """The adapter for the first attention module of ``host`` that has one, else None."""
-    for module in host.modules():
-        adapter = _ADAPTERS.get(type(module).__name__)
-        if adapter is not None:
-            return adapter
-    return None
+        register_patch_path(class_name, lambda model, adapter=adapter: AdapterBackend(adapter))
 
 
 LINK = "_sinkdlm_layer"
@@ -88,6 +75,53 @@ def layer_sink(module):
             "model's forward (call the model, not its layers)"
         )
     return sink, link.layer_key, link.state.sink_position
+
+
+class AdapterBackend:
+    """Remote-code models: a registered adapter swaps their attention method per instance."""
+
+    name = "adapter"
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.patched = []
+
+    def install(self, state):
+        modules = [
+            m for m in state.host.modules() if type(m).__name__ in self.adapter.attention_classes
+        ]
+        method = self.adapter.method
+        for layer_key, module in enumerate(modules):
+            saved = module.__dict__.get(method)
+            module.__dict__[LINK] = LayerLink(state, layer_key)
+            setattr(module, method, types.MethodType(self.adapter.replacement, module))
+            self.patched.append((module, saved))
+
+    def uninstall(self, state):
+        method = self.adapter.method
+        for module, saved in self.patched:
+            delattr(module, method)
+            del module.__dict__[LINK]
+            if saved is not None:
+                setattr(module, method, saved)
+        self.patched = []
+
+    def sink_pass(self, state, embeds, position_ids):
+        collector = SinkKV(collect=True)
+        state.channel = collector
+        try:
+            self.adapter.run_sink_pass(state.original_forward, embeds, position_ids)
+        finally:
+            state.channel = None
+        return collector.kv
+
+    def main(self, state, sink_kv, args, kwargs):
+        # Left set after the call: gradient checkpointing re-runs the layers during backward.
+        state.channel = SinkKV(sink_kv)
+        return state.original_forward(*args, **kwargs)
+
+    def attention_layers(self, state):
+        return [module for module, _ in self.patched]
 
 
 def _no_kv_cache(past):
@@ -166,19 +200,14 @@ register_adapter(
 # Dream passes a (B, 1, L, L) mask (or a (B, L) one) straight to SDPA; its key padding is used.
 
 
-def _dream_key_padding(mask, length):
-    if mask is None or isinstance(mask, str):
+def _dream_key_padding(mask, batch, length):
+    if isinstance(mask, str):  # Dream's own sampler passes "full" when nothing is padded
         return None
-    if mask.dim() == 2:
-        return mask.to(torch.bool)
-    if mask.dim() != 4 or mask.shape[-1] != length:
-        raise ValueError(
-            f"Dream sink attention takes a (B, L) or (B, 1, L, L) mask with "
-            f"L={length}, got shape {tuple(mask.shape)}"
-        )
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    # A key is real if some query may see it (Dream builds masks as real_query & real_key).
-    return allowed.any(dim=-2)[:, 0]
+    # Dream builds its 4-D masks as real query & real key: the pattern check (a host sync in
+    # every layer) is skipped.
+    return key_padding_from_model_mask(
+        mask, batch, length, "Dream sink attention", check_pattern=False
+    )
 
 
 def _dream_forward(
@@ -218,7 +247,7 @@ def _dream_forward(
             module,
             layer_key,
             *autocast_inputs(q, k, v, *sink.kv[layer_key]),
-            key_padding_mask=_dream_key_padding(attention_mask, length),
+            key_padding_mask=_dream_key_padding(attention_mask, batch, length),
         )
         out = out.transpose(1, 2)
     return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value

@@ -1,4 +1,4 @@
-"""Sink attention for transformers-native models (AttentionInterface + AttentionMaskInterface).
+"""The native backend: transformers-native models (AttentionInterface + AttentionMaskInterface).
 
 Models whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, and
 the DLMs built on them) switch to the "sinkdlm" implementation with ``set_attn_implementation``.
@@ -7,97 +7,19 @@ The per-layer sink K/V travel to the attention function as the keyword argument 
 plain data flow: torch.compile traces them and gradient checkpointing replays them.
 """
 
-import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..sink_attention import sink_attention, softmax_scale
+from ..padding import key_padding_from_model_mask
+from ..protocol import observed_sink_attention
+from .layer import SinkKV, autocast_inputs, expand_sink_output
+from .registry import register_patch_path
 
 ATTN_IMPLEMENTATION = "sinkdlm"
 SINK_KWARG = "sinkdlm_sink"
 # Families whose equivalence with the paper's literal form is tested (Dream is Qwen2-shaped, LLaDA
 # Llama-shaped when ported to transformers).
 NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class SinkKV:
-    """Per-forward channel between the model wrapper and the attention calls.
-
-    ``collect=True`` (the sink pass): each layer stores its sink K (rotated at the sink position)
-    and V, each (Hkv, D), under ``kv[layer_key]`` and returns o = V. Otherwise layers read ``kv``.
-    """
-
-    def __init__(self, kv=None, collect=False):
-        self.kv = {} if kv is None else kv
-        self.collect = collect
-
-
-def expand_sink_output(value, num_heads):
-    """The sink attends only to itself, so its attention output is its own V.
-
-    value (1, Hkv, 1, D) -> (1, 1, H, D), kv head j serving query heads j*r .. j*r + r - 1.
-    """
-    groups = num_heads // value.shape[1]
-    return value.repeat_interleave(groups, dim=1).transpose(1, 2).contiguous()
-
-
-def autocast_inputs(*tensors):
-    """Under autocast, SDPA runs in the autocast dtype; sink attention does the same (rotary
-    embeddings otherwise leave q/k in float32 next to a bfloat16 v)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def observed_sink_attention(module, layer, query, key, value, sink_k, sink_v, **kwargs):
-    """``sink_attention(query, key, value, sink_k, sink_v, **kwargs)`` that also hands what the
-    layer saw to ``module.attention_observer`` when one is set (sinkdlm.analysis.AttentionRecorder
-    sets it while recording; see the recording protocol there)."""
-    observer = getattr(module, "attention_observer", None)
-    if observer is None:
-        return sink_attention(query, key, value, sink_k, sink_v, **kwargs)
-    from ..models.transformer import AttentionCall
-
-    out, lse = sink_attention(query, key, value, sink_k, sink_v, return_lse=True, **kwargs)
-    scale = kwargs.get("scale")
-    observer(
-        AttentionCall(
-            layer,
-            query.detach(),
-            key.detach(),
-            value.detach(),
-            lse.detach(),
-            softmax_scale(scale, query.shape[-1]),
-            kwargs.get("key_padding_mask"),
-            sink_k.detach()[None],
-            sink_v.detach()[None],
-            None,
-        )
-    )
-    return out
-
-
-def key_padding_from_mask(attention_mask, key_length):
-    """The (B, L) bool key-padding mask (True = real) carried by a transformers attention mask."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
-        attention_mask = attention_mask[:, 0, 0]
-    if attention_mask.dim() != 2 or attention_mask.shape[-1] != key_length:
-        raise ValueError(
-            "sinkdlm attention takes a (B, L) padding mask (1 = real token) or a (B, 1, 1, L) bool "
-            f"mask for L={key_length} keys; got shape {tuple(attention_mask.shape)} "
-            "(custom 4-D masks are not supported: the sink token defines the mask)"
-        )
-    if attention_mask.dtype != torch.bool:
-        if attention_mask.is_floating_point():
-            raise ValueError(
-                "sinkdlm attention takes 0/1 or bool padding masks, not additive float masks"
-            )
-        attention_mask = attention_mask != 0
-    return attention_mask
 
 
 def sinkdlm_attention_forward(
@@ -148,7 +70,9 @@ def sinkdlm_attention_forward(
         sink_k,
         sink_v,
         scale=scaling,
-        key_padding_mask=key_padding_from_mask(attention_mask, key.shape[2]),
+        key_padding_mask=key_padding_from_model_mask(
+            attention_mask, query.shape[0], key.shape[2], "sinkdlm attention"
+        ),
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -177,6 +101,40 @@ def run_sink_pass(original_forward, embeds, position_ids):
     return collector.kv
 
 
-def call_with_sink(original_forward, sink_kv, args, kwargs):
-    """The user's forward, with the per-layer sink K/V handed to every attention call."""
-    return original_forward(*args, **kwargs, **{SINK_KWARG: SinkKV(sink_kv)})
+class NativeBackend:
+    """transformers-native models: AttentionInterface "sinkdlm", sink K/V passed as a kwarg."""
+
+    name = "attention_interface"
+
+    @classmethod
+    def for_model(cls, model):
+        """A backend for ``model``, or None if it cannot switch its attention implementation."""
+        can_set = getattr(model, "_can_set_attn_implementation", None)  # absent in older releases
+        return cls() if can_set is None or can_set() else None
+
+    def install(self, state):
+        register()
+        state.original_attn = state.model.config._attn_implementation
+        state.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def uninstall(self, state):
+        state.model.set_attn_implementation(state.original_attn)
+
+    def sink_pass(self, state, embeds, position_ids):
+        return run_sink_pass(state.original_forward, embeds, position_ids)
+
+    def main(self, state, sink_kv, args, kwargs):
+        """The user's forward, with the per-layer sink K/V handed to every attention call."""
+        return state.original_forward(*args, **kwargs, **{SINK_KWARG: SinkKV(sink_kv)})
+
+    def attention_layers(self, state):
+        modules = [
+            m
+            for m in state.host.modules()
+            if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) is not None
+        ]
+        return sorted(modules, key=lambda m: m.layer_idx)
+
+
+for _model_type in NATIVE_MODEL_TYPES:
+    register_patch_path(_model_type, NativeBackend.for_model)

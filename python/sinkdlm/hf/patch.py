@@ -7,20 +7,21 @@ attention in "sink mode" (o = V, K/V recorded per layer), then runs the user's s
 every attention layer calling ``sinkdlm.sink_attention`` with that layer's sink K/V. Both passes
 are one autograd graph, so gradients reach the sink embedding; under ``sink_kv_cache`` inference
 forwards reuse the sink K/V while the weights are unchanged.
+
+How the attention layers are reached depends on the architecture: hf/registry.py picks the native
+backend (hf/native.py) or a remote-code adapter (hf/adapters.py). This module does the rest, the
+same for both: the sink embedding, the wrapped forward, the cache and the checkpointing guards.
 """
 
 import contextlib
-import json
-import os
 import types
 import warnings
 
 import torch
 
-from . import native
-from .adapters import LINK, LayerLink, adapter_for, supported_adapters
+from .checkpoint import SINK_MODULE, saved_sink_weight
+from .registry import backend_for
 
-SINK_MODULE = "sink_embedding"
 _STATE = "_sinkdlm_state"
 _FORMAT = 1
 
@@ -55,71 +56,7 @@ class _SinkState:
         self.cache_depth = 0
         self.cache_key = None
         self.cache_kv = None
-        self.original_attn = None
-
-
-class _NativeBackend:
-    """transformers-native models: AttentionInterface "sinkdlm", sink K/V passed as a kwarg."""
-
-    name = "attention_interface"
-
-    def install(self, state):
-        native.register()
-        state.original_attn = state.model.config._attn_implementation
-        state.model.set_attn_implementation(native.ATTN_IMPLEMENTATION)
-
-    def uninstall(self, state):
-        state.model.set_attn_implementation(state.original_attn)
-
-    def sink_pass(self, state, embeds, position_ids):
-        return native.run_sink_pass(state.original_forward, embeds, position_ids)
-
-    def main(self, state, sink_kv, args, kwargs):
-        return native.call_with_sink(state.original_forward, sink_kv, args, kwargs)
-
-
-class _AdapterBackend:
-    """Remote-code models: a registered adapter swaps their attention method per instance."""
-
-    name = "adapter"
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-        self.patched = []
-
-    def install(self, state):
-        modules = [
-            m for m in state.host.modules() if type(m).__name__ in self.adapter.attention_classes
-        ]
-        method = self.adapter.method
-        for layer_key, module in enumerate(modules):
-            saved = module.__dict__.get(method)
-            module.__dict__[LINK] = LayerLink(state, layer_key)
-            setattr(module, method, types.MethodType(self.adapter.replacement, module))
-            self.patched.append((module, saved))
-
-    def uninstall(self, state):
-        method = self.adapter.method
-        for module, saved in self.patched:
-            delattr(module, method)
-            del module.__dict__[LINK]
-            if saved is not None:
-                setattr(module, method, saved)
-        self.patched = []
-
-    def sink_pass(self, state, embeds, position_ids):
-        collector = native.SinkKV(collect=True)
-        state.channel = collector
-        try:
-            self.adapter.run_sink_pass(state.original_forward, embeds, position_ids)
-        finally:
-            state.channel = None
-        return collector.kv
-
-    def main(self, state, sink_kv, args, kwargs):
-        # Left set after the call: gradient checkpointing re-runs the layers during backward.
-        state.channel = native.SinkKV(sink_kv)
-        return state.original_forward(*args, **kwargs)
+        self.original_attn = None  # native backend: the attention implementation to restore
 
 
 def _unwrap(model):
@@ -154,22 +91,6 @@ def has_sink_token(model) -> bool:
     return _state(model) is not None
 
 
-def _backend_for(model, host):
-    adapter = adapter_for(host)
-    if adapter is not None:
-        return _AdapterBackend(adapter)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    can_set = getattr(model, "_can_set_attn_implementation", None)  # absent in older releases
-    if model_type in native.NATIVE_MODEL_TYPES and (can_set is None or can_set()):
-        return _NativeBackend()
-    raise ValueError(
-        f"sinkdlm cannot add the sink token to {type(model).__name__} (model_type={model_type!r}). "
-        f"Supported: transformers-native model types {list(native.NATIVE_MODEL_TYPES)} and "
-        f"remote-code attention classes {supported_adapters()}. Add an architecture with "
-        "sinkdlm.hf.register_adapter (see sinkdlm/hf/adapters.py)."
-    )
-
-
 def attention_layers(model) -> list:
     """The attention modules of a model patched by :func:`add_sink_token`, in layer order.
 
@@ -182,57 +103,7 @@ def attention_layers(model) -> list:
             f"{type(model).__name__} carries no sink token: call sinkdlm.hf.add_sink_token(model) "
             "first (recording hooks sinkdlm's attention)"
         )
-    if isinstance(state.backend, _AdapterBackend):
-        return [module for module, _ in state.backend.patched]
-    modules = [
-        m
-        for m in state.host.modules()
-        if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) is not None
-    ]
-    return sorted(modules, key=lambda m: m.layer_idx)
-
-
-def _checkpoint_files(path):
-    """The .safetensors files of a local directory or of a hub id already in the local cache."""
-    if os.path.isdir(path):
-        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    from transformers.utils import cached_file
-
-    try:
-        index = cached_file(
-            path,
-            "model.safetensors.index.json",
-            local_files_only=True,
-            _raise_exceptions_for_missing_entries=False,
-        )
-        if index is not None:
-            with open(index) as handle:
-                shards = sorted(set(json.load(handle)["weight_map"].values()))
-            return [cached_file(path, shard, local_files_only=True) for shard in shards]
-        single = cached_file(
-            path,
-            "model.safetensors",
-            local_files_only=True,
-            _raise_exceptions_for_missing_entries=False,
-        )
-        return [] if single is None else [single]
-    except (OSError, ValueError, KeyError):
-        return []
-
-
-def _saved_sink_weight(model):
-    """The sink embedding saved with a checkpoint whose config records sinkdlm, or None."""
-    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if not path:
-        return None
-    from safetensors import safe_open
-
-    for name in _checkpoint_files(str(path)):
-        with safe_open(name, framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(f"{SINK_MODULE}.weight"):
-                    return handle.get_tensor(key)
-    return None
+    return state.backend.attention_layers(state)
 
 
 def _initial_weight(model, init):
@@ -283,7 +154,7 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
                 f"{recorded['sink_position']}, got sink_position={sink_position}"
             )
         sink_position = recorded["sink_position"]
-        saved = _saved_sink_weight(inner)
+        saved = saved_sink_weight(inner)
         if saved is None:
             warnings.warn(
                 "config.sinkdlm is set but no saved sink embedding was found next to the "
@@ -292,7 +163,7 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
             )
     if not isinstance(sink_position, int):
         raise ValueError(f"sink_position must be an int, got {sink_position!r}")
-    backend = _backend_for(inner, host)
+    backend = backend_for(inner, host)
     weight = _initial_weight(inner, init)
     if saved is not None:
         if saved.shape != weight.shape:

@@ -1,96 +1,39 @@
-"""SMDM / LLaDA masked-diffusion objective for the zoo models.
+"""Evaluation of the zoo models on the masked-diffusion objective of sinkdlm.train.
 
-A sequence draws t ~ U(0,1); each real token is masked independently with p_mask = (1-eps)*t + eps;
-the loss is the cross-entropy on masked tokens divided by p_mask, summed and divided by the number
-of real tokens: an upper bound on the negative log-likelihood per token (the ELBO bound). Sink
-tokens live inside the model, so they are never masked and never in the loss.
+The objective lives once, in sinkdlm.train (LLaDA / MDLM / SMDM: the 1/t-weighted cross-entropy on
+masked tokens over the loss-eligible tokens, an upper bound on the NLL per token). The zoo's
+names for it are kept: ``smdm_loss`` is ``masked_diffusion_loss``, ``smdm_terms`` its terms plus
+the masked-token accuracy. Sink tokens live inside the model, so they are never masked and never
+in the loss.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import _checks
-from ..train import check_loss_args
+from ..train import draw_masks, masked_diffusion_loss, masked_diffusion_terms
 
+__all__ = ["draw_masks", "evaluate_masked_diffusion", "smdm_loss", "smdm_terms"]
 
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out
-
-
-def draw_masks(input_ids, *, eps=1e-3, attention_mask=None, prompt_mask=None, generator=None):
-    """Masking draw of the forward process.
-
-    Returns (masked bool (B,L), p_mask float32 (B,1)). Padding (attention_mask == 0) and prompt
-    tokens (prompt_mask True) are never masked. Random numbers come from ``generator`` (on
-    input_ids' device) so two models can be scored on identical draws.
-    """
-    eps = _checks.real("draw_masks", "eps", eps, 0, 1, low_open=True, high_open=True)
-    b, n = input_ids.shape
-    dev = input_ids.device
-    t = torch.rand(b, 1, device=dev, generator=generator)
-    p_mask = (1 - eps) * t + eps
-    masked = torch.rand(b, n, device=dev, generator=generator) < p_mask
-    if attention_mask is not None:
-        masked &= attention_mask.to(torch.bool)
-    if prompt_mask is not None:
-        masked &= ~prompt_mask.to(torch.bool)
-    return masked, p_mask
+smdm_loss = masked_diffusion_loss
 
 
 def smdm_terms(
     model, input_ids, *, mask_id, eps=1e-3, attention_mask=None, prompt_mask=None, generator=None
 ):
-    """One noisy forward pass: dict of float32 scalars ``loss`` (the bound, differentiable),
-    ``nll_sum`` (sum of p_mask-weighted CE), ``correct`` (masked tokens predicted right),
-    ``n_masked`` and ``n_tokens`` (real tokens)."""
-    check_loss_args(
-        "smdm_terms", model, input_ids, mask_id, eps, attention_mask, prompt_mask, generator
-    )
-    masked, p_mask = draw_masks(
-        input_ids,
-        eps=eps,
-        attention_mask=attention_mask,
-        prompt_mask=prompt_mask,
-        generator=generator,
-    )
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    logits = _logits(model(noisy, attention_mask=attention_mask)).float()
-    ce = F.cross_entropy(logits[masked], input_ids[masked], reduction="none")
-    weight = p_mask.expand_as(masked)[masked]
-    real = (
-        torch.ones_like(input_ids, dtype=torch.bool)
-        if attention_mask is None
-        else attention_mask.to(torch.bool)
-    )
-    if prompt_mask is not None:
-        real = real & ~prompt_mask.to(torch.bool)
-    n_tokens = real.sum().to(torch.float32)
-    nll_sum = (ce / weight).sum()
-    correct = (logits[masked].argmax(-1) == input_ids[masked]).sum()
-    return {
-        "loss": nll_sum / n_tokens.clamp_min(1),
-        "nll_sum": nll_sum.detach(),
-        "correct": correct,
-        "n_masked": masked.sum(),
-        "n_tokens": n_tokens,
-    }
-
-
-def smdm_loss(
-    model, input_ids, *, mask_id, eps=1e-3, attention_mask=None, prompt_mask=None, generator=None
-):
-    """SMDM training loss (scalar float32, differentiable); see module docstring."""
-    return smdm_terms(
+    """:func:`sinkdlm.train.masked_diffusion_terms` plus ``correct``: the masked tokens the model
+    predicts right (its argmax), a scalar int64."""
+    terms = masked_diffusion_terms(
         model,
         input_ids,
         mask_id=mask_id,
-        eps=eps,
         attention_mask=attention_mask,
         prompt_mask=prompt_mask,
+        eps=eps,
         generator=generator,
-    )["loss"]
+    )
+    terms["correct"] = (terms["masked_logits"].argmax(-1) == terms["targets"]).sum()
+    return terms
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sink_attention import sink_attention
+from ..ops import sink_attention
+from ..ops.common import softmax_scale
+from ..protocol import observed_sink_attention, report_attention
 from .config import DiffusionLMConfig
 
 
@@ -35,27 +37,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
-
-
-@dataclass
-class AttentionCall:
-    """What one attention layer saw in one forward, handed to an attention observer.
-
-    q (B,H,L,D) and k, v (B,Hkv,L,D) after RoPE; lse (B,H,L) the log-sum-exp of each query row over
-    every key including the sinks; key_padding_mask bool (B,L) or None; sink_k, sink_v (S,Hkv,D)
-    for S sink tokens (after RoPE) or None; sink_logit (H,) or None; scale the softmax scale.
-    """
-
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    lse: torch.Tensor
-    scale: float
-    key_padding_mask: torch.Tensor | None
-    sink_k: torch.Tensor | None
-    sink_v: torch.Tensor | None
-    sink_logit: torch.Tensor | None
 
 
 @dataclass
@@ -93,7 +74,7 @@ class Attention(nn.Module):
     """GQA attention with the configured sink variant.
 
     ``attention_observer``: None, or a callable receiving an AttentionCall after every forward
-    (the recording protocol of sinkdlm.analysis.AttentionRecorder).
+    (the recording protocol, sinkdlm.protocol).
     """
 
     def __init__(self, cfg: DiffusionLMConfig, layer: int):
@@ -128,10 +109,8 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, n, h, hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, n, hkv, hd).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(b, n, hkv, hd).transpose(1, 2)
-        scale = 1.0 / math.sqrt(hd)
-        want_lse = self.attention_observer is not None
+        scale = softmax_scale(None, hd)
         sink_k = sink_v = sink_out = None
-        lse = None
         if sink_x is not None:
             sink_k, sink_v = self._sink_kv(sink_x, sink_cos, sink_sin)
             # A sink sees only itself: its attention output is its own value, copied to each head.
@@ -139,10 +118,25 @@ class Attention(nn.Module):
             sink_out = self.o_proj(own)
         if sink_k is not None and sink_k.shape[0] > 1:
             out = self._multi_sink_attention(q, k, v, sink_k, sink_v, key_padding_mask, scale)
-            if want_lse:
+            if self.attention_observer is not None:
                 lse = self._multi_sink_lse(q, k, v, sink_k, sink_v, key_padding_mask, scale)
+                report_attention(
+                    self.attention_observer,
+                    self.layer,
+                    q,
+                    k,
+                    v,
+                    lse,
+                    scale,
+                    key_padding_mask,
+                    sink_k,
+                    sink_v,
+                    self.sink_logit,
+                )
         else:
-            res = sink_attention(
+            out = observed_sink_attention(
+                self,
+                self.layer,
                 q,
                 k,
                 v,
@@ -151,23 +145,6 @@ class Attention(nn.Module):
                 sink_logit=self.sink_logit,
                 key_padding_mask=key_padding_mask,
                 scale=scale,
-                return_lse=want_lse,
-            )
-            out, lse = res if want_lse else (res, None)
-        if want_lse:
-            self.attention_observer(
-                AttentionCall(
-                    self.layer,
-                    q.detach(),
-                    k.detach(),
-                    v.detach(),
-                    lse.detach(),
-                    scale,
-                    key_padding_mask,
-                    None if sink_k is None else sink_k.detach(),
-                    None if sink_v is None else sink_v.detach(),
-                    None if self.sink_logit is None else self.sink_logit.detach(),
-                )
             )
         out = out.transpose(1, 2).reshape(b, n, h * hd)
         if self.gate is not None:

@@ -20,6 +20,8 @@ def _free_port():
 
 
 def _train_rank(rank, world, port, out_dir):
+    from conftest import TINY_HF_CONFIG
+
     import sinkdlm.hf
     from sinkdlm.train import masked_diffusion_loss
 
@@ -27,14 +29,7 @@ def _train_rank(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on every rank
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = transformers.LlamaConfig(**{**TINY_HF_CONFIG, "vocab_size": 64})
     model = sinkdlm.hf.add_sink_token(transformers.LlamaForCausalLM(config))
     start = model.model.sink_embedding.weight.detach().clone()
     ddp = torch.nn.parallel.DistributedDataParallel(model)

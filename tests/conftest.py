@@ -1,0 +1,70 @@
+"""Shared by the tests: the device parameters and the tiny model configs.
+
+Import what is needed with ``from conftest import ...`` (pytest puts tests/ on sys.path).
+"""
+
+import pytest
+import torch
+
+import sinkdlm
+
+
+def cuda_native() -> bool:
+    """A GPU is present and sinkdlm's CUDA kernels are linked (torch is a CUDA build)."""
+    return torch.cuda.is_available() and sinkdlm._C.build_info()["cuda_linked"]
+
+
+def devices(native_cuda: bool = True) -> list:
+    """``["cpu", "cuda"]`` as pytest params: CUDA cases are always collected and skip with a reason
+    without a GPU (or, when ``native_cuda``, without sinkdlm's CUDA kernels linked)."""
+    if native_cuda:
+        skip, reason = not cuda_native(), "needs a GPU and sinkdlm built against a CUDA torch"
+    else:
+        skip, reason = not torch.cuda.is_available(), "needs a GPU"
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(skip, reason=reason))]
+
+
+# A tiny transformers decoder: 2 layers, hidden 32, 4 query heads sharing 2 KV heads (GQA).
+TINY_HF_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+TINY_HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_hf_model(family="llama", dtype=torch.float32, seed=0, **overrides):
+    """A random ``TINY_HF_CONFIG`` causal LM of a transformers-native family (SDPA attention,
+    eval mode); ``overrides`` change the config."""
+    import transformers
+
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    settings = dict(TINY_HF_CONFIG, attn_implementation="sdpa")
+    if family == "mistral":
+        settings["sliding_window"] = None
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**settings))
+    return model.to(dtype).eval()
+
+
+def realigned(model):
+    """Copies every parameter into a fresh allocation. Weights loaded from safetensors sit in
+    memory-mapped buffers whose alignment differs from freshly allocated ones, and CPU BLAS picks
+    alignment-dependent kernels (last-bit differences); realigned, the same weights give the
+    same bits."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
