@@ -465,3 +465,37 @@ def test_double_backward_low_precision_keeps_dtypes():
     assert g.dtype == torch.bfloat16
     (h,) = torch.autograd.grad(g.float().pow(2).sum(), k)
     assert h.dtype == torch.bfloat16 and h.abs().sum() > 0
+
+
+def tile_spanning_padding(kind, B, L, seed):
+    """Key padding across the 512-key tiles: left padding reaching into the second tile (700
+    keys, or all of them for L <= 700: a sequence of padding only) next to a row with 3, or
+    holes in every tile (never periodic in 512, so a mask read without its tile offset shows)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "left":
+        pads = torch.tensor([min(L, 700), 3][:B])
+        return torch.arange(L)[None, :] >= pads[:, None]
+    return torch.rand(B, L, generator=g) < 0.7
+
+
+MULTI_TILE = [  # (L, padding, sink, dtype): float32 (BLAS tiles) on every combination
+    *itertools.product(
+        [513, 1100], ["left", "holes"], ["none", "per_batch", "shared+logit"], [torch.float32]
+    ),
+    (513, "holes", "shared+logit", torch.bfloat16),  # the bf16 GEMM tiles (avx512_bf16 CPUs)
+    (1100, "left", "per_batch", torch.bfloat16),
+    (1100, "holes", "shared+logit", torch.float64),
+]
+
+
+@pytest.mark.parametrize(
+    "L, padding, sink, dtype", MULTI_TILE, ids=lambda x: str(x).replace("torch.", "")
+)
+def test_lengths_past_one_key_tile(L, padding, sink, dtype):
+    """Issue 19: no test had L above the CPU kernel's 512-key tile, so the multi-tile path
+    (cross-tile rescaling, the tile offset of the padding mask) never ran under test. Forward,
+    lse and every gradient, with padding in several tiles."""
+    q, k, v, sk, sv, lam, _ = make_inputs(2, 2, 1, L, 32, sink, False, dtype=dtype, seed=L)
+    kpm = tile_spanning_padding(padding, 2, L, seed=L)
+    assert (~kpm[:, 512:]).any() and (~kpm[:, :512]).any()
+    check(q, k, v, sk, sv, lam, kpm, dtype)
