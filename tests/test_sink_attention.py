@@ -499,3 +499,15 @@ def test_lengths_past_one_key_tile(L, padding, sink, dtype):
     kpm = tile_spanning_padding(padding, 2, L, seed=L)
     assert (~kpm[:, 512:]).any() and (~kpm[:, :512]).any()
     check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@pytest.mark.parametrize("sink", ["logit", "shared+logit"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_minus_infinity_logit_sink(sink, dtype):
+    """Issue 19: a -inf logit sink without a sink token gave NaN in every row of the head (lse
+    too); the reference is finite. A float16 logit of -7e4 already rounds to -inf."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 9, 8, sink, True, dtype=dtype)
+    lam = lam.clone()
+    lam[1] = float("-inf")
+    lam[2] = torch.tensor(-7e4).to(dtype)  # -inf in float16
+    check(q, k, v, sk, sv, lam, kpm, dtype)
