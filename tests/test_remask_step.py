@@ -331,3 +331,68 @@ def test_backward_through_confidence_raises():
     confidence = sinkdlm.remask_step(logits, x, mask_id, num_transfer)[2]
     with pytest.raises(NotImplementedError, match="remask_step is not differentiable"):
         confidence[torch.isfinite(confidence)].sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_plus_infinity_logits_share_the_probability(device, strategy, temperature):
+    """Issue 19: a +inf logit gave confidence NaN (not 1) and its position was not picked. Rule
+    (kernels and reference): n entries at +inf share the probability, 1/n each."""
+    logits, x, mask_id, _, _ = make_inputs(2, 9, 3001, torch.float32, device, 11)
+    x[:] = mask_id
+    logits[0, 3, 2500] = float("inf")  # one +inf, in the second CPU chunk
+    logits[0, 5, [7, 2900]] = float("inf")  # two: they share it, the lower id is chosen
+    logits[1, :, 100] = float("-inf")
+    num_transfer = torch.tensor([1, 2], device=device)
+    got, want = run_both(
+        logits, x, mask_id, num_transfer, strategy=strategy, temperature=temperature
+    )
+    assert_same_step(got, want)
+    x_new, transferred, confidence = (t.cpu() for t in got)
+    assert x_new[0, 3] == 2500 and x_new[0, 5] == 7 or not transferred[0, [3, 5]].all()
+    expected = {"low_confidence": (1.0, 0.5), "margin": (1.0, 0.0), "entropy": (0.0, -0.6931472)}
+    if strategy in expected:
+        one, two = expected[strategy]
+        assert confidence[0, 3] == pytest.approx(one) and confidence[0, 5] == pytest.approx(two)
+        assert transferred[0, 3] and transferred[0].sum() == 1  # the certain position first
+    assert torch.isfinite(confidence).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+@pytest.mark.parametrize("bad", ["nan", "all_minus_inf"])
+@pytest.mark.parametrize("strategy", ["low_confidence", "random"])
+def test_undefined_distributions_raise(device, step, bad, strategy):
+    """Issue 19: NaN logits were skipped by the fused argmax (and ranked by their sign bit). A
+    position to fill with a NaN logit, or with every logit -inf, has no distribution: raise."""
+    logits, x, mask_id, _, _ = make_inputs(2, 6, 2100, torch.bfloat16, device, 12)
+    x[:] = mask_id
+    x[1, 4] = 0  # not to fill: anything goes there
+    logits[1, 4] = float("nan")
+    kwargs = dict(strategy=strategy, generator=torch.Generator().manual_seed(0))
+    step(logits, x, mask_id, 1, **kwargs)  # fine: the NaN sits where nothing is filled
+    if bad == "nan":
+        logits[1, 2, 2050] = float("nan")
+    else:
+        logits[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"remask_step: logits must be free of NaN .*\(b=1, l=2\)"):
+        step(logits, x, mask_id, 1, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+def test_threshold_is_inclusive(device, step):
+    """Issue 19: turning the threshold's >= into > passed every test. Two equal top logits give
+    a confidence of exactly 0.5; a threshold of 0.5 must take those positions."""
+    logits = torch.full((1, 4, 8), float("-inf"))
+    logits[0, :, 1] = logits[0, :, 2] = 2.0  # low_confidence = 0.5 exactly, in any precision
+    logits[0, 0, 3] = 5.0  # position 0: the most confident, taken by the count
+    logits[0, 3, 1] = 2.5  # position 3: above the threshold
+    x = torch.full((1, 4), 7)
+    got = step(logits.to(device), x.to(device), 7, 1, threshold=0.5)[1:]
+    transferred, confidence = (t.cpu() for t in got)
+    assert confidence[0, 1] == 0.5 and confidence[0, 2] == 0.5
+    assert transferred.tolist() == [[True, True, True, True]]
+    strict = step(logits.to(device), x.to(device), 7, 1, threshold=0.5000001)[1].cpu()
+    assert strict.tolist() == [[True, False, False, True]]

@@ -59,6 +59,10 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
                     "remask_step: mask_id must be in [0, V = ", vocab, "), got ", mask_id);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
                     "remask_step: temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature == 0.0 || std::isfinite(static_cast<float>(1.0 / temperature)),
+                    "remask_step: temperature must be 0 or at least 1 / FLT_MAX (its inverse is "
+                    "taken in float32), got ",
+                    temperature);
   TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold),
                     "remask_step: threshold must be a number, got nan");
   TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<uint32_t>::max(),
@@ -125,6 +129,17 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
   return call;
 }
 
+void check_defined_distributions(const RemaskStepCall& call) {
+  const at::Tensor undefined = call.confidence.isnan();
+  if (!undefined.any().item<bool>()) return;
+  const at::Tensor where = undefined.nonzero().cpu();
+  TORCH_CHECK_VALUE(false,
+                    "remask_step: logits must be free of NaN and have an entry above -inf at "
+                    "every position to fill; position (b=",
+                    where[0][0].item<int64_t>(), ", l=", where[0][1].item<int64_t>(),
+                    ") has a NaN or only -inf (", where.size(0), " such positions)");
+}
+
 namespace {
 
 void at_parallel_for(int64_t begin, int64_t end, int64_t grain,
@@ -139,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cpu_impl(
   RemaskStepCall call = prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy,
                                             temperature, threshold, seed, offset);
   if (x.numel() > 0) remask_step_cpu(call.params, at_parallel_for);
+  check_defined_distributions(call);
   return {call.x_new, call.transferred, call.confidence};
 }
 

@@ -30,5 +30,9 @@ RemaskStepCall prepare_remask_step(const at::Tensor& logits, const at::Tensor& x
                                    const std::string& strategy, double temperature,
                                    std::optional<double> threshold, int64_t seed, int64_t offset);
 
+// After the kernels ran: raises a ValueError when a position to fill had NaN logits or none above
+// -inf (the kernels mark it with a NaN confidence). Reads one flag on the host (a sync on CUDA).
+void check_defined_distributions(const RemaskStepCall& call);
+
 }  // namespace remask
 }  // namespace sinkdlm

@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
                                             temperature, threshold, seed, offset);
   const cudaError_t err = remask_step_cuda(call.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "remask_step: CUDA launch failed: ", cudaGetErrorString(err));
+  check_defined_distributions(call);
   return {call.x_new, call.transferred, call.confidence};
 }
 

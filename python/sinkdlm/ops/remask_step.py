@@ -68,6 +68,12 @@ def remask_step(
         the picked positions; ``confidence`` (B, L) float32: the confidence of every masked
         position in its window, -inf elsewhere. Ranking ties go to the lower position, argmax ties
         to the lower token id.
+
+    Non-finite logits: ``-inf`` entries get probability 0; ``+inf`` entries share all the
+    probability (n of them: 1/n each, so ``low_confidence`` is 1/n for the chosen token, which
+    is the lowest-id one, ``margin`` 1 for n = 1 and 0 otherwise, ``entropy`` -log n). A position
+    to fill whose logits hold a NaN, or only -inf, raises ValueError (its distribution is
+    undefined); on CUDA that check reads one flag back (a sync).
     """
     mask_id, num_transfer, temperature, threshold = normalize_remask_step_args(
         "remask_step", logits, x, mask_id, num_transfer, window, temperature, threshold, generator
