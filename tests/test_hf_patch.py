@@ -123,7 +123,10 @@ def test_gradient_checkpointing_keeps_gradients():
     want = model.model.sink_embedding.weight.grad.clone()
     model.zero_grad()
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
-    (enable or model.gradient_checkpointing_enable)()
+    if enable is not None:
+        enable()  # non-reentrant by default
+    else:  # transformers 4.x defaults to reentrant checkpoints
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model(input_ids=ids, attention_mask=attention).logits.sum().backward()
     torch.testing.assert_close(model.model.sink_embedding.weight.grad, want)

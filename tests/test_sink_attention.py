@@ -9,11 +9,12 @@ import torch
 from conftest import devices
 
 import sinkdlm
-from sinkdlm.ops.sink_attention import _sink_attention_composite
+from sinkdlm.ops.sink_attention_composite import sink_attention_composite
 
 sink_attention_module = importlib.import_module("sinkdlm.ops.sink_attention")
 
-# CUDA runs the SDPA-on-[sink ; kv] route until a native CUDA kernel is linked: a GPU is enough.
+# CUDA runs the composed kernel where sinkdlm links it, the plain-torch composite elsewhere: a
+# GPU is enough.
 DEVICES = devices(native_cuda=False)
 needs = pytest.mark.parametrize("device", DEVICES)
 
@@ -55,29 +56,38 @@ def make_inputs(B, H, Hkv, L, D, sink, padding, dtype=torch.float64, device="cpu
     return q, k, v, sink_k, sink_v, sink_logit, kpm
 
 
-def run_both(q, k, v, sink_k, sink_v, sink_logit, kpm, scale=None):
-    """Forward + backward through sink_attention and the float64 reference; same cotangents."""
+def run_both(q, k, v, sink_k, sink_v, sink_logit, kpm, scale=None, backend="auto", with_lse=True):
+    """Forward + backward through sink_attention and the float64 reference on the CPU, with the
+    same cotangents (on out, and on lse unless ``with_lse`` is False)."""
     tensors = [q, k, v, sink_k, sink_v, sink_logit]
     ours = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    ref = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in tensors]
     out, lse = sinkdlm.sink_attention(
-        *ours[:5], sink_logit=ours[5], key_padding_mask=kpm, scale=scale, return_lse=True
+        *ours[:5],
+        sink_logit=ours[5],
+        key_padding_mask=kpm,
+        scale=scale,
+        return_lse=True,
+        backend=backend,
     )
     r_out, r_lse = sinkdlm.sink_attention_reference(
         *ref[:5],
         sink_logit=ref[5],
-        key_padding_mask=kpm,
+        key_padding_mask=kpm.cpu() if kpm is not None else None,
         scale=scale,
         return_lse=True,
         sink_position=q.shape[2] // 2,
     )
     g = torch.Generator().manual_seed(1)
     d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    (
-        (out.double() * d_out.to(out.device)).sum() + (lse.double() * d_lse.to(out.device)).sum()
-    ).backward()
-    ((r_out * d_out.to(r_out.device)).sum() + (r_lse * d_lse.to(r_out.device)).sum()).backward()
+    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64) * with_lse
+    loss = (out.double() * d_out.to(out.device)).sum()
+    r_loss = (r_out * d_out).sum()
+    if with_lse:
+        loss = loss + (lse.double() * d_lse.to(out.device)).sum()
+        r_loss = r_loss + (r_lse * d_lse).sum()
+    loss.backward()
+    r_loss.backward()
     return (out, lse, ours), (r_out, r_lse, ref)
 
 
@@ -105,7 +115,7 @@ def check(q, k, v, sink_k, sink_v, sink_logit, kpm, dtype, scale=None):
     (out, lse, ours), (r_out, r_lse, ref) = run_both(
         q, k, v, sink_k, sink_v, sink_logit, kpm, scale
     )
-    assert out.dtype == q.dtype and out.is_contiguous() and out.shape == q.shape
+    assert out.dtype == q.dtype and out.shape == q.shape and out.stride(-1) == 1
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     grads = [t.grad if t is not None else None for t in ours]
     r_grads = [t.grad if t is not None else None for t in ref]
@@ -195,20 +205,24 @@ def test_dense_mask_through_sdpa_equals_sink_attention():
     torch.testing.assert_close(ours * real, dense * real, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("sink", ["none", "per_batch", "shared"])
+@pytest.mark.parametrize("sink", ["none", "per_batch", "shared+logit"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 def test_composite_path_matches_reference(sink, padding):
-    """The route taken on devices without a native kernel (SDPA on [sink ; kv])."""
+    """The route taken on devices without a native kernel (test_sink_attention_composed.py
+    covers it in depth)."""
     q, k, v, sk, sv, lam, kpm = make_inputs(2, 8, 2, 33, 16, sink, padding)
-    got = _sink_attention_composite(q, k, v, sk, sv, lam, kpm, 0.25, False)
-    want = sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm, scale=0.25)
+    got, got_lse = sink_attention_composite(q, k, v, sk, sv, lam, kpm, 0.25)
+    want, want_lse = sinkdlm.sink_attention_reference(
+        q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, scale=0.25, return_lse=True
+    )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("sink", ["shared+logit", "logit", "per_batch"])
 def test_device_without_kernel_takes_the_composite_route(sink, monkeypatch):
     """With no kernel for the device the dispatcher reports, sink_attention runs the composite
-    (here the dense form: a logit sink or the lse), forward and backward."""
+    (the same merge in plain torch ops), forward and backward."""
     monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device_type: False)
     called = []
     monkeypatch.setattr(torch.ops.sinkdlm, "sink_attention_fwd", lambda *a: called.append(a))

@@ -134,6 +134,17 @@ std::vector<double> uncast(const std::vector<T>& x) {
   return y;
 }
 
+// x laid out with strides s, as a contiguous (B, H, L, D).
+std::vector<double> contiguous(const std::vector<double>& x, const Config& c, const Strides4& s) {
+  std::vector<double> y(c.B * c.H * c.L * c.D);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t i = 0; i < c.L; ++i)
+        for (int64_t d = 0; d < c.D; ++d)
+          y[((b * c.H + h) * c.L + i) * c.D + d] = x[at(s, b, h, i, d)];
+  return y;
+}
+
 void expect_close(const std::vector<double>& got, const std::vector<double>& want, double tol,
                   const char* what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -173,9 +184,9 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
 
   const auto qt = cast<T>(q), kt = cast<T>(k), vt = cast<T>(v), dot = cast<T>(dout);
   const auto ska = cast<A>(sk), sva = cast<A>(sv), lama = cast<A>(lam);
-  SinkAttentionProblem p{};
+  SinkAttentionParams p;
   p.dtype = dtype;
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = c.L, p.head_dim = c.D;
   p.scale = scale;
   p.q = qt.data(), p.q_stride = layout(c, c.H);
   p.k = kt.data(), p.k_stride = layout(c, c.Hkv);
@@ -195,18 +206,20 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   CpuContext ctx = make_cpu_context(serial_for);
   if (bf16_gemm == Bf16Gemm::kNone) ctx.bf16 = nullptr;
   if (bf16_gemm == Bf16Gemm::kPortable) ctx.bf16 = &bf16::portable_kernels();
-  sink_attention_fwd_cpu(p, out.data(), lse.data(), ctx);
-  expect_close(uncast(out), want.out, tol, "out");
+  // Transposed configs also write out as (B, L, H, D), which the backward then reads.
+  const Strides4 out_stride = layout(c, c.H);
+  p.out = out.data(), p.out_stride = out_stride;
+  p.lse = lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  expect_close(contiguous(uncast(out), c, out_stride), want.out, tol, "out");
   expect_close(uncast(lse), want.lse, tol, "lse");
 
-  SinkAttentionGrads g{};
+  SinkAttentionBwdParams g{p};
   g.dout = dot.data(), g.dout_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
-  g.out = out.data(), g.out_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
-  g.lse = lse.data();
   g.dq = dq.data(), g.dk = dk.data(), g.dv = dv.data();
   if (c.sink_token) g.dsink_k = dsk.data(), g.dsink_v = dsv.data();
   if (c.sink_logit) g.dsink_logit = dlam.data();
-  sink_attention_bwd_cpu(p, g, ctx);
+  sink_attention_bwd_cpu(g, ctx);
   expect_close(uncast(dq), want.dq, tol, "dq");
   expect_close(uncast(dk), want.dk, tol, "dk");
   expect_close(uncast(dv), want.dv, tol, "dv");
@@ -276,17 +289,21 @@ TEST(SinkAttentionCpuEdge, MinusInfinityLogitSinkAddsNothing) {
     q[i] = std::sin(0.7f * i), k[i] = std::cos(0.3f * i), v[i] = 0.1f * (i % 7) - 0.2f;
   }
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  SinkAttentionProblem p{};
+  const Strides4 dense{L * D, L * D, D, 1};
+  SinkAttentionParams p;
   p.dtype = ScalarType::kFloat32;
-  p.batch = 1, p.heads = 1, p.kv_heads = 1, p.seqlen = L, p.head_dim = D, p.scale = 0.5;
-  p.q = q.data(), p.q_stride = {L * D, L * D, D, 1};
-  p.k = k.data(), p.k_stride = p.q_stride;
-  p.v = v.data(), p.v_stride = p.q_stride;
+  p.batch = 1, p.heads = 1, p.kv_heads = 1, p.seq_len = L, p.head_dim = D, p.scale = 0.5;
+  p.q = q.data(), p.q_stride = dense;
+  p.k = k.data(), p.k_stride = dense;
+  p.v = v.data(), p.v_stride = dense;
+  p.out_stride = dense;
   const CpuContext ctx = make_cpu_context(serial_for);
   std::vector<float> plain(L * D), plain_lse(L), out(L * D, NAN), lse(L, NAN);
-  sink_attention_fwd_cpu(p, plain.data(), plain_lse.data(), ctx);
+  p.out = plain.data(), p.lse = plain_lse.data();
+  sink_attention_fwd_cpu(p, ctx);
   p.sink_logit = &minus_inf;
-  sink_attention_fwd_cpu(p, out.data(), lse.data(), ctx);
+  p.out = out.data(), p.lse = lse.data();
+  sink_attention_fwd_cpu(p, ctx);
   for (int64_t i = 0; i < L * D; ++i) ASSERT_EQ(out[i], plain[i]) << "out at " << i;
   for (int64_t i = 0; i < L; ++i) ASSERT_EQ(lse[i], plain_lse[i]) << "lse at " << i;
 }

@@ -9,11 +9,13 @@ class SinkKV:
 
     ``collect=True`` (the sink pass): each layer stores its sink K (rotated at the sink position)
     and V, each (Hkv, D), under ``kv[layer_key]`` and returns o = V. Otherwise layers read ``kv``.
+    ``memo`` holds what every layer of one forward would otherwise recompute (a decoded mask).
     """
 
     def __init__(self, kv=None, collect=False):
         self.kv = {} if kv is None else kv
         self.collect = collect
+        self.memo = {}
 
 
 def expand_sink_output(value, num_heads):
