@@ -525,3 +525,28 @@ def test_minus_infinity_logit_sink(sink, dtype):
     lam[1] = float("-inf")
     lam[2] = torch.tensor(-7e4).to(dtype)  # -inf in float16
     check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_runs_no_reference_code(device, dtype, monkeypatch):
+    """Issue 19: on CUDA, return_lse=True (and a logit sink) took the dense reference form, so
+    test_low_precision compared the reference with itself. Whatever a device runs for
+    sink_attention, forward and backward with the lse and a logit sink, it must not be that."""
+    reference_module = importlib.import_module("sinkdlm.ops.reference")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sink_attention ran the dense reference form")
+
+    for module in (reference_module, sink_attention_module):
+        for name in ("dense_sink_attention", "sink_attention_reference"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 33, 16, "shared+logit", True, dtype, device)
+    for t in (q, k, v, sk, sv, lam):
+        t.requires_grad_()
+    out, lse = sinkdlm.sink_attention(
+        q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+    )
+    (out.float().sum() + lse.sum()).backward()
+    assert q.grad is not None and lam.grad is not None
