@@ -5,25 +5,20 @@
 // reduced across warps at the end; nothing of size L x L exists. Blocks of key tile 0 also sum the
 // mass on the sink (key sink and/or logit sink).
 #include "attention_mass.h"
+#include "common.cuh"
 
 namespace sinkdlm {
 namespace {
 
-constexpr int kKeys = 32;  // = warp size: lane <-> key
+constexpr int kKeys = device::kWarpSize;  // lane <-> key
 constexpr int kWarps = 4;
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
 
 template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kKeys* kWarps)
-    attention_mass_kernel(const AttentionMassParams<T> p) {
+    attention_mass_kernel(const AttentionMassParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_tile = reinterpret_cast<T*>(smem_raw);  // [head_dim][kKeys]
   __shared__ T partial[kWarps][kKeys];
@@ -36,40 +31,39 @@ __global__ void __launch_bounds__(kKeys* kWarps)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
   const int lane = threadIdx.x % kKeys, warp = threadIdx.x / kKeys;
 
-  const T* kb = p.k + b * p.k_stride[0] + hk * p.k_stride[1];
+  const Strides4 &qs = p.q_stride, &ks = p.k_stride;
+  const T* kb = static_cast<const T*>(p.k) + b * ks.b + hk * ks.h;
   for (int64_t e = threadIdx.x; e < kKeys * D; e += blockDim.x) {
     const int64_t jj = e / D, d = e % D;
-    k_tile[d * kKeys + jj] = j0 + jj < L ? kb[(j0 + jj) * p.k_stride[2] + d * p.k_stride[3]] : T(0);
+    k_tile[d * kKeys + jj] = j0 + jj < L ? kb[(j0 + jj) * ks.l + d * ks.d] : T(0);
   }
   __syncthreads();
 
-  const bool sink_block = blockIdx.x == 0 && (p.sink_k != nullptr || p.sink_logit != nullptr);
-  const T* qb = p.q + b * p.q_stride[0] + h * p.q_stride[1];
-  const T* lb = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+  const T* sink_logit = static_cast<const T*>(p.sink_logit);
+  const bool sink_block = blockIdx.x == 0 && (p.sink_k != nullptr || sink_logit != nullptr);
+  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * L : nullptr;
+  const T* qb = static_cast<const T*>(p.q) + b * qs.b + h * qs.h;
+  const T* lb = static_cast<const T*>(p.lse) + (b * p.heads + h) * L;
   const T scale = static_cast<T>(p.scale);
   T acc = 0, sink_acc = 0;
   int rows = 0;
   for (int64_t i = warp; i < L; i += kWarps) {
-    // Warp-uniform branch: all lanes share the query row.
-    if (p.key_padding_mask != nullptr &&
-        !p.key_padding_mask[b * p.mask_stride[0] + i * p.mask_stride[1]])
-      continue;
+    if (mask != nullptr && !mask[i]) continue;  // warp-uniform: all lanes share the query row
     ++rows;
-    const T* qi = qb + i * p.q_stride[2];
+    const T* qi = qb + i * qs.l;
     T dot = 0;
-    for (int64_t d = 0; d < D; ++d) dot += qi[d * p.q_stride[3]] * k_tile[d * kKeys + lane];
-    const T lse_i = lb[i * p.lse_stride[2]];
+    for (int64_t d = 0; d < D; ++d) dot += qi[d * qs.d] * k_tile[d * kKeys + lane];
+    const T lse_i = lb[i];
     acc += exp_of(dot * scale - lse_i);  // lanes past L compute a value that is never stored
     if (sink_block) {
       T s = 0;
       if (p.sink_k != nullptr) {
-        const T* sk = p.sink_k + b * p.sink_k_stride[0] + hk * p.sink_k_stride[1];
+        const T* sk = static_cast<const T*>(p.sink_k) + b * p.sink_batch_stride + hk * D;
         T part = 0;
-        for (int64_t d = lane; d < D; d += kKeys)
-          part += qi[d * p.q_stride[3]] * sk[d * p.sink_k_stride[2]];
-        s += exp_of(warp_sum(part) * scale - lse_i);
+        for (int64_t d = lane; d < D; d += kKeys) part += qi[d * qs.d] * sk[d];
+        s += exp_of(device::warp_sum(part) * scale - lse_i);
       }
-      if (p.sink_logit != nullptr) s += exp_of(p.sink_logit[h * p.sink_logit_stride] - lse_i);
+      if (sink_logit != nullptr) s += exp_of(sink_logit[h] - lse_i);
       sink_acc += s;
     }
   }
@@ -91,21 +85,14 @@ __global__ void __launch_bounds__(kKeys* kWarps)
   const int64_t j = j0 + lane;
   const int64_t bh = b * p.heads + h;
   if (j < L) {
-    const bool real_key = p.key_padding_mask == nullptr ||
-                          p.key_padding_mask[b * p.mask_stride[0] + j * p.mask_stride[1]];
-    p.mass[bh * L + j] = real_key ? total * inv : T(0);
+    const bool real_key = mask == nullptr || mask[j];
+    static_cast<T*>(p.mass)[bh * L + j] = real_key ? total * inv : T(0);
   }
-  if (blockIdx.x == 0 && lane == 0) p.sink_mass[bh] = sink_total * inv;
+  if (blockIdx.x == 0 && lane == 0) static_cast<T*>(p.sink_mass)[bh] = sink_total * inv;
 }
 
-}  // namespace
-
 template <typename T>
-cudaError_t launch_attention_mass(const AttentionMassParams<T>& p, cudaStream_t stream) {
-  if (p.batch <= 0 || p.heads <= 0) return cudaSuccess;
-  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.head_dim <= 0 || p.batch > 65535 ||
-      p.heads > 65535)
-    return cudaErrorInvalidValue;
+cudaError_t launch(const AttentionMassParams& p, cudaStream_t stream) {
   if (p.seq_len == 0)  // no keys, no rows: the sink receives nothing
     return cudaMemsetAsync(p.sink_mass, 0, sizeof(T) * p.batch * p.heads, stream);
   const size_t smem = sizeof(T) * kKeys * p.head_dim;
@@ -121,8 +108,21 @@ cudaError_t launch_attention_mass(const AttentionMassParams<T>& p, cudaStream_t 
   return cudaGetLastError();
 }
 
-template cudaError_t launch_attention_mass<float>(const AttentionMassParams<float>&, cudaStream_t);
-template cudaError_t launch_attention_mass<double>(const AttentionMassParams<double>&,
-                                                   cudaStream_t);
+}  // namespace
+
+cudaError_t attention_mass_cuda(const AttentionMassParams& p, cudaStream_t stream) {
+  if (p.batch <= 0 || p.heads <= 0) return cudaSuccess;
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.head_dim <= 0 || p.batch > 65535 ||
+      p.heads > 65535)
+    return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case ScalarType::kFloat32:
+      return launch<float>(p, stream);
+    case ScalarType::kFloat64:
+      return launch<double>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace sinkdlm

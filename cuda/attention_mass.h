@@ -8,9 +8,8 @@
 
 namespace sinkdlm {
 
-// Enqueues the kernel on `stream`; returns the launch error (cudaSuccess when fine). T is float or
-// double. All pointers are device pointers.
-template <typename T>
-cudaError_t launch_attention_mass(const AttentionMassParams<T>& p, cudaStream_t stream);
+// Enqueues the kernel on `stream`; returns the launch error (cudaSuccess when fine). All pointers
+// are device pointers.
+cudaError_t attention_mass_cuda(const AttentionMassParams& p, cudaStream_t stream);
 
 }  // namespace sinkdlm

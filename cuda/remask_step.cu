@@ -2,15 +2,13 @@
 // position, 16-byte loads) computing max, log-sum-exp, the noisy argmax, the second max and the
 // entropy together; kernel 2 picks each row's most confident positions with a block-wide radix
 // select over unique 64-bit ranking keys and scatters the result.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <climits>
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "../csrc/remask/philox.h"
+#include "common.cuh"
 #include "remask_step.h"
 
 namespace sinkdlm {
@@ -26,36 +24,9 @@ struct ScanState {
   float best_score, best_logit;
   int best_index;
   float top1, top2;
-};
-
-__device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) {
-  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-}
-__device__ __forceinline__ float fp16_bits_to_float(uint16_t bits) {
-  return __half2float(__ushort_as_half(bits));
-}
-
-struct Bf16Tag {};
-struct Fp16Tag {};
-template <typename Tag>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Storage = float;
-  static constexpr int kPerVector = 4;
-  __device__ static float to_float(float v) { return v; }
-};
-template <>
-struct Elem<Bf16Tag> {
-  using Storage = uint16_t;
-  static constexpr int kPerVector = 8;
-  __device__ static float to_float(uint16_t v) { return bf16_bits_to_float(v); }
-};
-template <>
-struct Elem<Fp16Tag> {
-  using Storage = uint16_t;
-  static constexpr int kPerVector = 8;
-  __device__ static float to_float(uint16_t v) { return fp16_bits_to_float(v); }
+  // Non-finite logits, the CPU core's rule: a NaN (or no entry above -inf) leaves the
+  // distribution undefined (confidence NaN, the op raises); n_inf +inf entries share it.
+  int has_nan, n_inf;
 };
 
 __device__ __forceinline__ void init_state(ScanState& s) {
@@ -67,6 +38,8 @@ __device__ __forceinline__ void init_state(ScanState& s) {
   s.best_index = INT_MAX;
   s.top1 = -INFINITY;
   s.top2 = -INFINITY;
+  s.has_nan = 0;
+  s.n_inf = 0;
 }
 
 struct ScanConfig {
@@ -80,6 +53,11 @@ struct ScanConfig {
 // Visits one vocabulary entry; a thread visits its entries in increasing order, so a strict
 // comparison keeps the lowest index among equal scores.
 __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const ScanConfig& c) {
+  if (isnan(logit)) {
+    s.has_nan = 1;
+    return;
+  }
+  if (logit == INFINITY) ++s.n_inf;
   float score = logit;
   if (c.noisy) {
     // Rounded product, then sum: the same arithmetic as the CPU core and the reference.
@@ -99,7 +77,8 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
       s.top2 = logit;
     }
   }
-  if (c.need_softmax && logit > -INFINITY) {  // -inf adds nothing (and -inf - -inf is nan)
+  // -inf adds nothing (and -inf - -inf is nan); +inf is counted in n_inf instead.
+  if (c.need_softmax && logit > -INFINITY && logit < INFINITY) {
     if (logit > s.max) {
       if (s.sum > 0.0f) {
         const float shift = s.max - logit;
@@ -117,6 +96,8 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
 }
 
 __device__ __forceinline__ void combine(ScanState& a, const ScanState& b, const ScanConfig& c) {
+  a.has_nan |= b.has_nan;
+  a.n_inf += b.n_inf;
   if (b.best_index != INT_MAX && (a.best_index == INT_MAX || b.best_score > a.best_score ||
                                   (b.best_score == a.best_score && b.best_index < a.best_index))) {
     a.best_score = b.best_score;
@@ -147,35 +128,20 @@ __device__ __forceinline__ void combine(ScanState& a, const ScanState& b, const 
   }
 }
 
-__device__ __forceinline__ ScanState shuffle_down(const ScanState& s, int delta) {
-  constexpr unsigned kAll = 0xFFFFFFFFu;
-  ScanState o;
-  o.max = __shfl_down_sync(kAll, s.max, delta);
-  o.sum = __shfl_down_sync(kAll, s.sum, delta);
-  o.weighted = __shfl_down_sync(kAll, s.weighted, delta);
-  o.best_score = __shfl_down_sync(kAll, s.best_score, delta);
-  o.best_logit = __shfl_down_sync(kAll, s.best_logit, delta);
-  o.best_index = __shfl_down_sync(kAll, s.best_index, delta);
-  o.top1 = __shfl_down_sync(kAll, s.top1, delta);
-  o.top2 = __shfl_down_sync(kAll, s.top2, delta);
-  return o;
-}
-
 __device__ __forceinline__ bool is_eligible(const RemaskStepParams& p, int64_t b, int64_t l) {
   const int64_t start = p.window ? p.window[2 * b] : 0;
-  const int64_t end = p.window ? p.window[2 * b + 1] : p.length;
-  return l >= start && l < end && p.x[b * p.x_stride_b + l * p.x_stride_l] == p.mask_id;
+  const int64_t end = p.window ? p.window[2 * b + 1] : p.seq_len;
+  return l >= start && l < end && p.x[b * p.x_stride.b + l * p.x_stride.l] == p.mask_id;
 }
 
-template <typename Tag>
+template <ScalarType kType>
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepParams p) {
-  using E = Elem<Tag>;
-  using Storage = typename E::Storage;
+  using Storage = typename device::Element<kType>::Storage;
   const int64_t position = blockIdx.x;
-  const int64_t b = position / p.length, l = position % p.length;
+  const int64_t b = position / p.seq_len, l = position % p.seq_len;
   if (!is_eligible(p, b, l)) {  // block-uniform
     if (threadIdx.x == 0) {
-      p.x_new[position] = p.x[b * p.x_stride_b + l * p.x_stride_l];
+      p.x_new[position] = p.x[b * p.x_stride.b + l * p.x_stride.l];
       p.confidence[position] = -INFINITY;
     }
     return;
@@ -190,66 +156,58 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
                      b,
                      p.position_offset + l};
   const Storage* row =
-      static_cast<const Storage*>(p.logits) + b * p.logits_stride_b + l * p.logits_stride_l;
-  const int vocab = static_cast<int>(p.vocab);
-
-  // Scalar head up to 16-byte alignment, 16-byte vector body, scalar tail.
-  const int misalignment = static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16);
-  int head = misalignment == 0 ? 0 : (16 - misalignment) / static_cast<int>(sizeof(Storage));
-  head = head < vocab ? head : vocab;
-  const int vectors = (vocab - head) / E::kPerVector;
-  const int tail_start = head + vectors * E::kPerVector;
+      static_cast<const Storage*>(p.logits) + b * p.logits_stride.b + l * p.logits_stride.l;
 
   ScanState s;
   init_state(s);
-  for (int v = threadIdx.x; v < head; v += kScanThreads) visit(s, E::to_float(row[v]), v, c);
-  const uint4* body = reinterpret_cast<const uint4*>(row + head);
-  for (int i = threadIdx.x; i < vectors; i += kScanThreads) {
-    const uint4 raw = __ldg(body + i);
-    Storage values[E::kPerVector];
-    static_assert(sizeof(values) == sizeof(uint4), "one 16-byte load per vector");
-    memcpy(values, &raw, sizeof(raw));
-    const int v0 = head + i * E::kPerVector;
-#pragma unroll
-    for (int j = 0; j < E::kPerVector; ++j) visit(s, E::to_float(values[j]), v0 + j, c);
-  }
-  for (int v = tail_start + threadIdx.x; v < vocab; v += kScanThreads) {
-    visit(s, E::to_float(row[v]), v, c);
-  }
+  device::for_each_element<kType, kScanThreads>(row, static_cast<int>(p.vocab), threadIdx.x,
+                                                [&](float logit, int v) { visit(s, logit, v, c); });
 
   // Warp, then block reduction.
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) combine(s, shuffle_down(s, delta), c);
-  __shared__ ScanState warp_states[kScanThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto merge = [&](ScanState a, const ScanState& other) {
+    combine(a, other, c);
+    return a;
+  };
+  s = device::warp_reduce(s, merge);
+  constexpr int kWarps = kScanThreads / device::kWarpSize;
+  __shared__ ScanState warp_states[kWarps];
+  const int warp = threadIdx.x / device::kWarpSize, lane = threadIdx.x % device::kWarpSize;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (warp != 0) return;
-  if (lane < kScanThreads / 32) {
+  if (lane < kWarps) {
     s = warp_states[lane];
   } else {
     init_state(s);
   }
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) combine(s, shuffle_down(s, delta), c);
+  s = device::warp_reduce(s, merge);
   if (lane != 0) return;
 
   double confidence = 0.0;
-  switch (p.strategy) {
-    case Strategy::kLowConfidence:
-      confidence = exp(static_cast<double>(s.best_logit) - s.max) / s.sum;
-      break;
-    case Strategy::kMargin:
-      confidence =
-          (exp(static_cast<double>(s.top1) - s.max) - exp(static_cast<double>(s.top2) - s.max)) /
-          s.sum;
-      break;
-    case Strategy::kEntropy:
-      confidence = static_cast<double>(s.weighted) / s.sum - log(static_cast<double>(s.sum));
-      break;
-    case Strategy::kRandom:
-      confidence = philox::position_uniform(p.seed, p.offset, b, c.l);
-      break;
+  if (s.has_nan || s.best_logit == -INFINITY) {
+    confidence = NAN;
+  } else if (s.n_inf > 0 && p.strategy != Strategy::kRandom) {
+    const double share = 1.0 / static_cast<double>(s.n_inf);
+    confidence = p.strategy == Strategy::kLowConfidence ? (s.best_logit == INFINITY ? share : 0.0)
+                 : p.strategy == Strategy::kMargin      ? (s.n_inf == 1 ? 1.0 : 0.0)
+                                                        : log(share);
+  } else {
+    switch (p.strategy) {
+      case Strategy::kLowConfidence:
+        confidence = exp(static_cast<double>(s.best_logit) - s.max) / s.sum;
+        break;
+      case Strategy::kMargin:
+        confidence =
+            (exp(static_cast<double>(s.top1) - s.max) - exp(static_cast<double>(s.top2) - s.max)) /
+            s.sum;
+        break;
+      case Strategy::kEntropy:
+        confidence = static_cast<double>(s.weighted) / s.sum - log(static_cast<double>(s.sum));
+        break;
+      case Strategy::kRandom:
+        confidence = philox::position_uniform(p.seed, p.offset, b, c.l);
+        break;
+    }
   }
   p.x_new[position] = s.best_index == INT_MAX ? 0 : s.best_index;
   p.confidence[position] = static_cast<float>(confidence);
@@ -269,11 +227,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   static_assert(kSelectThreads == kRadixBins, "one histogram bin per thread");
 
   const int64_t b = blockIdx.x;
-  const int64_t length = p.length;
-  const float* confidence = p.confidence + b * length;
+  const int64_t seq_len = p.seq_len;
+  const float* confidence = p.confidence + b * seq_len;
 
   int local = 0;
-  for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) local += is_eligible(p, b, l);
+  for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) local += is_eligible(p, b, l);
   const int eligible = BlockReduce(temp.reduce).Sum(local);
   if (threadIdx.x == 0) shared_count = eligible;
   __syncthreads();
@@ -286,7 +244,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
     for (int shift = 56; shift >= 0; shift -= 8) {
       histogram[threadIdx.x] = 0;
       __syncthreads();
-      for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) {
+      for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) {
         if (!is_eligible(p, b, l)) continue;
         const uint64_t key = rank_key(confidence[l], l);
         if ((key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & 0xFF], 1);
@@ -310,8 +268,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   }
   const uint64_t cutoff = prefix;  // keys are unique: after 8 digits, the k-th largest key
 
-  for (int64_t l = threadIdx.x; l < length; l += kSelectThreads) {
-    const int64_t position = b * length + l;
+  for (int64_t l = threadIdx.x; l < seq_len; l += kSelectThreads) {
+    const int64_t position = b * seq_len + l;
     const bool eligible_here = is_eligible(p, b, l);
     const bool pick =
         eligible_here && k > 0 &&
@@ -321,10 +279,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const RemaskStep
   }
 }
 
-template <typename Tag>
+template <ScalarType kType>
 cudaError_t launch(const RemaskStepParams& p, cudaStream_t stream) {
-  const int64_t positions = p.batch * p.length;
-  scan_kernel<Tag><<<static_cast<unsigned>(positions), kScanThreads, 0, stream>>>(p);
+  const int64_t positions = p.batch * p.seq_len;
+  scan_kernel<kType><<<static_cast<unsigned>(positions), kScanThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   select_kernel<<<static_cast<unsigned>(p.batch), kSelectThreads, 0, stream>>>(p);
@@ -334,20 +292,21 @@ cudaError_t launch(const RemaskStepParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t remask_step_cuda(const RemaskStepParams& params, cudaStream_t stream) {
-  const int64_t positions = params.batch * params.length;
+  const int64_t positions = params.batch * params.seq_len;
   if (positions == 0) return cudaSuccess;
-  if (positions > INT_MAX || params.vocab > INT_MAX || params.length > UINT32_MAX) {
+  if (positions > INT_MAX || params.vocab > INT_MAX || params.seq_len > UINT32_MAX) {
     return cudaErrorInvalidValue;
   }
-  switch (params.logits_type) {
-    case LogitsType::kFloat16:
-      return launch<Fp16Tag>(params, stream);
-    case LogitsType::kBFloat16:
-      return launch<Bf16Tag>(params, stream);
-    case LogitsType::kFloat32:
-      return launch<float>(params, stream);
+  switch (params.logits_dtype) {
+    case ScalarType::kFloat16:
+      return launch<ScalarType::kFloat16>(params, stream);
+    case ScalarType::kBFloat16:
+      return launch<ScalarType::kBFloat16>(params, stream);
+    case ScalarType::kFloat32:
+      return launch<ScalarType::kFloat32>(params, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace remask

@@ -13,12 +13,18 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import realigned  # noqa: E402
 from hf_mirrors.modeling_dream_mirror import DreamConfig, DreamModel  # noqa: E402
-from hf_mirrors.modeling_llada_mirror import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from hf_mirrors.modeling_llada_mirror import (  # noqa: E402
+    ActivationCheckpointingStrategy,
+    LLaDAConfig,
+    LLaDAModelLM,
+)
 
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402
+from sinkdlm.hf.shims import remote_code_compat  # noqa: E402
 
 MIRRORS = Path(__file__).parent / "hf_mirrors"
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 VOCAB = 128
 
 
@@ -40,17 +46,18 @@ def set_random_sink(model):
 # ---------------------------------------------------------------- LLaDA
 
 
-def llada(dtype=torch.float64, seed=0):
+def llada(dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
-    return LLaDAModelLM(LLaDAConfig()).to(dtype).eval()
+    return LLaDAModelLM(LLaDAConfig(**config)).to(dtype).eval()
 
 
-def llada_literal(model, sink_weight, ids):
+def llada_literal(model, sink_weight, ids, real=None):
     """Unpatched LLaDA with a real sink token in front (rotary position 0, tokens at 1..L) and the
-    dense sink mask put into its SDPA call, which otherwise takes no mask."""
+    dense sink mask (with the key padding ``real``) put into its SDPA calls."""
     literal = copy.deepcopy(model)
     length = ids.shape[1]
-    mask = sinkdlm.sink_attention_mask(length, 0)
+    mask = sinkdlm.sink_attention_mask(length, 0, key_padding_mask=real)
+    mask = mask if real is None else mask[:, None]
 
     def masked_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
         groups = q.shape[1] // k.shape[1]
@@ -99,23 +106,110 @@ def test_llada_adapter_gradients_remove_and_idempotence():
         assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)
 
 
-def write_remote_code_checkpoint(model, path):
-    """A checkpoint that loads through trust_remote_code, like the hub's LLaDA repos."""
-    model.save_pretrained(path)
-    shutil.copy(MIRRORS / "modeling_llada_mirror.py", path)
+def test_llada_padding_reaches_sink_attention_through_attention_bias():
+    # issue 13 (1): dLLM's LLaDA turns attention_mask into attention_bias; it was dropped
+    model = llada()
+    patched = sinkdlm.hf.add_sink_token(copy.deepcopy(model))
+    sink = set_random_sink(patched)
+    ids, real = ids_and_padding()
+    with torch.no_grad():
+        got = patched(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
+        want = llada_literal(model, sink, ids, real)
+        unpadded = patched(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    assert (got[-1] - unpadded[-1]).abs().max() > 1e-3  # the padding mattered
+    # a bias that is not key padding (here causal) is refused, not ignored
+    causal = torch.full((1, 1, 9, 9), torch.finfo(torch.float).min).triu(1)
+    with pytest.raises(ValueError, match="attention_bias"):
+        patched(input_ids=ids, attention_bias=causal, use_cache=False)
+
+
+CHECKPOINTING = [None, *ActivationCheckpointingStrategy, "gradient_checkpointing_enable"]
+
+
+def llada_gradients(strategy):
+    model = llada(torch.float32, n_layers=4).train()
+    sinkdlm.hf.add_sink_token(model)
+    set_random_sink(model)
+    if strategy == "gradient_checkpointing_enable":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif strategy is not None:
+        model.model.set_activation_checkpointing(strategy)
+    ids, real = ids_and_padding()
+    logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
+    logits.square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("strategy", CHECKPOINTING, ids=str)
+def test_llada_every_activation_checkpointing_strategy_gives_the_same_gradients(strategy):
+    # issue 13 (2): whole_layer / one_in_N called the model-level function set to None. The
+    # sink pass runs uncheckpointed (a recompute would see the main pass's sink channel); the
+    # checkpointed main pass recomputes the same bits.
+    want = llada_gradients(None)
+    got = llada_gradients(strategy)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert grad is not None and torch.equal(got[name], grad), (strategy, name)
+    assert want["model.sink_embedding.weight"].abs().sum() > 0
+
+
+def test_llada_whole_layer_with_transformers_default_reentrant_flag():
+    # dLLM's LLaDA ignores transformers' (reentrant) gradient_checkpointing_func: not refused
+    model = sinkdlm.hf.add_sink_token(llada(torch.float32).train())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids, _ = ids_and_padding()
+    model(input_ids=ids, use_cache=False).logits.sum().backward()
+    assert model.model.sink_embedding.weight.grad.abs().sum() > 0
+    model.model._activation_checkpoint_fn.keywords["use_reentrant"] = True
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model(input_ids=ids, use_cache=False)
+
+
+def test_replacement_takes_the_original_keywords_and_refuses_what_it_does_not_implement():
+    # issue 13 (3): Fast-dLLM's LLaDA passes replace_position= to the attention method
+    model = llada()
+    patched = sinkdlm.hf.add_sink_token(copy.deepcopy(model))
+    ids, _ = ids_and_padding()
+    with torch.no_grad():
+        want = patched(input_ids=ids, use_cache=False).logits
+        got = patched(input_ids=ids, use_cache=False, replace_position=None).logits
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="replace_position"):
+        patched(input_ids=ids, use_cache=False, replace_position=torch.ones(2, 9, dtype=torch.long))
+    block = patched.model.transformer.blocks[0]
+    q = torch.zeros(1, 1, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        block.attention(q, q[..., :16], q[..., :16], bogus=1)
+
+
+def write_remote_code_checkpoint(model, path, family="llada"):
+    """A checkpoint that loads through trust_remote_code, like the hub's LLaDA and Dream repos.
+    Written by hand (config + safetensors): transformers 5 cannot save the unshimmed Dream."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(path)
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    mirror = f"modeling_{family}_mirror"
+    shutil.copy(MIRRORS / f"{mirror}.py", path)
     config = json.loads((path / "config.json").read_text())
+    classes = dict(llada=("LLaDAConfig", "LLaDAModelLM"), dream=("DreamConfig", "DreamModel"))
+    config_class, model_class = classes[family]
     config["auto_map"] = {
-        "AutoConfig": "modeling_llada_mirror.LLaDAConfig",
-        "AutoModel": "modeling_llada_mirror.LLaDAModelLM",
+        "AutoConfig": f"{mirror}.{config_class}",
+        "AutoModel": f"{mirror}.{model_class}",
     }
     (path / "config.json").write_text(json.dumps(config))
 
 
 def test_llada_remote_code_loads_trains_saves_and_reloads(tmp_path):
-    write_remote_code_checkpoint(llada(torch.float32), tmp_path / "base")
-    # the mirror reproduces why LLaDA's remote code breaks under transformers 5 ...
-    with pytest.raises((AttributeError, TypeError)):
-        transformers.AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    write_remote_code_checkpoint(llada(torch.float32), tmp_path / "base", family="llada")
+    if TRANSFORMERS_5:  # the mirror reproduces why LLaDA's remote code breaks under 5 ...
+        with pytest.raises((AttributeError, TypeError)):
+            transformers.AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
     # ... and sinkdlm's loader shims it
     model = sinkdlm.hf.from_pretrained(tmp_path / "base", trust_remote_code=True)
     assert not sinkdlm.hf.has_sink_token(model)
@@ -138,9 +232,23 @@ def test_llada_remote_code_loads_trains_saves_and_reloads(tmp_path):
 # ---------------------------------------------------------------- Dream
 
 
-def dream(attention="sdpa", dtype=torch.float64, seed=0):
+def dream(attention="sdpa", dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
-    return DreamModel(DreamConfig(attn_implementation=attention)).to(dtype).eval()
+    with remote_code_compat():  # Dream's rotary looks up ROPE_INIT_FUNCTIONS["default"]
+        model = DreamModel(DreamConfig(attn_implementation=attention, **config))
+    return model.to(dtype).eval()
+
+
+def dream_literal(model, sink, ids, real):
+    size, length = ids.shape
+    literal_mask = sinkdlm.sink_attention_mask(length, 0, key_padding_mask=real).clone()
+    literal_mask[:, :, 0] = True  # padded query rows see the sink, so they stay finite
+    embeds = model.get_input_embeddings()(ids)
+    return model(
+        inputs_embeds=torch.cat([sink.to(embeds.dtype).expand(size, 1, -1), embeds], 1),
+        position_ids=torch.arange(length + 1).expand(size, -1),
+        attention_mask=literal_mask.unsqueeze(1),
+    ).logits[:, 1:]
 
 
 def dream_mask(real):
@@ -155,21 +263,76 @@ def test_dream_adapter_matches_literal_sink_token(attention, dtype):
     patched = sinkdlm.hf.add_sink_token(copy.deepcopy(model))
     sink = set_random_sink(patched)
     ids, real = ids_and_padding()
-    size, length = ids.shape
-    literal_mask = sinkdlm.sink_attention_mask(length, 0, key_padding_mask=real).clone()
-    literal_mask[:, :, 0] = True  # padded query rows see the sink, so they stay finite
     with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids)
-        want = model(
-            inputs_embeds=torch.cat([sink.to(dtype).expand(size, 1, -1), embeds], 1),
-            position_ids=torch.arange(length + 1).expand(size, -1),
-            attention_mask=literal_mask.unsqueeze(1),
-        ).logits[:, 1:]
+        want = dream_literal(model, sink, ids, real)
         got_4d = patched(input_ids=ids, attention_mask=dream_mask(real)).logits
         got_2d = patched(input_ids=ids, attention_mask=real.long()).logits
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(got_4d[real], want[real], **tol)
     torch.testing.assert_close(got_2d[real], want[real], **tol)
+
+
+def test_dream_sink_is_rotated_at_the_sink_position_when_the_model_ignores_position_ids():
+    # issue 13 (4): Fast-dLLM's Dream numbers positions 0..L-1 whatever position_ids it gets
+    model = dream(ignore_position_ids=True)
+    patched = sinkdlm.hf.add_sink_token(copy.deepcopy(model))
+    sink = set_random_sink(patched)
+    ids, real = ids_and_padding()
+    with torch.no_grad():
+        want = dream_literal(model, sink, ids, real)  # positions 0..L: the same either way
+        got = patched(input_ids=ids, attention_mask=dream_mask(real)).logits
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    # without a rotary module on the layers, the wrong position is detected and refused
+    for layer in patched.model.layers:
+        del layer.self_attn.rotary_emb
+    with pytest.raises(ValueError, match="ignores position_ids"):
+        patched(input_ids=ids, attention_mask=dream_mask(real))
+
+
+def test_dream_remote_code_loads_saves_and_reloads_its_logits(tmp_path):
+    # issue 13 (5): ROPE_INIT_FUNCTIONS["default"], list _tied_weights_keys, the old
+    # GenerationConfig.validate and uninitialised non-persistent inv_freq after loading
+    model = dream(dtype=torch.float32)
+    write_remote_code_checkpoint(model, tmp_path / "base", family="dream")
+    ids, real = ids_and_padding()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=dream_mask(real)).logits
+    loaded = realigned(sinkdlm.hf.from_pretrained(tmp_path / "base", trust_remote_code=True))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=ids, attention_mask=dream_mask(real)).logits,
+            want,
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert loaded._prepare_generation_config(max_new_tokens=4).max_new_tokens == 4
+    sinkdlm.hf.add_sink_token(loaded)
+    set_random_sink(loaded)
+    with torch.no_grad():
+        tuned = loaded(input_ids=ids, attention_mask=dream_mask(real)).logits
+    loaded.save_pretrained(tmp_path / "tuned")
+    reloaded = sinkdlm.hf.from_pretrained(tmp_path / "tuned", trust_remote_code=True)
+    assert sinkdlm.hf.has_sink_token(reloaded)
+    with torch.no_grad():
+        got = realigned(reloaded).eval()(input_ids=ids, attention_mask=dream_mask(real)).logits
+    torch.testing.assert_close(got, tuned, rtol=1e-6, atol=1e-6)
+
+
+def test_non_persistent_buffers_are_rebuilt_from_the_constructor():
+    from sinkdlm.hf.shims import restore_non_persistent_buffers
+
+    model = dream(dtype=torch.float32)
+    ids, real = ids_and_padding()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=dream_mask(real)).logits
+        for layer in model.model.layers:
+            layer.self_attn.rotary_emb.inv_freq.fill_(float("nan"))
+        model.model.rotary_emb.inv_freq.uniform_()
+    fixed = restore_non_persistent_buffers(model)
+    assert len(fixed) == len(model.model.layers) + 1
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=dream_mask(real)).logits, want)
+    assert restore_non_persistent_buffers(model) == []
 
 
 def test_dream_adapter_gradients_and_remove():
@@ -254,3 +417,58 @@ def test_attention_recorder_watches_sdpa_of_unpatched_models(family):
         assert (trace.mass[:, :, -1, :, -3:] == 0).all() and (
             trace.mass[:, :, -1, :, :-3] > 0
         ).all()
+
+
+# ---------------------------------------------------------------- check_model
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "dream_fast_dllm", "llama"])
+def test_check_model_finds_sinkdlm_exact_on_each_variant(family):
+    from conftest import tiny_hf_model
+
+    model = {
+        "llada": lambda: llada(),
+        "dream": lambda: dream(),
+        "dream_fast_dllm": lambda: dream(ignore_position_ids=True),
+        "llama": lambda: tiny_hf_model("llama", torch.float64),
+    }[family]()
+    before = copy.deepcopy(model.state_dict())
+    report = sinkdlm.hf.check_model(model)
+    assert report.sdpa_calls == 2 and report.max_abs_logit > 0.1
+    assert report.max_abs_diff < 1e-6, report  # float64, but rotary tables are float32
+    assert not sinkdlm.hf.has_sink_token(model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+def test_check_model_reports_a_wrong_sink_position(monkeypatch):
+    from sinkdlm.hf import adapters
+
+    # the Dream adapter before issue 13: the sink rotated by the model's position_embeddings
+    monkeypatch.setattr(adapters, "_dream_sink_rotation", lambda module, v, pe, position: pe)
+    report = sinkdlm.hf.check_model(dream(ignore_position_ids=True))
+    assert report.max_abs_diff > 1e-4
+
+
+def test_check_model_needs_sdpa():
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        sinkdlm.hf.check_model(dream("eager"))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5], ids=["plain", "cfg"])
+@pytest.mark.parametrize("make", [llada, dream], ids=["llada", "dream"])
+def test_generate_runs_one_sink_pass_per_call(monkeypatch, make, cfg_scale):
+    """Issue 19: a generate that dropped its sink K/V cache (one sink pass per forward) passed
+    every test; here each call must run exactly one, whatever the backend and the guidance."""
+    from sinkdlm.hf import patch
+
+    model = sinkdlm.hf.add_sink_token(make(dtype=torch.float32))
+    model.config.use_cache = False  # LLaDA's remote code reads it (from_pretrained sets it)
+    calls = []
+    real_pass = patch._compute_sink_kv
+    monkeypatch.setattr(patch, "_compute_sink_kv", lambda s: calls.append(1) or real_pass(s))
+    ids, _ = ids_and_padding(length=4)
+    for expected in (1, 2):  # the cache is dropped when the call ends: the next one passes again
+        out = sinkdlm.generate(model, ids, gen_length=4, steps=4, mask_id=VOCAB - 1,
+                               cfg_scale=cfg_scale)  # fmt: skip
+        assert out.shape == (2, 8)
+        assert len(calls) == expected

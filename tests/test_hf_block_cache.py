@@ -229,7 +229,10 @@ def remote_model(family, sink, seed=0):
         model = LLaDAModelLM(LLaDAConfig(vocab_size=VOCAB)).double().eval()
         head = model.model.transformer.ff_out
     else:
-        model = DreamModel(DreamConfig(vocab_size=VOCAB)).double().eval()
+        from sinkdlm.hf.shims import remote_code_compat
+
+        with remote_code_compat():  # Dream's rotary looks up ROPE_INIT_FUNCTIONS["default"]
+            model = DreamModel(DreamConfig(vocab_size=VOCAB)).double().eval()
         head = model.lm_head
     with torch.no_grad():
         head.weight.mul_(20)  # confident predictions

@@ -3,16 +3,18 @@
 import importlib
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import devices
 
 import sinkdlm
-from sinkdlm.ops.sink_attention import _sink_attention_composite
+from sinkdlm.ops.sink_attention_composite import sink_attention_composite
 
 sink_attention_module = importlib.import_module("sinkdlm.ops.sink_attention")
 
-# CUDA runs the SDPA-on-[sink ; kv] route until a native CUDA kernel is linked: a GPU is enough.
+# CUDA runs the composed kernel where sinkdlm links it, the plain-torch composite elsewhere: a
+# GPU is enough.
 DEVICES = devices(native_cuda=False)
 needs = pytest.mark.parametrize("device", DEVICES)
 
@@ -54,29 +56,38 @@ def make_inputs(B, H, Hkv, L, D, sink, padding, dtype=torch.float64, device="cpu
     return q, k, v, sink_k, sink_v, sink_logit, kpm
 
 
-def run_both(q, k, v, sink_k, sink_v, sink_logit, kpm, scale=None):
-    """Forward + backward through sink_attention and the float64 reference; same cotangents."""
+def run_both(q, k, v, sink_k, sink_v, sink_logit, kpm, scale=None, backend="auto", with_lse=True):
+    """Forward + backward through sink_attention and the float64 reference on the CPU, with the
+    same cotangents (on out, and on lse unless ``with_lse`` is False)."""
     tensors = [q, k, v, sink_k, sink_v, sink_logit]
     ours = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    ref = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in tensors]
     out, lse = sinkdlm.sink_attention(
-        *ours[:5], sink_logit=ours[5], key_padding_mask=kpm, scale=scale, return_lse=True
+        *ours[:5],
+        sink_logit=ours[5],
+        key_padding_mask=kpm,
+        scale=scale,
+        return_lse=True,
+        backend=backend,
     )
     r_out, r_lse = sinkdlm.sink_attention_reference(
         *ref[:5],
         sink_logit=ref[5],
-        key_padding_mask=kpm,
+        key_padding_mask=kpm.cpu() if kpm is not None else None,
         scale=scale,
         return_lse=True,
         sink_position=q.shape[2] // 2,
     )
     g = torch.Generator().manual_seed(1)
     d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    (
-        (out.double() * d_out.to(out.device)).sum() + (lse.double() * d_lse.to(out.device)).sum()
-    ).backward()
-    ((r_out * d_out.to(r_out.device)).sum() + (r_lse * d_lse.to(r_out.device)).sum()).backward()
+    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64) * with_lse
+    loss = (out.double() * d_out.to(out.device)).sum()
+    r_loss = (r_out * d_out).sum()
+    if with_lse:
+        loss = loss + (lse.double() * d_lse.to(out.device)).sum()
+        r_loss = r_loss + (r_lse * d_lse).sum()
+    loss.backward()
+    r_loss.backward()
     return (out, lse, ours), (r_out, r_lse, ref)
 
 
@@ -104,7 +115,7 @@ def check(q, k, v, sink_k, sink_v, sink_logit, kpm, dtype, scale=None):
     (out, lse, ours), (r_out, r_lse, ref) = run_both(
         q, k, v, sink_k, sink_v, sink_logit, kpm, scale
     )
-    assert out.dtype == q.dtype and out.is_contiguous() and out.shape == q.shape
+    assert out.dtype == q.dtype and out.shape == q.shape and out.stride(-1) == 1
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     grads = [t.grad if t is not None else None for t in ours]
     r_grads = [t.grad if t is not None else None for t in ref]
@@ -194,20 +205,24 @@ def test_dense_mask_through_sdpa_equals_sink_attention():
     torch.testing.assert_close(ours * real, dense * real, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("sink", ["none", "per_batch", "shared"])
+@pytest.mark.parametrize("sink", ["none", "per_batch", "shared+logit"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 def test_composite_path_matches_reference(sink, padding):
-    """The route taken on devices without a native kernel (SDPA on [sink ; kv])."""
+    """The route taken on devices without a native kernel (test_sink_attention_composed.py
+    covers it in depth)."""
     q, k, v, sk, sv, lam, kpm = make_inputs(2, 8, 2, 33, 16, sink, padding)
-    got = _sink_attention_composite(q, k, v, sk, sv, lam, kpm, 0.25, False)
-    want = sinkdlm.sink_attention_reference(q, k, v, sk, sv, key_padding_mask=kpm, scale=0.25)
+    got, got_lse = sink_attention_composite(q, k, v, sk, sv, lam, kpm, None, 0.25)
+    want, want_lse = sinkdlm.sink_attention_reference(
+        q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, scale=0.25, return_lse=True
+    )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("sink", ["shared+logit", "logit", "per_batch"])
 def test_device_without_kernel_takes_the_composite_route(sink, monkeypatch):
     """With no kernel for the device the dispatcher reports, sink_attention runs the composite
-    (here the dense form: a logit sink or the lse), forward and backward."""
+    (the same merge in plain torch ops), forward and backward."""
     monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device_type: False)
     called = []
     monkeypatch.setattr(torch.ops.sinkdlm, "sink_attention_fwd", lambda *a: called.append(a))
@@ -362,6 +377,16 @@ BAD = {
         r"query_padding_mask must be \(B, Lq\) = \(2, 5\)",
     ),
     "not a tensor": (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+    # Issue 19: True passed as 1.0, nan raised TypeError, 1e300 overflowed float32 to NaN.
+    "scale bool": (dict(scale=True), TypeError, r"scale must be a real number, got bool True"),
+    "scale str": (dict(scale="0.5"), TypeError, r"scale must be a real number, got str '0.5'"),
+    "scale nan": (dict(scale=float("nan")), ValueError, r"scale must be a finite number, got nan"),
+    "scale inf": (dict(scale=float("-inf")), ValueError, r"scale must be a finite number"),
+    "scale huge": (
+        dict(scale=1e300),
+        ValueError,
+        r"scale must be finite in torch.float32 \(the accumulation type of torch.float32\)",
+    ),
 }
 
 
@@ -378,6 +403,20 @@ def test_bad_input_raises_clearly(case):
             kwargs.pop("sink_v"),
             **kwargs,
         )
+
+
+def test_numpy_and_integer_scales_are_accepted():
+    """Issue 19: np.float32(0.25) was refused as "must be a finite float, got 0.25"."""
+    g = _good()
+    args = (g["q"], g["k"], g["v"], g["sink_k"], g["sink_v"])
+    want = sinkdlm.sink_attention(*args, scale=0.25)
+    for scale in (np.float32(0.25), np.float64(0.25)):
+        torch.testing.assert_close(sinkdlm.sink_attention(*args, scale=scale), want)
+    torch.testing.assert_close(
+        sinkdlm.sink_attention(*args, scale=np.int64(1)), sinkdlm.sink_attention(*args, scale=1.0)
+    )
+    q64, k64, v64 = (t.double() for t in args[:3])
+    sinkdlm.sink_attention(q64, k64, v64, scale=1e300)  # finite in float64: allowed
 
 
 def test_op_called_directly_checks_too():
@@ -513,10 +552,12 @@ def test_different_lengths_low_precision_and_composite(device, dtype):
     got = sinkdlm.sink_attention(*cast, **masks)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
-    composite = _sink_attention_composite(
-        *cast, None, masks["key_padding_mask"], 0.125, False, masks["query_padding_mask"]
+    composite, _ = sink_attention_composite(
+        *cast, None, masks["key_padding_mask"], masks["query_padding_mask"], 0.125
     )
     torch.testing.assert_close(composite.double().cpu(), want, atol=atol, rtol=rtol)
+    composed = sinkdlm.sink_attention(*cast, **masks, backend="composed")
+    torch.testing.assert_close(composed.double().cpu(), want, atol=atol, rtol=rtol)
 
 
 def test_opcheck_different_lengths():
@@ -533,3 +574,128 @@ def test_sink_attention_mask_for_separate_queries():
     assert sinkdlm.sink_attention_mask(3, query_length=2).all()
     with pytest.raises(ValueError, match="query_length must be"):
         sinkdlm.sink_attention_mask(3, query_length=-1)
+
+
+def test_reference_gradients_finite_for_an_all_padding_sequence():
+    """Issue 19: with no sink token, a fully padded batch row gave NaN in the reference's dv
+    (its forward was finite): every key of that row is masked, the softmax is 0/0."""
+    q, k, v, *_ = make_inputs(2, 2, 1, 4, 8, "none", False)
+    kpm = torch.tensor([[False] * 4, [True, True, False, True]])
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = sinkdlm.sink_attention_reference(q, k, v, key_padding_mask=kpm)
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g).all(), name
+        assert (g[0] == 0).all(), f"{name} of the all-padding row"
+
+
+@pytest.mark.parametrize("sink", ["none", "shared+logit", "per_batch", "logit"])
+def test_double_backward_matches_reference(sink):
+    """Issue 19: second-order gradients were silently zero (no autograd for the backward op)."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 6, 8, sink, True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam) if t is not None]
+
+    def second_order(fn):
+        out, lse = fn(q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True)
+        loss = (out**3).sum() + (lse * torch.linspace(-1, 1, lse.numel()).view_as(lse)).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+
+    got, want = second_order(sinkdlm.sink_attention), second_order(sinkdlm.sink_attention_reference)
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gradgradcheck():
+    q, k, v, sk, sv, lam, kpm = make_inputs(1, 2, 1, 4, 4, "shared+logit", True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam)]
+
+    def f(q, k, v, sk, sv, lam):
+        return sinkdlm.sink_attention(
+            q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+        )
+
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_double_backward_low_precision_keeps_dtypes():
+    q, k, v, *_ = make_inputs(1, 2, 2, 5, 8, "none", False, dtype=torch.bfloat16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    (g,) = torch.autograd.grad(sinkdlm.sink_attention(q, k, v).float().sum(), q, create_graph=True)
+    assert g.dtype == torch.bfloat16
+    (h,) = torch.autograd.grad(g.float().pow(2).sum(), k)
+    assert h.dtype == torch.bfloat16 and h.abs().sum() > 0
+
+
+def tile_spanning_padding(kind, B, L, seed):
+    """Key padding across the 512-key tiles: left padding reaching into the second tile (700
+    keys, or all of them for L <= 700: a sequence of padding only) next to a row with 3, or
+    holes in every tile (never periodic in 512, so a mask read without its tile offset shows)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "left":
+        pads = torch.tensor([min(L, 700), 3][:B])
+        return torch.arange(L)[None, :] >= pads[:, None]
+    return torch.rand(B, L, generator=g) < 0.7
+
+
+MULTI_TILE = [  # (L, padding, sink, dtype): float32 (BLAS tiles) on every combination
+    *itertools.product(
+        [513, 1100], ["left", "holes"], ["none", "per_batch", "shared+logit"], [torch.float32]
+    ),
+    (513, "holes", "shared+logit", torch.bfloat16),  # the bf16 GEMM tiles (avx512_bf16 CPUs)
+    (1100, "left", "per_batch", torch.bfloat16),
+    (1100, "holes", "shared+logit", torch.float64),
+]
+
+
+@pytest.mark.parametrize(
+    "L, padding, sink, dtype", MULTI_TILE, ids=lambda x: str(x).replace("torch.", "")
+)
+def test_lengths_past_one_key_tile(L, padding, sink, dtype):
+    """Issue 19: no test had L above the CPU kernel's 512-key tile, so the multi-tile path
+    (cross-tile rescaling, the tile offset of the padding mask) never ran under test. Forward,
+    lse and every gradient, with padding in several tiles."""
+    q, k, v, sk, sv, lam, _ = make_inputs(2, 2, 1, L, 32, sink, False, dtype=dtype, seed=L)
+    kpm = tile_spanning_padding(padding, 2, L, seed=L)
+    assert (~kpm[:, 512:]).any() and (~kpm[:, :512]).any()
+    check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@pytest.mark.parametrize("sink", ["logit", "shared+logit"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_minus_infinity_logit_sink(sink, dtype):
+    """Issue 19: a -inf logit sink without a sink token gave NaN in every row of the head (lse
+    too); the reference is finite. A float16 logit of -7e4 already rounds to -inf."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 9, 8, sink, True, dtype=dtype)
+    lam = lam.clone()
+    lam[1] = float("-inf")
+    lam[2] = torch.tensor(-7e4).to(dtype)  # -inf in float16
+    check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_runs_no_reference_code(device, dtype, monkeypatch):
+    """Issue 19: on CUDA, return_lse=True (and a logit sink) took the dense reference form, so
+    test_low_precision compared the reference with itself. Whatever a device runs for
+    sink_attention, forward and backward with the lse and a logit sink, it must not be that."""
+    reference_module = importlib.import_module("sinkdlm.ops.reference")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sink_attention ran the dense reference form")
+
+    for module in (reference_module, sink_attention_module):
+        for name in ("dense_sink_attention", "sink_attention_reference"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 33, 16, "shared+logit", True, dtype, device)
+    for t in (q, k, v, sk, sv, lam):
+        t.requires_grad_()
+    out, lse = sinkdlm.sink_attention(
+        q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+    )
+    (out.float().sum() + lse.sum()).backward()
+    assert q.grad is not None and lam.grad is not None

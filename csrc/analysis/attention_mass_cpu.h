@@ -3,15 +3,13 @@
 // Torch-free: raw pointers and element strides. Used by csrc/analysis/attention_mass_ops.cpp.
 #pragma once
 
-#include <cstdint>
-
 #include "analysis/attention_mass_params.h"
+#include "common/cpu_context.h"
 
 namespace sinkdlm {
 
-// Computes the (batch, head) pairs with flat index bh in [bh_begin, bh_end), so callers can split
-// the work across threads. Returns false (and writes nothing) if the parameters are inconsistent.
-template <typename T>
-bool attention_mass_cpu(const AttentionMassParams<T>& p, int64_t bh_begin, int64_t bh_end);
+// Computes every (batch, head), split across ctx's threads. Returns false (and writes nothing) if
+// the parameters are inconsistent.
+bool attention_mass_cpu(const AttentionMassParams& p, const CpuContext& ctx);
 
 }  // namespace sinkdlm

@@ -1,34 +1,108 @@
-// torch.ops.sinkdlm.attention_mass: schema and the CPU implementation.
+// torch.ops.sinkdlm.attention_mass: schema, argument checks and the CPU implementation.
 // The CUDA implementation is registered in attention_mass_ops_cuda.cpp.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "analysis/attention_mass_args.h"
 #include "analysis/attention_mass_cpu.h"
+#include "common/torch_interop.h"
 
 namespace sinkdlm {
+
+AttentionMassParams make_attention_mass_params(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& lse,
+                                               const std::optional<at::Tensor>& sink_k,
+                                               const std::optional<at::Tensor>& sink_logit,
+                                               const std::optional<at::Tensor>& key_padding_mask,
+                                               double scale, std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(q.dim() == 4, "attention_mass: q must be (B,H,L,D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "attention_mass: k must be (B,Hkv,L,D), got ", k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == L && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "attention_mass: k must be (B,Hkv,L,D) with H % Hkv == 0 for q ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "attention_mass: q must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && lse.scalar_type() == q.scalar_type(),
+              "attention_mass: k and lse must have q's dtype ", q.scalar_type(), ", got ",
+              k.scalar_type(), " and ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == L,
+              "attention_mass: lse must be (B,H,L) = (", B, ",", H, ",", L, "), got ", lse.sizes());
+  std::vector<const at::Tensor*> all = {&k, &lse};
+  if (sink_k.has_value()) {
+    const at::Tensor& sk = *sink_k;
+    TORCH_CHECK(sk.scalar_type() == q.scalar_type(), "attention_mass: sink_k dtype must be ",
+                q.scalar_type(), ", got ", sk.scalar_type());
+    const bool ok = (sk.dim() == 2 && sk.size(0) == Hkv && sk.size(1) == D) ||
+                    (sk.dim() == 3 && sk.size(0) == B && sk.size(1) == Hkv && sk.size(2) == D);
+    TORCH_CHECK(ok, "attention_mass: sink_k must be (Hkv,D) or (B,Hkv,D), got ", sk.sizes());
+    all.push_back(&sk);
+  }
+  if (sink_logit.has_value()) {
+    TORCH_CHECK(sink_logit->dim() == 1 && sink_logit->size(0) == H &&
+                    sink_logit->scalar_type() == q.scalar_type(),
+                "attention_mass: sink_logit must be (H,) of dtype ", q.scalar_type(), ", got ",
+                sink_logit->sizes(), " ", sink_logit->scalar_type());
+    all.push_back(&*sink_logit);
+  }
+  if (key_padding_mask.has_value()) {
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == L,
+                "attention_mass: key_padding_mask must be bool (B,L), got ",
+                key_padding_mask->sizes(), " ", key_padding_mask->scalar_type());
+    all.push_back(&*key_padding_mask);
+  }
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->device() == q.device(), "attention_mass: all tensors must be on q's device ",
+                q.device(), ", got one on ", t->device());
+  }
+
+  AttentionMassParams p;
+  p.dtype = kernel_dtype(q.scalar_type());
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.seq_len = L, p.head_dim = D, p.scale = scale;
+  p.q = q.data_ptr(), p.q_stride = strides4(q);
+  p.k = k.data_ptr(), p.k_stride = strides4(k);
+  keep.push_back(lse.contiguous());
+  p.lse = keep.back().data_ptr();
+  if (sink_k.has_value()) {
+    keep.push_back(sink_k->contiguous());
+    p.sink_k = keep.back().data_ptr();
+    p.sink_batch_stride = sink_k->dim() == 3 ? Hkv * D : 0;
+  }
+  if (sink_logit.has_value()) {
+    keep.push_back(sink_logit->contiguous());
+    p.sink_logit = keep.back().data_ptr();
+  }
+  if (key_padding_mask.has_value()) {
+    keep.push_back(key_padding_mask->contiguous());
+    p.key_padding_mask = keep.back().data_ptr<bool>();
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_mass_outputs(const at::Tensor& q,
+                                                          AttentionMassParams& p) {
+  at::Tensor mass = at::empty({p.batch, p.heads, p.seq_len}, q.options());
+  at::Tensor sink_mass = at::empty({p.batch, p.heads}, q.options());
+  p.mass = mass.data_ptr();
+  p.sink_mass = sink_mass.data_ptr();
+  return {mass, sink_mass};
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_mass_cpu_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_logit,
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  at::Tensor sk = check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask);
+  std::vector<at::Tensor> keep;
+  AttentionMassParams p =
+      make_attention_mass_params(q, k, lse, sink_k, sink_logit, key_padding_mask, scale, keep);
   TORCH_CHECK(q.device().is_cpu(), "attention_mass: CPU kernel got q on ", q.device());
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2);
-  at::Tensor mass = at::empty({B, H, L}, q.options());
-  at::Tensor sink_mass = at::empty({B, H}, q.options());
-  if (B * H == 0) return {mass, sink_mass};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_mass_cpu", [&] {
-    const auto p = attention_mass_params<scalar_t>(q, k, lse, sk, sink_logit, key_padding_mask,
-                                                   scale, mass, sink_mass);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      TORCH_CHECK(attention_mass_cpu(p, begin, end), "attention_mass: invalid parameters");
-    });
-  });
-  return {mass, sink_mass};
+  auto outputs = attention_mass_outputs(q, p);
+  if (p.batch * p.heads > 0)
+    TORCH_CHECK(attention_mass_cpu(p, torch_cpu_context()), "attention_mass: invalid parameters");
+  return outputs;
 }
 
 }  // namespace

@@ -1,7 +1,5 @@
 // CUDA registration of sinkdlm::attention_mass (schema in attention_mass_ops.cpp); the kernel is
 // the torch-free launcher in cuda/attention_mass.cu. Linked only into CUDA builds of torch.
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,17 +15,14 @@ std::tuple<at::Tensor, at::Tensor> attention_mass_cuda_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_logit,
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  at::Tensor sk = check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask);
+  std::vector<at::Tensor> keep;
+  AttentionMassParams p =
+      make_attention_mass_params(q, k, lse, sink_k, sink_logit, key_padding_mask, scale, keep);
   TORCH_CHECK(q.device().is_cuda(), "attention_mass: CUDA kernel got q on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor mass = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  at::Tensor sink_mass = at::empty({q.size(0), q.size(1)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_mass_cuda", [&] {
-    const auto p = attention_mass_params<scalar_t>(q, k, lse, sk, sink_logit, key_padding_mask,
-                                                   scale, mass, sink_mass);
-    C10_CUDA_CHECK(launch_attention_mass(p, c10::cuda::getCurrentCUDAStream().stream()));
-  });
-  return {mass, sink_mass};
+  auto outputs = attention_mass_outputs(q, p);
+  C10_CUDA_CHECK(attention_mass_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return outputs;
 }
 
 }  // namespace

@@ -4,31 +4,18 @@
 
 #include <cstdint>
 
+#include "../sink_attention/sink_attention_params.h"  // relative: cuda/ builds without csrc/
+
 namespace sinkdlm {
 
-// Shapes: q (B,H,L,D), k (B,Hkv,L,D), lse (B,H,L), optional sink_k (B,Hkv,D) (batch stride 0 when
-// shared), optional sink_logit (H), optional key_padding_mask (B,L) with true = real token.
+// dtype: float32 or float64 (the accumulation type, so sink_k and sink_logit have it too).
 // Outputs (contiguous): mass (B,H,L) and sink_mass (B,H): the softmax mass each key receives,
 // averaged over the S real query rows of each sequence (0 when S = 0); padded keys get 0.
-// sink_mass adds the key sink and the logit sink when both are given. Strides are in elements.
-template <typename T>
-struct AttentionMassParams {
-  const T* q = nullptr;
-  int64_t q_stride[4] = {0, 0, 0, 0};
-  const T* k = nullptr;
-  int64_t k_stride[4] = {0, 0, 0, 0};
-  const T* lse = nullptr;
-  int64_t lse_stride[3] = {0, 0, 0};
-  const T* sink_k = nullptr;
-  int64_t sink_k_stride[3] = {0, 0, 0};
-  const T* sink_logit = nullptr;
-  int64_t sink_logit_stride = 0;
-  const bool* key_padding_mask = nullptr;
-  int64_t mask_stride[2] = {0, 0};
-  T* mass = nullptr;
-  T* sink_mass = nullptr;
-  int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;
-  double scale = 1.0;
+// sink_mass adds the key sink and the logit sink when both are given.
+struct AttentionMassParams : AttentionScoreParams {
+  const void* lse = nullptr;  // the call's log-sum-exp (B,H,L), contiguous, dtype
+  void* mass = nullptr;
+  void* sink_mass = nullptr;
 };
 
 }  // namespace sinkdlm

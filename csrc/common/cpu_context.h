@@ -18,9 +18,11 @@ using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
                         const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                         int64_t ldc);
 
-// Runs fn(begin, end) over disjoint chunks covering [0, n), possibly in parallel.
-using ParallelFor =
-    std::function<void(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn)>;
+// Runs fn(begin, end) over disjoint chunks covering [0, n), possibly in parallel, each chunk of
+// at least `grain` items where n allows (at::parallel_for's grain_size: small work stays on one
+// thread).
+using ParallelFor = std::function<void(int64_t n, int64_t grain,
+                                       const std::function<void(int64_t begin, int64_t end)>& fn)>;
 
 struct CpuContext {
   ParallelFor parallel_for;
@@ -51,6 +53,6 @@ void reference_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 CpuContext make_cpu_context(ParallelFor parallel_for);
 
 // One-thread loop: for tests and tools.
-void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+void serial_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace sinkdlm

@@ -71,7 +71,7 @@ CpuContext make_cpu_context(ParallelFor parallel_for) {
   return ctx;
 }
 
-void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+void serial_for(int64_t n, int64_t /*grain*/, const std::function<void(int64_t, int64_t)>& fn) {
   if (n > 0) fn(0, n);
 }
 

@@ -1,6 +1,7 @@
 // Row-wise helpers for the softmax inner loops of CPU kernels. The float versions are
-// compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones),
-// so one binary runs everywhere and still uses the wide vectors where they exist.
+// compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (SINKDLM_TARGET_CLONES), so one binary runs everywhere and still uses the wide vectors where
+// they exist.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,7 @@ double exp_sub_sum(double* x, int64_t n, double m);
 // (so -inf entries give 0, not nan): the entropy's sum.
 float sum_exp(const float* x, int64_t n, float m, float* weighted = nullptr);
 
-// x[i] = exp(x[i] - m[i]) with one shift per element (the backward's P = exp(S - lse)).
+// x[i] = exp(x[i] - m), no sum (one row of the backward's P = exp(S - lse), m the row's lse).
 void exp_sub(float* x, int64_t n, float m);
 void exp_sub(double* x, int64_t n, double m);
 

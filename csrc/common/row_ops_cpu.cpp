@@ -3,14 +3,9 @@
 #include <limits>
 
 #include "common/row_ops.h"
+#include "common/target_clones.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // see SINKDLM_INLINE below
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SINKDLM_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define SINKDLM_CLONES
-#endif
 
 namespace sinkdlm::row {
 namespace {
@@ -80,7 +75,7 @@ inline float fast_exp(float x) {
 
 }  // namespace
 
-SINKDLM_CLONES float max(const float* x, int64_t n) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) float max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   if (n >= kLanes) {
@@ -100,7 +95,7 @@ double max(const double* x, int64_t n) {
   return m;
 }
 
-SINKDLM_CLONES float exp_sub_sum(float* x, int64_t n, float m) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) float exp_sub_sum(float* x, int64_t n, float m) {
   vfloat vs{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -124,7 +119,8 @@ double exp_sub_sum(double* x, int64_t n, double m) {
   return s;
 }
 
-SINKDLM_CLONES float sum_exp(const float* x, int64_t n, float m, float* weighted) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA)
+float sum_exp(const float* x, int64_t n, float m, float* weighted) {
   const vfloat lo = vfloat{} - 87.0f;
   vfloat vs{}, vw{};
   int64_t i = 0;
@@ -145,7 +141,7 @@ SINKDLM_CLONES float sum_exp(const float* x, int64_t n, float m, float* weighted
   return s;
 }
 
-SINKDLM_CLONES void exp_sub(float* x, int64_t n, float m) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) void exp_sub(float* x, int64_t n, float m) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) vstore(x + i, fast_exp(vload(x + i) - m));
   for (; i < n; ++i) x[i] = fast_exp(x[i] - m);
@@ -154,7 +150,7 @@ void exp_sub(double* x, int64_t n, double m) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - m);
 }
 
-SINKDLM_CLONES void scale(float* x, int64_t n, float a) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) void scale(float* x, int64_t n, float a) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
@@ -162,7 +158,8 @@ void scale(double* x, int64_t n, double a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
-SINKDLM_CLONES void softmax_grad(const float* p, float* dp, int64_t n, float delta) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA)
+void softmax_grad(const float* p, float* dp, int64_t n, float delta) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
 }
@@ -170,7 +167,7 @@ void softmax_grad(const double* p, double* dp, int64_t n, double delta) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
 }
 
-SINKDLM_CLONES float dot(const float* x, const float* y, int64_t n) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) float dot(const float* x, const float* y, int64_t n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
@@ -182,7 +179,7 @@ double dot(const double* x, const double* y, int64_t n) {
   return s;
 }
 
-SINKDLM_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_FMA) void axpy(float a, const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }

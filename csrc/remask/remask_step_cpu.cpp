@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <vector>
 
 #include "common/half.h"
 #include "common/row_ops.h"
+#include "common/target_clones.h"
 #include "remask/philox.h"
 
 namespace sinkdlm {
@@ -22,41 +22,43 @@ constexpr int64_t kChunk = 2048;
 
 inline float to_float(float value) { return value; }  // next to half.h's bfloat16/float16 ones
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SINKDLM_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SINKDLM_TARGET_CLONES
-#endif
-
 template <typename T>
 __attribute__((always_inline)) inline float convert_and_max_impl(const T* src, int64_t n,
-                                                                 float* out) {
+                                                                 float* out, int* has_nan) {
   float max = -kInf;
-#pragma omp simd reduction(max : max)
+  int nan = 0;
+#pragma omp simd reduction(max : max) reduction(| : nan)
   for (int64_t i = 0; i < n; ++i) {
     out[i] = to_float(src[i]);
     max = out[i] > max ? out[i] : max;
+    nan |= out[i] != out[i];
   }
+  *has_nan |= nan;
   return max;
 }
 
-// Converts a chunk to float32 into `out` and returns its max.
-SINKDLM_TARGET_CLONES float convert_and_max(const float* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+// Converts a chunk to float32 into `out` and returns its max (NaN entries skipped; `has_nan`
+// set when there is one).
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const float* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const float16* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const float16* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
-SINKDLM_TARGET_CLONES float convert_and_max(const bfloat16* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float convert_and_max(const bfloat16* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
 
-SINKDLM_TARGET_CLONES void scale(const float* values, int64_t n, float factor, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+void scale(const float* values, int64_t n, float factor, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = values[i] * factor;
 }
 
-SINKDLM_TARGET_CLONES float max_of(const float* values, int64_t n) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA) float max_of(const float* values, int64_t n) {
   float max = -kInf;
 #pragma omp simd reduction(max : max)
   for (int64_t i = 0; i < n; ++i) max = values[i] > max ? values[i] : max;
@@ -64,7 +66,8 @@ SINKDLM_TARGET_CLONES float max_of(const float* values, int64_t n) {
 }
 
 // Max over all entries but `skip`.
-SINKDLM_TARGET_CLONES float max_except(const float* values, int64_t n, int64_t skip) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+float max_except(const float* values, int64_t n, int64_t skip) {
   float max = -kInf;
 #pragma omp simd reduction(max : max)
   for (int64_t i = 0; i < n; ++i) {
@@ -117,8 +120,8 @@ inline Float8 log_positive8(Float8 x) {
 }
 
 // out[i] = philox::gumbel(seed, offset, b, l, v_start + i) for i < 32; v_start a multiple of 4.
-SINKDLM_TARGET_CLONES void gumbel32(uint64_t seed, uint32_t offset, int64_t b, int64_t l,
-                                    int64_t v_start, float* out) {
+SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
+void gumbel32(uint64_t seed, uint32_t offset, int64_t b, int64_t l, int64_t v_start, float* out) {
   Uint8 x = Uint8{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<uint32_t>(v_start >> 2);
   Uint8 y = Uint8{} + static_cast<uint32_t>(l);
   Uint8 z = Uint8{} + static_cast<uint32_t>(b);
@@ -193,11 +196,17 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
   // running_max).
   float running_max = -kInf;
   double sum = 0.0, weighted = 0.0;
+  // Non-finite logits (the rule the reference follows too): a NaN, or no logit above -inf,
+  // leaves the distribution undefined (confidence NaN: the op raises); +inf logits share all
+  // the probability (n_inf of them, 1 / n_inf each).
+  int has_nan = 0;
+  int64_t n_inf = 0;
 
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const T* src = row + start;
-    const float chunk_max = convert_and_max(src, n, logits);
+    const float chunk_max = convert_and_max(src, n, logits, &has_nan);
+    if (chunk_max == kInf) n_inf += std::count(logits, logits + n, kInf);
 
     const float* candidate_scores = logits;
     float score_max = chunk_max;
@@ -228,7 +237,8 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
       }
     }
 
-    if (need_softmax && chunk_max > -kInf) {  // an all -inf chunk adds nothing
+    // An all -inf chunk adds nothing; once a +inf is seen the sums are not needed.
+    if (need_softmax && n_inf == 0 && chunk_max > -kInf) {
       if (chunk_max > running_max) {
         if (sum > 0.0) {
           const double shift = static_cast<double>(running_max) - chunk_max;
@@ -249,36 +259,44 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
   }
 
   double confidence = 0.0;
-  switch (config.strategy) {
-    case Strategy::kLowConfidence:
-      confidence = std::exp(static_cast<double>(best_logit) - running_max) / sum;
-      break;
-    case Strategy::kMargin:
-      confidence = (std::exp(static_cast<double>(top1) - running_max) -
-                    std::exp(static_cast<double>(top2) - running_max)) /
-                   sum;
-      break;
-    case Strategy::kEntropy:
-      confidence = weighted / sum - std::log(sum);
-      break;
-    case Strategy::kRandom:
-      confidence = philox::position_uniform(config.seed, config.offset, b, l);
-      break;
+  if (has_nan || best_logit == -kInf) {
+    confidence = std::numeric_limits<double>::quiet_NaN();
+  } else if (n_inf > 0 && config.strategy != Strategy::kRandom) {
+    const double share = 1.0 / static_cast<double>(n_inf);
+    confidence = config.strategy == Strategy::kLowConfidence ? (best_logit == kInf ? share : 0.0)
+                 : config.strategy == Strategy::kMargin      ? (n_inf == 1 ? 1.0 : 0.0)
+                                                             : std::log(share);
+  } else {
+    switch (config.strategy) {
+      case Strategy::kLowConfidence:
+        confidence = std::exp(static_cast<double>(best_logit) - running_max) / sum;
+        break;
+      case Strategy::kMargin:
+        confidence = (std::exp(static_cast<double>(top1) - running_max) -
+                      std::exp(static_cast<double>(top2) - running_max)) /
+                     sum;
+        break;
+      case Strategy::kEntropy:
+        confidence = weighted / sum - std::log(sum);
+        break;
+      case Strategy::kRandom:
+        confidence = philox::position_uniform(config.seed, config.offset, b, l);
+        break;
+    }
   }
   return PositionResult{best_index, static_cast<float>(confidence)};
 }
 
 inline PositionResult scan_any(const RemaskStepParams& p, int64_t offset_elements,
                                const PositionConfig& config, int64_t b, int64_t l) {
-  switch (p.logits_type) {
-    case LogitsType::kFloat16:
+  switch (p.logits_dtype) {
+    case ScalarType::kFloat16:
       return scan_position(static_cast<const float16*>(p.logits) + offset_elements, p.vocab, config,
                            b, l);
-    case LogitsType::kBFloat16:
+    case ScalarType::kBFloat16:
       return scan_position(static_cast<const bfloat16*>(p.logits) + offset_elements, p.vocab,
                            config, b, l);
-    case LogitsType::kFloat32:
-    default:
+    default:  // float32 (float64 is not accepted)
       return scan_position(static_cast<const float*>(p.logits) + offset_elements, p.vocab, config,
                            b, l);
   }
@@ -289,13 +307,13 @@ struct Window {
 };
 
 inline Window row_window(const RemaskStepParams& p, int64_t b) {
-  if (p.window == nullptr) return Window{0, p.length};
+  if (p.window == nullptr) return Window{0, p.seq_len};
   return Window{p.window[2 * b], p.window[2 * b + 1]};
 }
 
 inline bool is_eligible(const RemaskStepParams& p, const Window& window, int64_t b, int64_t l) {
   return l >= window.start && l < window.end &&
-         p.x[b * p.x_stride_b + l * p.x_stride_l] == p.mask_id;
+         p.x[b * p.x_stride.b + l * p.x_stride.l] == p.mask_id;
 }
 
 int64_t grain_for(int64_t vocab) {
@@ -304,22 +322,22 @@ int64_t grain_for(int64_t vocab) {
 
 }  // namespace
 
-void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for) {
-  const int64_t length = p.length;
+void remask_step_cpu(const RemaskStepParams& p, const CpuContext& ctx) {
+  const int64_t seq_len = p.seq_len;
   const PositionConfig config{p.strategy, p.inv_temperature > 0.0f, p.inv_temperature, p.seed,
                               p.offset};
 
   // Pass 1, parallel over positions: eligible positions get their candidate (provisionally in
   // x_new) and confidence; the others keep their token and get -inf.
-  parallel_for(0, p.batch * length, grain_for(p.vocab), [&](int64_t begin, int64_t end) {
+  ctx.parallel_for(p.batch * seq_len, grain_for(p.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t position = begin; position < end; ++position) {
-      const int64_t b = position / length, l = position % length;
+      const int64_t b = position / seq_len, l = position % seq_len;
       if (!is_eligible(p, row_window(p, b), b, l)) {
-        p.x_new[position] = p.x[b * p.x_stride_b + l * p.x_stride_l];
+        p.x_new[position] = p.x[b * p.x_stride.b + l * p.x_stride.l];
         p.confidence[position] = -kInf;
         continue;
       }
-      const PositionResult result = scan_any(p, b * p.logits_stride_b + l * p.logits_stride_l,
+      const PositionResult result = scan_any(p, b * p.logits_stride.b + l * p.logits_stride.l,
                                              config, b, p.position_offset + l);
       p.x_new[position] = result.token;
       p.confidence[position] = result.confidence;
@@ -328,11 +346,11 @@ void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for)
 
   // Pass 2, parallel over rows: keep the k best-ranked candidates (and, with a threshold, every
   // candidate at least that confident); the other eligible positions stay masked.
-  parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  ctx.parallel_for(p.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
     for (int64_t b = begin; b < end; ++b) {
       const Window window = row_window(p, b);
-      const float* confidence = p.confidence + b * length;
+      const float* confidence = p.confidence + b * seq_len;
       keys.clear();
       for (int64_t l = window.start; l < window.end; ++l) {
         if (is_eligible(p, window, b, l)) keys.push_back(rank_key(confidence[l], l));
@@ -344,8 +362,8 @@ void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for)
         std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<>());
         cutoff = keys[k - 1];
       }
-      for (int64_t l = 0; l < length; ++l) {
-        const int64_t position = b * length + l;
+      for (int64_t l = 0; l < seq_len; ++l) {
+        const int64_t position = b * seq_len + l;
         const bool eligible_here = is_eligible(p, window, b, l);
         const bool pick = eligible_here && k > 0 &&
                           (rank_key(confidence[l], l) >= cutoff ||
@@ -357,12 +375,11 @@ void remask_step_cpu(const RemaskStepParams& p, const ParallelFor& parallel_for)
   });
 }
 
-void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_t length,
-                           int64_t vocab, float* gumbel, float* uniform,
-                           const ParallelFor& parallel_for) {
-  parallel_for(0, batch * length, grain_for(vocab), [&](int64_t begin, int64_t end) {
+void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_t seq_len,
+                           int64_t vocab, float* gumbel, float* uniform, const CpuContext& ctx) {
+  ctx.parallel_for(batch * seq_len, grain_for(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t position = begin; position < end; ++position) {
-      const int64_t b = position / length, l = position % length;
+      const int64_t b = position / seq_len, l = position % seq_len;
       if (gumbel != nullptr) gumbel_range(seed, offset, b, l, 0, vocab, gumbel + position * vocab);
       if (uniform != nullptr) uniform[position] = philox::position_uniform(seed, offset, b, l);
     }

@@ -6,27 +6,21 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 
+#include "common/cpu_context.h"
 #include "remask/remask_step_params.h"
 
 namespace sinkdlm {
 namespace remask {
 
-// parallel_for(begin, end, grain, body): run body(b0, b1) over disjoint sub-ranges covering
-// [begin, end). The torch op passes at::parallel_for, tests pass a serial loop.
-using ParallelFor =
-    std::function<void(int64_t, int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
-
 // Runs one remasking step. Arguments must already be validated (shapes, window inside [0, L],
 // mask_id inside the vocabulary, num_transfer >= 0).
-void remask_step_cpu(const RemaskStepParams& params, const ParallelFor& parallel_for);
+void remask_step_cpu(const RemaskStepParams& params, const CpuContext& ctx);
 
 // The noise remask_step_cpu draws, for references and tests: gumbel (B, L, V) and the
 // per-position uniform of the random strategy (B, L), both contiguous float32 (either may be null).
-void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_t length,
-                           int64_t vocab, float* gumbel, float* uniform,
-                           const ParallelFor& parallel_for);
+void remask_step_noise_cpu(uint64_t seed, uint32_t offset, int64_t batch, int64_t seq_len,
+                           int64_t vocab, float* gumbel, float* uniform, const CpuContext& ctx);
 
 }  // namespace remask
 }  // namespace sinkdlm

@@ -1,12 +1,12 @@
 // CUDA registration of sinkdlm::remask_step: the checks are shared with the CPU registration
-// (remask_step_ops.cpp), the kernels live in cuda/remask_step.cu.
+// (remask_step_args.h), the kernels live in cuda/remask_step.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "remask/remask_step_ops.h"
+#include "remask/remask_step_args.h"
 #include "remask_step.h"
 
 namespace sinkdlm {
@@ -19,12 +19,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
     std::optional<double> threshold, bool count_floor, int64_t seed, int64_t offset,
     int64_t position_offset) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  RemaskStepCall call =
-      prepare_remask_step(logits, x, mask_id, num_transfer, window, strategy, temperature,
-                          threshold, count_floor, seed, offset, position_offset);
-  const cudaError_t err = remask_step_cuda(call.params, c10::cuda::getCurrentCUDAStream().stream());
+  std::vector<at::Tensor> keep;
+  RemaskStepParams p =
+      make_remask_step_params(logits, x, mask_id, num_transfer, window, strategy, temperature,
+                              threshold, count_floor, seed, offset, position_offset, keep);
+  auto outputs = remask_step_outputs(x, p);
+  const cudaError_t err = remask_step_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "remask_step: CUDA launch failed: ", cudaGetErrorString(err));
-  return {call.x_new, call.transferred, call.confidence};
+  check_defined_distributions(std::get<2>(outputs));
+  return outputs;
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "../common/kernel_types.h"  // relative: cuda/ builds without csrc/ on its path
+
 namespace sinkdlm {
 namespace remask {
 
@@ -15,18 +17,16 @@ enum class Strategy : int32_t {
   kRandom = 3,         // uniform random number (Philox)
 };
 
-enum class LogitsType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 struct RemaskStepParams {
-  // logits (B, L, V): element (b, l, v) at logits + b * logits_stride_b + l * logits_stride_l + v
-  // (strides in elements; the vocabulary dimension must be contiguous).
+  ScalarType logits_dtype = ScalarType::kFloat32;  // float32, float16 or bfloat16
+  int64_t batch = 0, seq_len = 0, vocab = 0;
+  // logits (B, L, V): element (b, l, v) at logits + b * logits_stride.b + l * logits_stride.l + v
+  // (the vocabulary dimension must be contiguous).
   const void* logits = nullptr;
-  LogitsType logits_type = LogitsType::kFloat32;
-  int64_t batch = 0, length = 0, vocab = 0;
-  int64_t logits_stride_b = 0, logits_stride_l = 0;
+  Strides2 logits_stride;
   // x (B, L) int64 current tokens, any strides.
   const int64_t* x = nullptr;
-  int64_t x_stride_b = 0, x_stride_l = 0;
+  Strides2 x_stride;
   int64_t mask_id = 0;
   const int64_t* num_transfer = nullptr;  // (B,) contiguous
   const int64_t* window = nullptr;        // (B, 2) contiguous [start, end), or null = whole row

@@ -1,48 +1,20 @@
 // torch.ops.sinkdlm.sink_attention_{fwd,bwd}: schema, argument checks and the CPU impl.
 // The Python wrapper (sinkdlm/sink_attention.py) validates arguments with friendlier
 // messages and adds autograd and fake kernels; these checks guard direct callers of the op.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <tuple>
 
-#include "common/cpu_context.h"
+#include "common/torch_interop.h"
+#include "sink_attention/sink_attention_args.h"
 #include "sink_attention/sink_attention_cpu.h"
 
 namespace sinkdlm {
 namespace {
 
-ScalarType to_core(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ScalarType::kFloat32;
-    case at::kDouble:
-      return ScalarType::kFloat64;
-    case at::kHalf:
-      return ScalarType::kFloat16;
-    case at::kBFloat16:
-      return ScalarType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "sink_attention: q must be float32, float64, float16 or bfloat16, got ",
-                  t);
-  }
-}
-
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-Strides4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-const CpuContext& torch_cpu_context() {
-  static const CpuContext ctx =
-      make_cpu_context([](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-        at::parallel_for(0, n, 1, fn);
-      });
-  return ctx;
-}
 
 void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "sink_attention: ", name, " must have q's dtype ",
@@ -51,15 +23,16 @@ void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
               ", got ", t.device());
 }
 
-// Checks shapes and returns the problem with the small side inputs converted to the
-// accumulation type (their owners are kept alive in `keep`).
-SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const std::optional<at::Tensor>& sink_k,
-                                  const std::optional<at::Tensor>& sink_v,
-                                  const std::optional<at::Tensor>& sink_logit,
-                                  const std::optional<at::Tensor>& key_padding_mask,
-                                  const std::optional<at::Tensor>& query_padding_mask, double scale,
-                                  std::vector<at::Tensor>& keep) {
+}  // namespace
+
+SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v,
+                                               const std::optional<at::Tensor>& sink_k,
+                                               const std::optional<at::Tensor>& sink_v,
+                                               const std::optional<at::Tensor>& sink_logit,
+                                               const std::optional<at::Tensor>& key_padding_mask,
+                                               const std::optional<at::Tensor>& query_padding_mask,
+                                               double scale, std::vector<at::Tensor>& keep) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "sink_attention: q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ", k.sizes(),
               ", ", v.sizes());
@@ -72,10 +45,13 @@ SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
               "sink_attention: k must be (B, Hkv, Lk, D) with H % Hkv == 0 for q ", q.sizes(),
               ", got ", k.sizes());
-  const at::ScalarType acc = acc_type(q.scalar_type());
-  SinkAttentionProblem p{};
-  p.dtype = to_core(q.scalar_type());
-  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.kv_len = Lk, p.head_dim = D;
+  const at::ScalarType dtype = q.scalar_type(), acc = acc_type(dtype);
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "sink_attention: q must be float32, float64, float16 or bfloat16, got ", dtype);
+  SinkAttentionParams p;
+  p.dtype = kernel_dtype(dtype);
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.seq_len = Lq, p.kv_seq_len = Lk, p.head_dim = D;
   p.scale = scale;
   p.q = q.data_ptr(), p.q_stride = strides4(q);
   p.k = k.data_ptr(), p.k_stride = strides4(k);
@@ -119,46 +95,51 @@ SinkAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, cons
     return keep.back().data_ptr<bool>();
   };
   p.key_padding_mask = padding(key_padding_mask, Lk, "key_padding_mask");
-  p.query_padding_mask = padding(query_padding_mask, Lq, "query_padding_mask");
+  p.query_padding_mask = query_padding_mask ? padding(query_padding_mask, Lq, "query_padding_mask")
+                         : Lq == Lk         ? p.key_padding_mask
+                                            : nullptr;
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_op(
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, double scale) {
   std::vector<at::Tensor> keep;
-  const SinkAttentionProblem p = make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
-                                              query_padding_mask, scale, keep);
+  SinkAttentionParams p = make_sink_attention_params(
+      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse =
-      at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(acc_type(q.scalar_type())));
-  if (out.numel() > 0)
-    sink_attention_fwd_cpu(p, out.data_ptr(), lse.data_ptr(), torch_cpu_context());
+      at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(acc_type(q.scalar_type())));
+  p.out = out.data_ptr(), p.out_stride = strides4(out);
+  p.lse = lse.data_ptr();
+  if (out.numel() > 0) sink_attention_fwd_cpu(p, torch_cpu_context());
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
-                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& sink_k,
-                          const std::optional<at::Tensor>& sink_v,
-                          const std::optional<at::Tensor>& sink_logit,
-                          const std::optional<at::Tensor>& key_padding_mask,
-                          const std::optional<at::Tensor>& query_padding_mask,
-                          const at::Tensor& out, const at::Tensor& lse, double scale) {
+sink_attention_bwd_cpu_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& sink_k,
+                            const std::optional<at::Tensor>& sink_v,
+                            const std::optional<at::Tensor>& sink_logit,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& query_padding_mask,
+                            const at::Tensor& out, const at::Tensor& lse, double scale) {
   std::vector<at::Tensor> keep;
-  const SinkAttentionProblem p = make_problem(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
-                                              query_padding_mask, scale, keep);
+  SinkAttentionBwdParams p{make_sink_attention_params(
+      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep)};
   const at::ScalarType acc = acc_type(q.scalar_type());
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
   check_same(grad_out, q, "grad_out");
   check_same(out, q, "out");
-  TORCH_CHECK(
-      lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.q_len,
-      "sink_attention_bwd: lse must be (B, H, Lq), got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
+                  lse.size(2) == p.seq_len,
+              "sink_attention_bwd: lse must be (B, H, Lq), got ", lse.sizes());
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor dlse_acc;
   if (grad_lse) {
@@ -175,16 +156,15 @@ sink_attention_bwd_cpu_op(const at::Tensor& grad_out, const std::optional<at::Te
   at::Tensor dsink_logit =
       sink_logit ? at::empty({p.heads}, acc_opts) : at::empty({0}, q.options());
   if (q.numel() > 0) {
-    SinkAttentionGrads g{};
-    g.dout = grad_out.data_ptr(), g.dout_stride = strides4(grad_out);
-    g.out = out.data_ptr(), g.out_stride = strides4(out);
-    g.lse = lse_acc.data_ptr();
-    g.dlse = grad_lse ? dlse_acc.data_ptr() : nullptr;
-    g.dq = dq.data_ptr(), g.dk = dk.data_ptr(), g.dv = dv.data_ptr();
-    g.dsink_k = sink_k ? dsink_k.data_ptr() : nullptr;
-    g.dsink_v = sink_v ? dsink_v.data_ptr() : nullptr;
-    g.dsink_logit = sink_logit ? dsink_logit.data_ptr() : nullptr;
-    sink_attention_bwd_cpu(p, g, torch_cpu_context());
+    p.out = out.data_ptr(), p.out_stride = strides4(out);
+    p.lse = lse_acc.data_ptr();
+    p.dout = grad_out.data_ptr(), p.dout_stride = strides4(grad_out);
+    p.dlse = grad_lse ? dlse_acc.data_ptr() : nullptr;
+    p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+    p.dsink_k = sink_k ? dsink_k.data_ptr() : nullptr;
+    p.dsink_v = sink_v ? dsink_v.data_ptr() : nullptr;
+    p.dsink_logit = sink_logit ? dsink_logit.data_ptr() : nullptr;
+    sink_attention_bwd_cpu(p, torch_cpu_context());
   } else {
     dq.zero_(), dk.zero_(), dv.zero_(), dsink_k.zero_(), dsink_v.zero_(), dsink_logit.zero_();
   }
@@ -211,8 +191,8 @@ TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
 }
 
 TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {
-  m.impl("sink_attention_fwd", &sink_attention_fwd_cpu_op);
-  m.impl("sink_attention_bwd", &sink_attention_bwd_cpu_op);
+  m.impl("sink_attention_fwd", &sink_attention_fwd_cpu_impl);
+  m.impl("sink_attention_bwd", &sink_attention_bwd_cpu_impl);
 }
 
 }  // namespace sinkdlm

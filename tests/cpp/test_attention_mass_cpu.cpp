@@ -3,13 +3,22 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "analysis/attention_mass_cpu.h"
 
 namespace {
+
+// Two calls over disjoint (batch, head) ranges, as a threaded host makes.
+const sinkdlm::CpuContext kTwoChunks = sinkdlm::make_cpu_context(
+    [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+      fn(0, n / 2);
+      fn(n / 2, n);
+    });
 
 struct Case {
   int64_t B, H, Hkv, L, D;
@@ -83,26 +92,20 @@ void run_case(const Case& c, double tol) {
   for (size_t i = 0; i < mask.size(); ++i) mask_b[i] = mask[i] != 0;
   std::vector<T> mass(c.B * c.H * L, T(-7)), sink_mass(c.B * c.H, T(-7));  // poisoned
 
-  sinkdlm::AttentionMassParams<T> p;
-  p.q = qt.data();
-  p.q_stride[0] = c.H * L * D, p.q_stride[1] = L * D, p.q_stride[2] = D, p.q_stride[3] = 1;
-  p.k = kt.data();
-  p.k_stride[0] = c.Hkv * L * D, p.k_stride[1] = L * D, p.k_stride[2] = D, p.k_stride[3] = 1;
-  p.lse = lset.data();
-  p.lse_stride[0] = c.H * L, p.lse_stride[1] = L, p.lse_stride[2] = 1;
-  if (c.sink_k) {
-    p.sink_k = skt.data();
-    p.sink_k_stride[0] = 0, p.sink_k_stride[1] = D, p.sink_k_stride[2] = 1;
-  }
-  if (c.sink_logit) p.sink_logit = slt.data(), p.sink_logit_stride = 1;
-  if (c.padding) p.key_padding_mask = mask_b.get(), p.mask_stride[0] = L, p.mask_stride[1] = 1;
-  p.mass = mass.data();
-  p.sink_mass = sink_mass.data();
+  sinkdlm::AttentionMassParams p;
+  p.dtype =
+      std::is_same_v<T, double> ? sinkdlm::ScalarType::kFloat64 : sinkdlm::ScalarType::kFloat32;
   p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = L, p.head_dim = D;
   p.scale = scale;
-  // Two calls over disjoint (batch, head) ranges, as the threaded caller does.
-  ASSERT_TRUE(sinkdlm::attention_mass_cpu(p, 0, c.B * c.H / 2));
-  ASSERT_TRUE(sinkdlm::attention_mass_cpu(p, c.B * c.H / 2, c.B * c.H));
+  p.q = qt.data(), p.q_stride = {c.H * L * D, L * D, D, 1};
+  p.k = kt.data(), p.k_stride = {c.Hkv * L * D, L * D, D, 1};
+  p.lse = lset.data();
+  if (c.sink_k) p.sink_k = skt.data(), p.sink_batch_stride = 0;  // one sink for the batch
+  if (c.sink_logit) p.sink_logit = slt.data();
+  if (c.padding) p.key_padding_mask = mask_b.get();
+  p.mass = mass.data();
+  p.sink_mass = sink_mass.data();
+  ASSERT_TRUE(sinkdlm::attention_mass_cpu(p, kTwoChunks));
   for (size_t i = 0; i < mass.size(); ++i) EXPECT_NEAR(mass[i], want[i], tol) << "key " << i;
   for (size_t i = 0; i < sink_mass.size(); ++i)
     EXPECT_NEAR(sink_mass[i], want_sink[i], tol) << "sink " << i;
@@ -120,12 +123,12 @@ TEST(AttentionMassCpu, MatchesDenseFloat32) {
 }
 
 TEST(AttentionMassCpu, RejectsInconsistentHeads) {
-  sinkdlm::AttentionMassParams<float> p;
+  sinkdlm::AttentionMassParams p;
   float x = 0;
   p.q = p.k = p.lse = &x;
   p.mass = p.sink_mass = &x;
   p.batch = 1, p.heads = 3, p.kv_heads = 2, p.seq_len = 1, p.head_dim = 1;
-  EXPECT_FALSE(sinkdlm::attention_mass_cpu(p, 0, 3));
+  EXPECT_FALSE(sinkdlm::attention_mass_cpu(p, kTwoChunks));
 }
 
 }  // namespace

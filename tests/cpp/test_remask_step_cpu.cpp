@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "common/cpu_context.h"
 #include "remask/philox.h"
 #include "remask/remask_step_cpu.h"
 
@@ -18,13 +19,10 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-void serial_for(int64_t begin, int64_t end, int64_t,
-                const std::function<void(int64_t, int64_t)>& body) {
-  body(begin, end);
-}
+const CpuContext kSerial = make_cpu_context(serial_for);
 
 struct Case {
-  int64_t batch, length, vocab;
+  int64_t batch, seq_len, vocab;
   Strategy strategy;
   float temperature;
   bool has_threshold;
@@ -43,7 +41,7 @@ struct Outputs {
 Outputs expected(const Case& c, const std::vector<float>& logits, const std::vector<int64_t>& x,
                  int64_t mask_id, const std::vector<int64_t>& num_transfer,
                  const std::vector<int64_t>& window, uint64_t seed, uint32_t offset) {
-  const int64_t B = c.batch, L = c.length, V = c.vocab;
+  const int64_t B = c.batch, L = c.seq_len, V = c.vocab;
   Outputs out{x, std::vector<uint8_t>(B * L, 0), std::vector<float>(B * L, -kInf)};
   const float inv_t = c.temperature > 0 ? static_cast<float>(1.0 / c.temperature) : 0.0f;
   std::vector<int64_t> candidate(B * L);
@@ -104,7 +102,7 @@ Outputs expected(const Case& c, const std::vector<float>& logits, const std::vec
 }
 
 void run_case(const Case& c, uint32_t rng_seed) {
-  const int64_t B = c.batch, L = c.length, V = c.vocab, mask_id = V - 1;
+  const int64_t B = c.batch, L = c.seq_len, V = c.vocab, mask_id = V - 1;
   std::mt19937 rng(rng_seed);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::vector<float> logits(B * L * V);
@@ -121,11 +119,10 @@ void run_case(const Case& c, uint32_t rng_seed) {
   const uint32_t offset = 7;
 
   RemaskStepParams p;
-  p.logits = logits.data();
-  p.logits_type = LogitsType::kFloat32;
-  p.batch = B, p.length = L, p.vocab = V;
-  p.logits_stride_b = L * V, p.logits_stride_l = V;
-  p.x = x.data(), p.x_stride_b = L, p.x_stride_l = 1;
+  p.logits_dtype = ScalarType::kFloat32;
+  p.batch = B, p.seq_len = L, p.vocab = V;
+  p.logits = logits.data(), p.logits_stride = {L * V, V};
+  p.x = x.data(), p.x_stride = {L, 1};
   p.mask_id = mask_id;
   p.num_transfer = num_transfer.data();
   p.window = c.with_window ? window.data() : nullptr;
@@ -138,7 +135,7 @@ void run_case(const Case& c, uint32_t rng_seed) {
   std::memset(transferred, 1, B * L);
   std::vector<float> confidence(B * L, std::nanf(""));
   p.x_new = x_new.data(), p.transferred = transferred, p.confidence = confidence.data();
-  remask_step_cpu(p, serial_for);
+  remask_step_cpu(p, kSerial);
 
   const Outputs want = expected(c, logits, x, mask_id, num_transfer, window, seed, offset);
   for (int64_t i = 0; i < B * L; ++i) {
@@ -189,12 +186,13 @@ TEST(RemaskStepCpu, TiesPickLowerTokenAndLowerPosition) {
   bool transferred[L];
   std::vector<float> confidence(L);
   RemaskStepParams p;
-  p.logits = logits.data(), p.logits_type = LogitsType::kBFloat16;
-  p.batch = B, p.length = L, p.vocab = V, p.logits_stride_b = L * V, p.logits_stride_l = V;
-  p.x = x.data(), p.x_stride_b = L, p.x_stride_l = 1, p.mask_id = mask_id;
+  p.logits_dtype = ScalarType::kBFloat16;
+  p.batch = B, p.seq_len = L, p.vocab = V;
+  p.logits = logits.data(), p.logits_stride = {L * V, V};
+  p.x = x.data(), p.x_stride = {L, 1}, p.mask_id = mask_id;
   p.num_transfer = num_transfer.data();
   p.x_new = x_new.data(), p.transferred = transferred, p.confidence = confidence.data();
-  remask_step_cpu(p, serial_for);
+  remask_step_cpu(p, kSerial);
   const std::vector<int64_t> want{3, 4, 3, mask_id, mask_id, mask_id};
   EXPECT_EQ(x_new, want);
   const double e = std::exp(1.0), p_top = e / (2 * e + 8);
@@ -204,12 +202,12 @@ TEST(RemaskStepCpu, TiesPickLowerTokenAndLowerPosition) {
 
 TEST(RemaskStepCpu, NoiseIsAPureFunctionOfItsCounter) {
   std::vector<float> gumbel(2 * 3 * 5), uniform(2 * 3);
-  remask_step_noise_cpu(42, 3, 2, 3, 5, gumbel.data(), uniform.data(), serial_for);
+  remask_step_noise_cpu(42, 3, 2, 3, 5, gumbel.data(), uniform.data(), kSerial);
   EXPECT_EQ(gumbel[(1 * 3 + 2) * 5 + 4], philox::gumbel(42, 3, 1, 2, 4));
   EXPECT_EQ(uniform[1 * 3 + 2], philox::position_uniform(42, 3, 1, 2));
   // The vectorised noise (32 entries at a time) has the scalar noise's bits.
   std::vector<float> wide(2 * 3 * 101);
-  remask_step_noise_cpu(0xFEEDFACECAFEBEEFull, 9, 2, 3, 101, wide.data(), nullptr, serial_for);
+  remask_step_noise_cpu(0xFEEDFACECAFEBEEFull, 9, 2, 3, 101, wide.data(), nullptr, kSerial);
   for (int64_t i = 0; i < 2 * 3 * 101; ++i) {
     const float scalar = philox::gumbel(0xFEEDFACECAFEBEEFull, 9, i / 303, (i / 101) % 3, i % 101);
     ASSERT_EQ(wide[i], scalar) << "entry " << i;

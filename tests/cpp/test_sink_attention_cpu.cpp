@@ -134,6 +134,17 @@ std::vector<double> uncast(const std::vector<T>& x) {
   return y;
 }
 
+// x laid out with strides s, as a contiguous (B, H, L, D).
+std::vector<double> contiguous(const std::vector<double>& x, const Config& c, const Strides4& s) {
+  std::vector<double> y(c.B * c.H * c.L * c.D);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t i = 0; i < c.L; ++i)
+        for (int64_t d = 0; d < c.D; ++d)
+          y[((b * c.H + h) * c.L + i) * c.D + d] = x[at(s, b, h, i, d)];
+  return y;
+}
+
 void expect_close(const std::vector<double>& got, const std::vector<double>& want, double tol,
                   const char* what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -173,9 +184,10 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
 
   const auto qt = cast<T>(q), kt = cast<T>(k), vt = cast<T>(v), dot = cast<T>(dout);
   const auto ska = cast<A>(sk), sva = cast<A>(sv), lama = cast<A>(lam);
-  SinkAttentionProblem p{};
+  SinkAttentionParams p;
   p.dtype = dtype;
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.q_len = p.kv_len = c.L, p.head_dim = c.D;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = p.kv_seq_len = c.L;
+  p.head_dim = c.D;
   p.scale = scale;
   p.q = qt.data(), p.q_stride = layout(c, c.H);
   p.k = kt.data(), p.k_stride = layout(c, c.Hkv);
@@ -195,18 +207,20 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   CpuContext ctx = make_cpu_context(serial_for);
   if (bf16_gemm == Bf16Gemm::kNone) ctx.bf16 = nullptr;
   if (bf16_gemm == Bf16Gemm::kPortable) ctx.bf16 = &bf16::portable_kernels();
-  sink_attention_fwd_cpu(p, out.data(), lse.data(), ctx);
-  expect_close(uncast(out), want.out, tol, "out");
+  // Transposed configs also write out as (B, L, H, D), which the backward then reads.
+  const Strides4 out_stride = layout(c, c.H);
+  p.out = out.data(), p.out_stride = out_stride;
+  p.lse = lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  expect_close(contiguous(uncast(out), c, out_stride), want.out, tol, "out");
   expect_close(uncast(lse), want.lse, tol, "lse");
 
-  SinkAttentionGrads g{};
+  SinkAttentionBwdParams g{p};
   g.dout = dot.data(), g.dout_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
-  g.out = out.data(), g.out_stride = {c.H * c.L * c.D, c.L * c.D, c.D, 1};
-  g.lse = lse.data();
   g.dq = dq.data(), g.dk = dk.data(), g.dv = dv.data();
   if (c.sink_token) g.dsink_k = dsk.data(), g.dsink_v = dsv.data();
   if (c.sink_logit) g.dsink_logit = dlam.data();
-  sink_attention_bwd_cpu(p, g, ctx);
+  sink_attention_bwd_cpu(g, ctx);
   expect_close(uncast(dq), want.dq, tol, "dq");
   expect_close(uncast(dk), want.dk, tol, "dk");
   expect_close(uncast(dv), want.dv, tol, "dv");
@@ -238,30 +252,63 @@ TEST_P(SinkAttentionCpu, Float16MatchesNaive) {
   run<float16>(GetParam(), ScalarType::kFloat16, 5e-3);
 }
 
-// L = 1, L not a multiple of the 64 x 256 tiles, L spanning several key tiles; GQA and MQA;
-// every sink form; padding; transposed (B, L, H, D) inputs; an odd head dim.
-INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
-                         ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
-                                           Config{2, 4, 2, 7, 16, true, false, true, true, false},
-                                           Config{1, 2, 1, 65, 32, false, false, true, false, true},
-                                           Config{3, 4, 4, 33, 80, true, true, true, true, true},
-                                           Config{2, 8, 2, 300, 64, true, false, false, true,
-                                                  false},
-                                           Config{1, 2, 2, 257, 8, false, false, false, true, true},
-                                           Config{2, 4, 1, 70, 24, true, true, true, false, false},
-                                           Config{1, 2, 1, 37, 5, true, false, true, true, true}),
-                         [](const ::testing::TestParamInfo<Config>& info) {
-                           const Config& c = info.param;
-                           std::string name = "B" + std::to_string(c.B) + "_H" +
-                                              std::to_string(c.H) + "_Hkv" + std::to_string(c.Hkv) +
-                                              "_L" + std::to_string(c.L) + "_D" +
-                                              std::to_string(c.D);
-                           if (c.sink_token) name += c.shared_sink ? "_sharedsink" : "_batchsink";
-                           if (c.sink_logit) name += "_logit";
-                           if (c.padding) name += "_pad";
-                           if (c.transposed) name += "_strided";
-                           return name;
-                         });
+// L = 1, L not a multiple of the 64- and 256-row query tiles, L past the 512-key tile (513: a
+// second tile of one key; 1100: three tiles), padded keys in every tile (the mask's period 3 is
+// no divisor of 512, so a mask read without the tile offset shows); GQA and MQA; every sink
+// form; padding; transposed (B, L, H, D) inputs; an odd head dim.
+INSTANTIATE_TEST_SUITE_P(
+    Grid, SinkAttentionCpu,
+    ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
+                      Config{2, 4, 2, 7, 16, true, false, true, true, false},
+                      Config{1, 2, 1, 65, 32, false, false, true, false, true},
+                      Config{3, 4, 4, 33, 80, true, true, true, true, true},
+                      Config{2, 8, 2, 300, 64, true, false, false, true, false},
+                      Config{1, 2, 2, 257, 8, false, false, false, true, true},
+                      Config{2, 4, 1, 70, 24, true, true, true, false, false},
+                      Config{1, 2, 1, 37, 5, true, false, true, true, true},
+                      Config{2, 4, 2, 513, 16, true, false, true, true, false},
+                      Config{1, 2, 1, 1100, 16, false, false, false, true, true},
+                      Config{1, 2, 2, 1100, 8, true, true, true, true, false}),
+    [](const ::testing::TestParamInfo<Config>& info) {
+      const Config& c = info.param;
+      std::string name = "B" + std::to_string(c.B) + "_H" + std::to_string(c.H) + "_Hkv" +
+                         std::to_string(c.Hkv) + "_L" + std::to_string(c.L) + "_D" +
+                         std::to_string(c.D);
+      if (c.sink_token) name += c.shared_sink ? "_sharedsink" : "_batchsink";
+      if (c.sink_logit) name += "_logit";
+      if (c.padding) name += "_pad";
+      if (c.transposed) name += "_strided";
+      return name;
+    });
+
+// A -inf logit sink (a float16 logit of -7e4 rounds to it) adds nothing: with no sink token the
+// result is plain attention, finite, lse included (it was NaN in every row of the head).
+TEST(SinkAttentionCpuEdge, MinusInfinityLogitSinkAddsNothing) {
+  const int64_t L = 5, D = 4;
+  std::vector<float> q(L * D), k(L * D), v(L * D);
+  for (int64_t i = 0; i < L * D; ++i) {
+    q[i] = std::sin(0.7f * i), k[i] = std::cos(0.3f * i), v[i] = 0.1f * (i % 7) - 0.2f;
+  }
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  const Strides4 dense{L * D, L * D, D, 1};
+  SinkAttentionParams p;
+  p.dtype = ScalarType::kFloat32;
+  p.batch = 1, p.heads = 1, p.kv_heads = 1, p.seq_len = p.kv_seq_len = L, p.head_dim = D;
+  p.scale = 0.5;
+  p.q = q.data(), p.q_stride = dense;
+  p.k = k.data(), p.k_stride = dense;
+  p.v = v.data(), p.v_stride = dense;
+  p.out_stride = dense;
+  const CpuContext ctx = make_cpu_context(serial_for);
+  std::vector<float> plain(L * D), plain_lse(L), out(L * D, NAN), lse(L, NAN);
+  p.out = plain.data(), p.lse = plain_lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  p.sink_logit = &minus_inf;
+  p.out = out.data(), p.lse = lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  for (int64_t i = 0; i < L * D; ++i) ASSERT_EQ(out[i], plain[i]) << "out at " << i;
+  for (int64_t i = 0; i < L; ++i) ASSERT_EQ(lse[i], plain_lse[i]) << "lse at " << i;
+}
 
 TEST(HalfConversion, RoundTripsAndRounds) {
   for (float x : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f, 3.14159f}) {
@@ -289,6 +336,54 @@ TEST(ReferenceGemm, MatchesBlasConventions) {
       double acc = 0;
       for (int64_t p = 0; p < k; ++p) acc += a[p * lda + i] * b[j * ldb + p];
       EXPECT_DOUBLE_EQ(c[i * ldc + j], 2.0 * acc + 0.5 * c0[i * ldc + j]);
+    }
+}
+
+TEST(SinkAttentionCpuEdge, FewerQueriesThanKeysAreTheWholeSequencesRows) {
+  // Queries [a, a + n) of a sequence over all of its L keys (a block's queries over cached keys)
+  // give the rows [a, a + n) of the whole sequence's attention, forward and dq, in float64.
+  const int64_t L = 600, D = 16, H = 2, Hkv = 1, a = 530, n = 40;
+  std::mt19937 rng(5);
+  std::normal_distribution<double> normal;
+  std::vector<double> q(H * L * D), k(Hkv * L * D), v(Hkv * L * D), dout(H * L * D);
+  for (auto* x : {&q, &k, &v, &dout})
+    for (double& e : *x) e = normal(rng);
+  std::vector<double> sk(Hkv * D), sv(Hkv * D);
+  for (double& e : sk) e = normal(rng);
+  for (double& e : sv) e = normal(rng);
+  std::unique_ptr<bool[]> keys(new bool[L]);
+  for (int64_t j = 0; j < L; ++j) keys[j] = j >= 7;  // left padding
+  const CpuContext ctx = make_cpu_context(serial_for);
+  const auto run = [&](int64_t first, int64_t rows, std::vector<double>& out,
+                       std::vector<double>& lse, std::vector<double>& dq) {
+    SinkAttentionBwdParams p;
+    p.dtype = ScalarType::kFloat64;
+    p.batch = 1, p.heads = H, p.kv_heads = Hkv, p.seq_len = rows, p.kv_seq_len = L, p.head_dim = D;
+    p.scale = 0.25;
+    p.q = q.data() + first * D, p.q_stride = {H * L * D, L * D, D, 1};
+    p.k = k.data(), p.k_stride = {Hkv * L * D, L * D, D, 1};
+    p.v = v.data(), p.v_stride = p.k_stride;
+    p.sink_k = sk.data(), p.sink_v = sv.data();
+    p.key_padding_mask = keys.get();
+    out.assign(H * rows * D, NAN), lse.assign(H * rows, NAN), dq.assign(H * rows * D, NAN);
+    p.out = out.data(), p.out_stride = {H * rows * D, rows * D, D, 1}, p.lse = lse.data();
+    sink_attention_fwd_cpu(p, ctx);
+    std::vector<double> dk(Hkv * L * D), dv(Hkv * L * D), dsk(Hkv * D), dsv(Hkv * D);
+    p.dout = dout.data() + first * D, p.dout_stride = p.q_stride;
+    p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data(), p.dsink_k = dsk.data();
+    p.dsink_v = dsv.data();
+    sink_attention_bwd_cpu(p, ctx);
+  };
+  std::vector<double> out, lse, dq, block_out, block_lse, block_dq;
+  run(0, L, out, lse, dq);
+  run(a, n, block_out, block_lse, block_dq);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_NEAR(block_lse[h * n + i], lse[h * L + a + i], 1e-12);
+      for (int64_t d = 0; d < D; ++d) {
+        EXPECT_NEAR(block_out[(h * n + i) * D + d], out[(h * L + a + i) * D + d], 1e-12);
+        EXPECT_NEAR(block_dq[(h * n + i) * D + d], dq[(h * L + a + i) * D + d], 1e-12);
+      }
     }
 }
 

@@ -6,13 +6,20 @@ attention_mask, position_ids, past_key_value, output_attentions, use_cache, cach
 position_embeddings)`` applies rotary from ``position_embeddings`` and calls SDPA itself with the
 caller's (B, 1, L, L) mask and is_causal=False; ``DreamBaseModel`` passes the mask through
 unchanged; ``DreamModel`` returns MaskedLMOutput logits.
+
+Also as in the public copies (written for transformers 4.4x): the rotary tables come from
+``ROPE_INIT_FUNCTIONS[rope_type]`` ("default" unless the config scales rope) into a
+non-persistent ``inv_freq`` buffer; ``_tied_weights_keys`` is a list; ``DreamGenerationConfig``
+overrides ``validate(self, is_init=False)``. ``ignore_position_ids=True`` is Fast-dLLM's variant,
+whose base model numbers the positions 0..L-1 whatever ``position_ids`` it is given.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class DreamConfig(PretrainedConfig):
@@ -30,6 +37,9 @@ class DreamConfig(PretrainedConfig):
         rms_norm_eps=1e-6,
         attention_dropout=0.0,
         attn_implementation="sdpa",
+        rope_scaling=None,
+        ignore_position_ids=False,
+        tie_word_embeddings=False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -41,8 +51,15 @@ class DreamConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.attention_dropout = attention_dropout
+        if rope_scaling is not None:
+            self.rope_scaling = rope_scaling
+        self.ignore_position_ids = ignore_position_ids
         self.use_cache = False
-        super().__init__(attn_implementation=attn_implementation, **kwargs)
+        super().__init__(
+            attn_implementation=attn_implementation,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
 
 
 class DreamRMSNorm(nn.Module):
@@ -58,17 +75,22 @@ class DreamRMSNorm(nn.Module):
 
 
 class DreamRotaryEmbedding(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, device=None):
         super().__init__()
-        dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+        scaling = getattr(config, "rope_scaling", None) or {}
+        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.config = config
+        self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = self.rope_init_fn(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, x, position_ids):
-        angles = position_ids[..., None].float() * self.inv_freq
+        angles = position_ids[..., None].float() * self.inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x):
@@ -245,7 +267,7 @@ class DreamBaseModel(DreamPreTrainedModel):
     ):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
+        if position_ids is None or self.config.ignore_position_ids:
             position_ids = torch.arange(
                 inputs_embeds.shape[1], device=inputs_embeds.device
             ).unsqueeze(0)
@@ -261,7 +283,25 @@ class DreamBaseModel(DreamPreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states))
 
 
+class DreamGenerationConfig(GenerationConfig):
+    # like Dream's: sets its own fields (GenerationConfig.__init__ is not called) and validates
+    def __init__(self, **kwargs):
+        self.max_new_tokens = kwargs.pop("max_new_tokens", None)
+        self.steps = kwargs.pop("steps", 512)
+        self.alg = kwargs.pop("alg", "origin")
+        self.mask_token_id = kwargs.pop("mask_token_id", None)
+        self.transformers_version = kwargs.pop("transformers_version", None)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.validate(is_init=True)
+
+    def validate(self, is_init=False):  # the transformers-4.4x signature
+        pass
+
+
 class DreamModel(DreamPreTrainedModel):
+    _tied_weights_keys = ["lm_head.weight"]
+
     def __init__(self, config):
         super().__init__(config)
         self.model = DreamBaseModel(config)
@@ -270,6 +310,16 @@ class DreamModel(DreamPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _prepare_generation_config(self, generation_config=None, **kwargs):
+        """What Dream's diffusion_generate starts with: its own config, updated by the call."""
+        if generation_config is None:
+            generation_config = DreamGenerationConfig(mask_token_id=self.config.vocab_size - 1)
+        generation_config.update(**kwargs)
+        return generation_config
 
     def forward(
         self,

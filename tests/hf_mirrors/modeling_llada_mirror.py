@@ -2,17 +2,29 @@
 
 Written for sinkdlm's tests from the public file's structure, not copied: the same module tree
 (``model.transformer.{wte, emb_drop, blocks, ln_f, ff_out}``), the same ``LLaDALlamaBlock`` with
-``attention(q, k, v, attention_bias, layer_past, use_cache)`` applying rotary itself (positions
-0..T-1 from the length, no position_ids) and calling SDPA without a mask, and the same pre-
-transformers-5 interfaces: no ``post_init`` call, ``tie_weights(self)``, no ``use_cache`` in the
-config. Self-contained so it can be loaded with trust_remote_code from a checkpoint directory.
+``attention(q, k, v, attention_bias, layer_past, use_cache, replace_position)`` applying rotary
+itself (positions 0..T-1 from the length, no position_ids), and the same pre-transformers-5
+interfaces: no ``post_init`` call, ``tie_weights(self)``, no ``use_cache`` in the config.
+
+What the public copies add, reproduced here:
+- padding (dLLM's copy): the model turns a (B, L) ``attention_mask`` into an additive
+  ``attention_bias`` (B, 1, L, L) (a zero bidirectional bias plus a large negative number on
+  padded keys) that every block hands to ``attention``, which passes it to SDPA;
+- OLMo-style activation checkpointing: a per-block ``_activation_checkpoint_fn`` (``fine_grained``)
+  and a model-level one that ``whole_layer`` / ``one_in_N`` wrap whole blocks in, always set on the
+  model; ``gradient_checkpointing_enable()`` selects ``whole_layer`` (dLLM);
+- Fast-dLLM's ``replace_position=`` keyword (its KV cache), passed by every block to ``attention``.
+Self-contained so it can be loaded with trust_remote_code from a checkpoint directory.
 """
 
+from enum import Enum
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -51,6 +63,26 @@ class LLaDAConfig(PretrainedConfig):
         self.input_emb_norm = input_emb_norm
         self.attention_dropout = 0.0
         super().__init__(**kwargs)
+
+
+class ActivationCheckpointingStrategy(Enum):
+    whole_layer = "whole_layer"
+    one_in_two = "one_in_two"
+    one_in_three = "one_in_three"
+    one_in_four = "one_in_four"
+    fine_grained = "fine_grained"
+
+
+EVERY_NTH_BLOCK = {
+    ActivationCheckpointingStrategy.whole_layer: 1,
+    ActivationCheckpointingStrategy.one_in_two: 2,
+    ActivationCheckpointingStrategy.one_in_three: 3,
+    ActivationCheckpointingStrategy.one_in_four: 4,
+}
+
+
+def activation_checkpoint_function(config):
+    return partial(checkpoint, preserve_rng_state=True, use_reentrant=False)
 
 
 class RMSNorm(nn.Module):
@@ -122,6 +154,13 @@ class LLaDALlamaBlock(nn.Module):
         self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=bias)
         self.rotary_emb = RotaryEmbedding(config)
         self.q_norm = self.k_norm = None
+        self._activation_checkpoint_fn = None
+
+    def set_activation_checkpointing(self, strategy):
+        fine_grained = strategy == ActivationCheckpointingStrategy.fine_grained
+        self._activation_checkpoint_fn = (
+            activation_checkpoint_function(self.config) if fine_grained else None
+        )
 
     def _scaled_dot_product_attention(
         self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False
@@ -129,39 +168,61 @@ class LLaDALlamaBlock(nn.Module):
         groups = q.size(1) // k.size(1)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        # LLaDA is bidirectional and passes no mask at all
+        # bidirectional: the only mask is the padding bias, if any
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=False
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False
         )
 
-    def attention(self, q, k, v, attention_bias=None, layer_past=None, use_cache=False):
+    def attention(
+        self, q, k, v, attention_bias=None, layer_past=None, use_cache=False, replace_position=None
+    ):
         batch, length, width = q.shape
         head_dim = width // self.config.n_heads
         q = q.view(batch, length, self.config.n_heads, head_dim).transpose(1, 2)
         k = k.view(batch, length, self.config.effective_n_kv_heads, head_dim).transpose(1, 2)
         v = v.view(batch, length, self.config.effective_n_kv_heads, head_dim).transpose(1, 2)
         if layer_past is not None:
-            k = torch.cat((layer_past[0], k), dim=-2)
-            v = torch.cat((layer_past[1], v), dim=-2)
+            if replace_position is None:
+                k = torch.cat((layer_past[0], k), dim=-2)
+                v = torch.cat((layer_past[1], v), dim=-2)
+            else:  # Fast-dLLM: (B, L_cache) 0/1, the cached positions these tokens overwrite
+                where = replace_position.nonzero(as_tuple=True)[1]
+                past_k, past_v = layer_past[0].clone(), layer_past[1].clone()
+                past_k[:, :, where], past_v[:, :, where] = k, v
+                k, v = past_k, past_v
         present = (k, v) if use_cache else None
+        query_len, key_len = q.shape[-2], k.shape[-2]
         if self.config.rope:
             q, k = self.rotary_emb(q, k)
-        out = self._scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False)
+        if attention_bias is not None:
+            attention_bias = attention_bias[:, :, key_len - query_len : key_len, :key_len].to(
+                q.dtype
+            )
+        out = self._scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
         out = out.transpose(1, 2).contiguous().view(batch, length, width)
         return self.attn_out(out), present
 
-    def forward(self, x, attention_bias=None, layer_past=None, use_cache=False):
-        normed = self.attn_norm(x)
-        att, cache = self.attention(
+    def _maybe_checkpointed(self, fn, *args, **kwargs):
+        if self._activation_checkpoint_fn is not None:
+            return self._activation_checkpoint_fn(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def forward(
+        self, x, attention_bias=None, layer_past=None, use_cache=False, replace_position=None
+    ):
+        normed = self._maybe_checkpointed(self.attn_norm, x)
+        att, cache = self._maybe_checkpointed(
+            self.attention,
             self.q_proj(normed),
             self.k_proj(normed),
             self.v_proj(normed),
             attention_bias,
             layer_past=layer_past,
             use_cache=use_cache,
+            replace_position=replace_position,
         )
         x = x + att
-        normed = self.ff_norm(x)
+        normed = self._maybe_checkpointed(self.ff_norm, x)
         x = x + self.ff_out(F.silu(self.ff_proj(normed)) * self.up_proj(normed))
         return x, cache
 
@@ -188,6 +249,36 @@ class LLaDAModel(nn.Module):
             self.transformer.update(
                 {"ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False)}
             )
+        self.activation_checkpointing_strategy = None
+        self._activation_checkpoint_fn = activation_checkpoint_function(config)  # always set
+        self.gradient_checkpointing = False
+
+    def set_activation_checkpointing(self, strategy):
+        self.activation_checkpointing_strategy = strategy
+        for block in self.transformer.blocks:
+            block.set_activation_checkpointing(strategy)
+
+    def _padding_bias(self, attention_mask, attention_bias, batch, length, device):
+        """dLLM: (B, L) 1 = real -> additive (B, 1, L, L), merged with the (bidirectional) bias."""
+        if attention_mask is not None and 0.0 in attention_mask:
+            keep = attention_mask.to(torch.float).view(batch, -1)[:, None, None, :]
+            attention_mask = (1.0 - keep) * torch.finfo(keep.dtype).min
+        else:
+            attention_mask = None
+        if attention_bias is None and attention_mask is None:
+            return None
+        if attention_bias is None:
+            attention_bias = torch.zeros(1, 1, length, length, device=device)
+        elif attention_bias.dtype in (torch.int8, torch.bool):
+            attention_bias = attention_bias.to(torch.float)
+            attention_bias.masked_fill_(attention_bias == 0.0, torch.finfo(torch.float).min)
+        attention_bias = attention_bias[:, :, :length, :length].to(torch.float)
+        if attention_mask is not None:
+            attention_bias = attention_bias + attention_mask
+            attention_bias.masked_fill_(
+                attention_bias == float("-inf"), torch.finfo(attention_bias.dtype).min
+            )
+        return attention_bias
 
     def forward(
         self,
@@ -199,15 +290,28 @@ class LLaDAModel(nn.Module):
         use_cache=False,
         last_logits_only=False,
         output_hidden_states=None,
+        replace_position=None,
     ):
         x = self.transformer.wte(input_ids) if input_embeddings is None else input_embeddings
+        batch, length = x.shape[:2]
         if self.config.input_emb_norm:
             x = x * self.config.d_model**0.5
         x = self.transformer.emb_drop(x)
+        attention_bias = self._padding_bias(attention_mask, attention_bias, batch, length, x.device)
         caches = [] if use_cache else None
+        every = EVERY_NTH_BLOCK.get(self.activation_checkpointing_strategy)
         for i, block in enumerate(self.transformer.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            x, cache = block(x, attention_bias=attention_bias, layer_past=past, use_cache=use_cache)
+            kwargs = dict(
+                attention_bias=attention_bias,
+                layer_past=past,
+                use_cache=use_cache,
+                replace_position=replace_position,
+            )
+            if every is not None and i % every == 0:
+                x, cache = self._activation_checkpoint_fn(block, x, **kwargs)
+            else:
+                x, cache = block(x, **kwargs)
             if use_cache:
                 caches.append(cache)
         x = self.transformer.ln_f(x)
@@ -222,6 +326,7 @@ class LLaDAModelLM(PreTrainedModel):
     config_class = LLaDAConfig
     base_model_prefix = "model"
     _no_split_modules = ["LLaDALlamaBlock"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config, model=None, init_params=False):
         super().__init__(config)
@@ -240,6 +345,7 @@ class LLaDAModelLM(PreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         cache_position=None,
+        replace_position=None,
     ):
         if use_cache is None:
             use_cache = self.config.use_cache  # LLaDAConfig defines no use_cache
@@ -250,8 +356,18 @@ class LLaDAModelLM(PreTrainedModel):
             attention_bias=attention_bias,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            replace_position=replace_position,
         )
         return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.attn_key_values)
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None, **kwargs):
+        # dLLM: transformers' gradient_checkpointing_enable() turns on LLaDA's own whole_layer
+        # strategy (its model-level _activation_checkpoint_fn), not gradient_checkpointing_func
+        self.model._gradient_checkpointing_func = gradient_checkpointing_func or checkpoint
+        self.model.gradient_checkpointing = enable
+        self.model.set_activation_checkpointing(
+            ActivationCheckpointingStrategy.whole_layer if enable else None
+        )
 
     def get_input_embeddings(self):
         return self.model.transformer.wte

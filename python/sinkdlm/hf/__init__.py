@@ -7,15 +7,17 @@ model = sinkdlm.hf.from_pretrained(path)   # same model back (sink embedding inc
 patch.py does what every architecture shares (the sink embedding, the wrapped forward, the sink
 K/V cache); registry.py maps an architecture to its backend, one file each: native.py
 (AttentionInterface, transformers-native families) and adapters.py (remote-code LLaDA, Dream);
-layer.py holds what their attention layers share, checkpoint.py finds a saved sink embedding and
-shims.py loads remote code written for older transformers. block_cache.py is sinkdlm.generate's
-forward for these models (logits only where read, Fast-dLLM's block KV cache).
+layer.py holds what their attention layers share, checkpoint.py finds a saved sink embedding,
+shims.py loads remote code written for older transformers and check.py (check_model) compares a
+patched model with the paper's literal form. block_cache.py is sinkdlm.generate's forward for
+these models (logits only where read, Fast-dLLM's block KV cache).
 """
 
 from ..protocol import register_model_hooks
 from . import native
 from .adapters import SinkAdapter, register_adapter
 from .block_cache import find_block_forward
+from .check import ModelCheck, check_model
 from .patch import (
     add_sink_token,
     attention_layers,
@@ -36,9 +38,11 @@ register_model_hooks(
 )
 
 __all__ = [
+    "ModelCheck",
     "SinkAdapter",
     "add_sink_token",
     "attention_layers",
+    "check_model",
     "from_pretrained",
     "has_sink_token",
     "register_adapter",

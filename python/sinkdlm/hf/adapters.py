@@ -11,10 +11,14 @@ those two functions for its attention module and call ``register_adapter``::
         final_norm=lambda model: ...,     # optional, for sinkdlm.generate (below)
         sampler_kwargs=my_sampler_kwargs))
 
-The replacement is bound to each attention module. ``layer_sink(module)`` gives it
-``(sink, layer_key, sink_position)``: when ``sink.collect`` is set (the sink pass, one token) it
-stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), under
-``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
+The replacement is bound to each attention module. It names the arguments it implements; any
+other keyword the original method takes is accepted when it has its default value (None, False)
+and refused with NotImplementedError otherwise (Fast-dLLM's ``replace_position=``, for example),
+and a keyword the original does not take raises TypeError, as the original would.
+``layer_sink(module)`` gives it ``(sink, layer_key, sink_position)``: when ``sink.collect`` is
+set (the sink pass, one token) it stores the layer's sink K (rotated to ``sink_position``) and
+V, each (Hkv, D), under ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise
+it calls
 ``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
 ``sinkdlm.protocol``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
 the user's tokens (``sink.kv`` has no entry for a model without the sink token).
@@ -27,6 +31,7 @@ BlockKVCache: the replacement rotates the fed tokens at ``block.query_start ..``
 what ``block.update(layer_key, k, v)`` returns.
 """
 
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..padding import key_padding_from_model_mask
+from ..padding import key_padding_from_model_mask, key_padding_from_sdpa_mask
 from ..protocol import observed_sink_attention
 from .layer import SinkKV, autocast_inputs, expand_sink_output
 from .registry import register_patch_path
@@ -117,8 +122,9 @@ class AdapterBackend:
         method = self.adapter.method
         for layer_key, module in enumerate(modules):
             saved = module.__dict__.get(method)
+            replacement = _guard_extra_arguments(self.adapter, getattr(module, method))
             module.__dict__[LINK] = LayerLink(state, layer_key)
-            setattr(module, method, types.MethodType(self.adapter.replacement, module))
+            setattr(module, method, types.MethodType(replacement, module))
             self.patched.append((module, saved))
 
     def uninstall(self, state):
@@ -141,11 +147,41 @@ class AdapterBackend:
 
     def main(self, state, sink_kv, args, kwargs):
         # Left set after the call: gradient checkpointing re-runs the layers during backward.
-        state.channel = SinkKV(sink_kv, block=getattr(state, "block_cache", None))
+        block, key_padding = getattr(state, "block_cache", None) or (None, None)
+        state.channel = SinkKV(sink_kv, block=block, key_padding=key_padding)
         return state.original_forward(*args, **kwargs)
 
     def attention_layers(self, state):
         return [module for module, _ in self.patched]
+
+
+def _guard_extra_arguments(adapter, original):
+    """adapter.replacement, taking every keyword ``original`` takes (see the module docstring)."""
+    implemented = {
+        name
+        for name, p in inspect.signature(adapter.replacement).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    params = inspect.signature(original).parameters
+    defaults = {name: p.default for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def replacement(module, *args, **kwargs):
+        for name in kwargs.keys() - implemented:
+            if name not in defaults and not open_ended:
+                raise TypeError(
+                    f"{type(module).__name__}.{adapter.method}() got an unexpected keyword "
+                    f"argument {name!r}"
+                )
+            value = kwargs.pop(name)
+            if value is not None and value is not False and value is not defaults.get(name):
+                raise NotImplementedError(
+                    f"sinkdlm's {adapter.name} sink attention does not implement {name}= "
+                    f"(got {type(value).__name__}); call the model without it"
+                )
+        return adapter.replacement(module, *args, **kwargs)
+
+    return replacement
 
 
 def _no_kv_cache(past):
@@ -172,7 +208,25 @@ def _attend(module, layer_key, sink, q, k, v, **kwargs):
 
 # ----- LLaDA (modeling_llada.py): LLaDABlock.attention(q, k, v, attention_bias, layer_past,
 # use_cache) takes the projected (B, T, C) q/k/v, applies rotary itself (positions 0..T-1, no
-# position_ids) and calls SDPA without a mask (LLaDA ignores padding; so does its sink adapter).
+# position_ids) and calls SDPA with attention_bias as its mask (dLLM's copy; GSAI-ML's and
+# Fast-dLLM's pass none). The model builds that bias from attention_mask: (B, 1, L, L) additive,
+# large negative on padded keys. Its key padding is used; a bias that is more (causal) is refused.
+
+
+def _llada_key_padding(sink, attention_bias, batch, length):
+    """Key padding (B, L) behind LLaDA's attention_bias, decoded (and checked) once per forward:
+    every block receives the same tensor."""
+    if attention_bias is None:
+        return None
+    memo = sink.memo.get("llada_key_padding")
+    if memo is not None and memo[0] is attention_bias:
+        return memo[1]
+    bias = attention_bias if attention_bias.dim() == 4 else attention_bias[None, None]
+    key_padding = key_padding_from_sdpa_mask(
+        bias[:, :, :length, :length], batch, length, "LLaDA sink attention (attention_bias)"
+    )
+    sink.memo["llada_key_padding"] = (attention_bias, key_padding)
+    return key_padding
 
 
 def _llada_rotate_to(module, key, position):
@@ -211,7 +265,14 @@ def _llada_attention(module, q, k, v, attention_bias=None, layer_past=None, use_
             q, k = _llada_rotary_from(module, q, k, block.query_start)
         if block is not None:
             k, v = block.update(layer_key, k, v)
-        out = _attend(module, layer_key, sink, q, k, v).transpose(1, 2)
+        if block is not None and not block.refreshing:
+            # A cached step feeds fewer tokens than there are keys: the model was given no
+            # mask (its bias would be Lq x Lq); the sampler's key padding comes through the channel.
+            key_padding = sink.key_padding
+        else:
+            key_padding = _llada_key_padding(sink, attention_bias, batch, length)
+        out = _attend(module, layer_key, sink, q, k, v, key_padding_mask=key_padding)
+        out = out.transpose(1, 2)
     return module.attn_out(out.reshape(batch, length, width)), present
 
 
@@ -260,6 +321,8 @@ register_adapter(
 # attention_mask, position_ids, past_key_value, output_attentions, use_cache, cache_position,
 # position_embeddings) -> (out, weights, past); Qwen2-shaped, rotary from position_embeddings.
 # Dream passes a (B, 1, L, L) mask (or a (B, L) one) straight to SDPA; its key padding is used.
+# The sink's key is rotated from the sink position by the layer's own rotary module: copies such
+# as Fast-dLLM's number the positions 0..L-1 whatever position_ids the sink pass passes.
 
 
 def _dream_key_padding(mask, batch, length):
@@ -282,7 +345,6 @@ def _dream_forward(
     use_cache=False,
     cache_position=None,
     position_embeddings=None,
-    **kwargs,
 ):
     _no_kv_cache(past_key_value)
     batch, length, _ = hidden_states.shape
@@ -290,27 +352,61 @@ def _dream_forward(
     q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
     k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
     v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
-    cos, sin = (
-        module.rotary_emb(v, position_ids) if position_embeddings is None else position_embeddings
-    )
-    # Dream's own rotary helper when its module has one (it is Qwen2's formula either way)
-    rope = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-    if rope is not None:
-        q, k = rope(q, k, cos, sin)
+    sink, layer_key, sink_position = layer_sink(module)
+    if sink.collect:
+        cos, sin = _dream_sink_rotation(module, v, position_embeddings, sink_position)
     else:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    sink, layer_key, _ = layer_sink(module)
+        cos, sin = (
+            module.rotary_emb(v, position_ids)
+            if position_embeddings is None
+            else position_embeddings
+        )
+    q, k = _dream_rope(module, q, k, cos, sin)
     if sink.collect:
         sink.kv[layer_key] = (k[0, :, 0], v[0, :, 0])
         out = expand_sink_output(v, q.shape[1])
     else:
-        if sink.block is not None:  # Dream's rotary already used the fed tokens' position_ids
-            k, v = sink.block.update(layer_key, k, v)
-        key_padding_mask = _dream_key_padding(attention_mask, batch, k.shape[2])
+        block = sink.block
+        if block is not None:  # Dream's rotary already used the fed tokens' position_ids
+            k, v = block.update(layer_key, k, v)
+        if block is not None and not block.refreshing:  # the model got no mask (see LLaDA's)
+            key_padding_mask = sink.key_padding
+        else:
+            key_padding_mask = _dream_key_padding(attention_mask, batch, length)
         out = _attend(module, layer_key, sink, q, k, v, key_padding_mask=key_padding_mask)
         out = out.transpose(1, 2)
     return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value
+
+
+def _dream_rope(module, q, k, cos, sin):
+    # Dream's own rotary helper when its module has one (it is Qwen2's formula either way)
+    rope = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+    if rope is not None:
+        return rope(q, k, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _dream_sink_rotation(module, value, position_embeddings, sink_position):
+    """(cos, sin) at the sink position for the sink pass, from the layer's rotary module; without
+    one, the model's position_embeddings, refused if the model placed the sink at position 0."""
+    rotary = getattr(module, "rotary_emb", None)
+    if rotary is not None:
+        position = torch.full((1, 1), sink_position, dtype=torch.long, device=value.device)
+        return rotary(value, position)
+    if position_embeddings is None:
+        raise ValueError(
+            f"{type(module).__name__} received neither position_embeddings nor a rotary_emb "
+            "module: sinkdlm cannot place the sink at its rotary position"
+        )
+    cos, sin = position_embeddings
+    if sink_position != 0 and bool((cos == 1).all()):
+        raise ValueError(
+            f"the model rotated the sink at position 0, not at sink_position={sink_position}: "
+            "it ignores position_ids (as Fast-dLLM's Dream does), so its attention layers need a "
+            "rotary_emb module for sinkdlm to rotate the sink itself"
+        )
+    return cos, sin
 
 
 def _dream_sink_pass(original_forward, embeds, position_ids):

@@ -114,28 +114,29 @@ def _kept_head_input(norm, keep, state):
 
 class _CacheOnlyState:
     """What an adapter's replacement reads on a model without the sink token: no sink, the
-    sampler's BlockKVCache."""
+    sampler's BlockKVCache and key padding."""
 
-    def __init__(self, host, block):
+    def __init__(self, host, block, key_padding):
         self.host = host
-        self.channel = SinkKV(block=block)
+        self.channel = SinkKV(block=block, key_padding=key_padding)
         self.sink_position = 0
 
 
 @contextlib.contextmanager
-def _through_cache(model, adapter, block):
-    """The model's attention runs through ``block``: for a model with the sink token its
-    adapter reads it from the state; without one, the adapter is installed (no sink) for now."""
+def _through_cache(model, adapter, block, key_padding):
+    """The model's attention runs through ``block`` (``key_padding``: (B, T) bool or None): for a
+    model with the sink token its adapter reads both from the state; without one, the adapter is
+    installed (no sink) for now."""
     state = _state(model)
     if state is not None:
-        state.block_cache = block
+        state.block_cache = (block, key_padding)
         try:
             yield
         finally:
             state.block_cache = None
         return
     backend = AdapterBackend(adapter)
-    cache_state = _CacheOnlyState(_host(model), block)
+    cache_state = _CacheOnlyState(_host(model), block, key_padding)
     backend.install(cache_state)
     try:
         yield
@@ -153,12 +154,15 @@ class AdapterBlockForward:
     def __call__(self, tokens, attention_mask, *, cache, keep):
         start = 0 if cache is None else cache.query_start
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        kwargs = self.adapter.sampler_kwargs(tokens, attention_mask, positions[None])
-        through = (
-            contextlib.nullcontext()
-            if cache is None
-            else _through_cache(self.model, self.adapter, cache)
-        )
+        # A cached step feeds fewer tokens than the mask covers: the model gets none (LLaDA builds
+        # an L x L bias from it), the attention the key padding through the layers' channel.
+        stepping = cache is not None and not cache.refreshing
+        model_mask = None if stepping else attention_mask
+        kwargs = self.adapter.sampler_kwargs(tokens, model_mask, positions[None])
+        through = contextlib.nullcontext()
+        if cache is not None:
+            key_padding = None if attention_mask is None else attention_mask.bool()
+            through = _through_cache(self.model, self.adapter, cache, key_padding)
         with through, _kept_head_input(self.final_norm, keep, _state(self.model)):
             return self.model(**kwargs).logits
 

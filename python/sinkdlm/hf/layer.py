@@ -10,14 +10,18 @@ class SinkKV:
     ``collect=True`` (the sink pass): each layer stores its sink K (rotated at the sink position)
     and V, each (Hkv, D), under ``kv[layer_key]`` and returns o = V. Otherwise layers read ``kv``
     (empty for a model without the sink token, patched only for sinkdlm.generate's block cache).
+    ``memo`` holds what every layer of one forward would otherwise recompute (a decoded mask).
     ``block``: the sampler's :class:`sinkdlm.block_cache.BlockKVCache` while the forward runs
-    through it, else None.
+    through it, else None; ``key_padding``: the sampler's (B, T) bool key padding over the whole
+    sequence for its cached steps, which feed fewer tokens than there are keys (None: none).
     """
 
-    def __init__(self, kv=None, collect=False, block=None):
+    def __init__(self, kv=None, collect=False, block=None, key_padding=None):
         self.kv = {} if kv is None else kv
         self.collect = collect
         self.block = block
+        self.key_padding = key_padding
+        self.memo = {}
 
 
 def expand_sink_output(value, num_heads):

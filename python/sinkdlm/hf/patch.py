@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from .. import _checks
 from .checkpoint import SINK_MODULE, saved_sink_weight
 from .registry import backend_for
 
@@ -83,7 +84,7 @@ def _host(model):
 
 
 def _state(model):
-    return _host(_unwrap(model)).__dict__.get(_STATE)
+    return getattr(_host(_unwrap(model)), "__dict__", {}).get(_STATE)
 
 
 def has_sink_token(model) -> bool:
@@ -144,7 +145,11 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
     if has_sink_token(model):
         return model
     inner = _unwrap(model)
+    if not isinstance(inner, torch.nn.Module):
+        expected = "a transformers model (a torch.nn.Module)"
+        _checks.fail("add_sink_token", "model", expected, _checks.describe(model), TypeError)
     host = _host(inner)
+    backend = backend_for(inner, host)  # first: it names what is supported when this is not
     recorded = getattr(inner.config, "sinkdlm", None)
     saved = None
     if isinstance(recorded, dict):
@@ -161,9 +166,7 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
                 f"checkpoint; initialising it with init={init!r}",
                 stacklevel=2,
             )
-    if not isinstance(sink_position, int):
-        raise ValueError(f"sink_position must be an int, got {sink_position!r}")
-    backend = backend_for(inner, host)
+    sink_position = _checks.integer("add_sink_token", "sink_position", sink_position)
     weight = _initial_weight(inner, init)
     if saved is not None:
         if saved.shape != weight.shape:
@@ -212,18 +215,28 @@ def remove_sink_token(model):
     return model
 
 
+def _reentrant(func):
+    return getattr(func, "keywords", {}).get("use_reentrant") is True
+
+
 def _reject_reentrant_checkpointing(host):
     """Reentrant checkpoints replay each layer's backward separately, and each replay would walk
-    the shared sink pass again; only non-reentrant checkpointing composes with the sink."""
+    the shared sink pass again; only non-reentrant checkpointing composes with the sink.
+
+    OLMo-style models (LLaDA) checkpoint through their own ``_activation_checkpoint_fn``; the
+    ``_gradient_checkpointing_func`` transformers stores on them is never called."""
     for module in host.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if (
-            module.__dict__.get("gradient_checkpointing") is True
-            and getattr(func, "keywords", {}).get("use_reentrant") is True
-        ):
+        if "_activation_checkpoint_fn" in module.__dict__:
+            used = module.__dict__["_activation_checkpoint_fn"]
+        elif module.__dict__.get("gradient_checkpointing") is True:
+            used = module.__dict__.get("_gradient_checkpointing_func")
+        else:
+            continue
+        if _reentrant(used):
             raise ValueError(
                 "the sink token needs non-reentrant gradient checkpointing: enable it with "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)"
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers 5's default; "
+                "4.x defaults to reentrant)"
             )
 
 
@@ -234,18 +247,26 @@ def _patched_forward(host, *args, **kwargs):
     return state.backend.main(state, _sink_kv(state), args, kwargs)
 
 
+def _call_directly(function, *args, **kwargs):
+    """Stands in for a checkpoint function during the sink pass: runs ``function`` as is."""
+    return function(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _no_activation_checkpointing(host):
     """The sink pass is one token: checkpointing it saves nothing, and a reentrant checkpoint
-    would run it without grad, cutting the sink embedding off from the loss."""
+    would run it without grad, cutting the sink embedding off from the loss.
+
+    transformers' flag is switched off; OLMo-style checkpoint functions (LLaDA's, per block and
+    per model) are replaced by a direct call, since models call them whenever a strategy is set."""
     switched = []
     for module in host.modules():
         if module.__dict__.get("gradient_checkpointing") is True:
             switched.append((module, "gradient_checkpointing", True))
             module.gradient_checkpointing = False
-        if module.__dict__.get("_activation_checkpoint_fn") is not None:  # LLaDA's blocks
+        if module.__dict__.get("_activation_checkpoint_fn") is not None:
             switched.append((module, "_activation_checkpoint_fn", module._activation_checkpoint_fn))
-            module._activation_checkpoint_fn = None
+            module._activation_checkpoint_fn = _call_directly
     try:
         yield
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import STRATEGIES, as_num_transfer, check_sink_attention_args
+from .checks import STRATEGIES, check_sink_attention_args, normalize_remask_step_args
 from .common import accumulation_dtype, expand_sink, query_padding_in_force, softmax_scale
 from .remask_noise import needs_noise, remask_step_noise, remask_step_seed
 
@@ -181,9 +181,16 @@ def dense_sink_attention(
     else:
         mask = None
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    blind = None  # rows that see no key at all (no sink token, every key padded)
     if mask is not None:
         mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        # Such a row is zeroed below; finite scores keep the NaN of an all -inf softmax out of
+        # the gradients.
+        seen = mask.any(-1)
+        scores = scores.masked_fill(~seen[:, None, :, None], 0.0)
+        if not has_token and sink_logit is None:  # a sink (token or logit) is always seen
+            blind = ~seen
     if sink_logit is not None:
         logit = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, scores.shape[2], 1)
         scores = torch.cat([scores, logit], dim=-1)
@@ -194,7 +201,9 @@ def dense_sink_attention(
         keep = [i for i in range(L + 1) if i != sink_position]
         out, lse = out[:, :, keep], lse[:, :, keep]
     # Padded query rows, and rows that see no key at all, return 0 (and lse 0).
-    empty = lse == float("-inf")
+    empty = torch.zeros_like(lse, dtype=torch.bool)
+    if blind is not None:
+        empty = empty | blind[:, None, :]
     if query_padding_mask is not None:
         empty = empty | ~query_padding_mask[:, None, :]
     out = out.masked_fill(empty[..., None], 0)
@@ -228,10 +237,24 @@ def remask_step_reference(
         raise ValueError(
             f"remask_step_reference: strategy must be one of {STRATEGIES}, got {strategy!r}"
         )
+    fn = "remask_step_reference"
+    args = normalize_remask_step_args(
+        fn,
+        logits,
+        x,
+        mask_id,
+        num_transfer,
+        window,
+        temperature,
+        threshold,
+        generator,
+        count_floor,
+        position_offset,
+    )
+    mask_id, num_transfer, temperature, threshold, count_floor, position_offset = args
     if count_floor and threshold is None:
-        raise ValueError("remask_step_reference: count_floor needs a threshold, got None")
+        raise ValueError(f"{fn}: count_floor needs a threshold, got None")
     seed = remask_step_seed(generator) if needs_noise(strategy, temperature) else 0
-    num_transfer = as_num_transfer(num_transfer, logits.shape[0], logits.device)
     return dense_remask_step(
         logits,
         x,
@@ -255,6 +278,20 @@ def dense_remask_step(
     threshold, count_floor = rule
     batch, length, vocab = logits.shape
     device = logits.device
+    positions = torch.arange(length, device=device)
+    eligible = x == mask_id
+    if window is not None:
+        eligible &= (positions >= window[:, :1]) & (positions < window[:, 1:])
+    # Non-finite logits, the kernels' rule: a NaN, or no entry above -inf, leaves a position's
+    # distribution undefined (raise); +inf entries share all the probability.
+    undefined = eligible & (logits.isnan().any(-1) | (logits == float("-inf")).all(-1))
+    if undefined.any():
+        b, pos = undefined.nonzero()[0].tolist()
+        raise ValueError(
+            "remask_step: logits must be free of NaN and have an entry above -inf at every "
+            f"position to fill; position (b={b}, l={pos}) has a NaN or only -inf "
+            f"({int(undefined.sum())} such positions)"
+        )
     gumbel = uniform = None
     if needs_noise(strategy, temperature):
         gumbel, uniform = remask_step_noise(seed, 0, batch, position_offset + length, vocab)
@@ -269,7 +306,10 @@ def dense_remask_step(
         scores = logits32
     candidate = scores.argmax(dim=-1)
 
-    probs = torch.softmax(logits.double(), dim=-1)
+    logits64 = logits.double()
+    infinite = logits64 == float("inf")
+    n_inf = infinite.sum(dim=-1, keepdim=True)
+    probs = torch.where(n_inf > 0, infinite / n_inf.clamp_min(1), torch.softmax(logits64, dim=-1))
     if strategy == "low_confidence":
         confidence = torch.gather(probs, -1, candidate.unsqueeze(-1)).squeeze(-1)
     elif strategy == "margin":
@@ -280,10 +320,6 @@ def dense_remask_step(
     else:
         confidence = uniform.double()
 
-    positions = torch.arange(length, device=device)
-    eligible = x == mask_id
-    if window is not None:
-        eligible &= (positions >= window[:, :1]) & (positions < window[:, 1:])
     confidence = torch.where(eligible, confidence, float("-inf"))
 
     order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
@@ -297,7 +333,8 @@ def dense_remask_step(
         count = torch.ones_like(num_transfer)
     count = torch.minimum(count, num_eligible)
     transferred = eligible & (rank < count.unsqueeze(1))
-    if threshold is not None:  # compared in float32, as the kernels do
+    if threshold is not None:
+        # In float32, as the kernels compare (their confidence is float32, the threshold too).
         threshold32 = torch.tensor(threshold, dtype=torch.float32, device=device)
         transferred |= eligible & (confidence.float() >= threshold32)
     x_new = torch.where(transferred, candidate, x)

@@ -2,29 +2,64 @@
 
 The sink token attends only to itself, so its keys and values never depend on the input:
 callers pass them as small ``sink_k`` / ``sink_v`` tensors instead of concatenating a token
-onto every sequence. ``sink_attention`` runs the native kernel (``torch.ops.sinkdlm``) where
+onto every sequence. ``sink_attention`` runs a kernel of ``torch.ops.sinkdlm`` where
 the dispatcher has one for the tensors' device and a PyTorch composite with the same semantics
 elsewhere. ``sinkdlm.sink_attention_reference`` (ops/reference.py) is the paper's literal form.
+
+Paths (``backend=``):
+
+* ``"native"``: sinkdlm's own CPU kernel (``csrc/sink_attention/sink_attention_cpu.cpp``).
+* ``"composed"``: ATen's fused attention over the real keys (the kernel
+  ``F.scaled_dot_product_attention`` would run), then the sink merged in through the
+  log-sum-exp by a sinkdlm kernel, forward and backward (``csrc/sink_attention/
+  sink_attention_composed.h``). The op ``torch.ops.sinkdlm.sink_attention_composed_fwd`` on the
+  CPU and CUDA, the same math in plain torch ops (``ops/sink_attention_composite.py``) elsewhere.
+* ``"auto"`` (default): whatever kernel the dispatcher holds for the device under
+  ``sinkdlm::sink_attention_fwd``: the native kernel on the CPU, the composed one on CUDA; on
+  devices without one (MPS, XPU, a CUDA torch built without nvcc, and float64 on CUDA, which
+  ATen's fused kernels lack) the plain-torch composition.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .checks import check_sink_attention_args
-from .common import (
-    accumulation_dtype,
-    expand_sink,
-    has_native_kernel,
-    query_padding_in_force,
-    softmax_scale,
-)
+from .common import accumulation_dtype, has_native_kernel, softmax_scale
 from .reference import dense_sink_attention
+from .sink_attention_composite import sink_attention_composite
 
 __all__ = ["sink_attention"]
 
+BACKENDS = ("auto", "native", "composed")
 _OP = "sinkdlm::sink_attention_fwd"
+_COMPOSED_OP = "sinkdlm::sink_attention_composed_fwd"
+
+
+def _pick_op(backend: str, q: torch.Tensor):
+    """The op that runs ``backend`` for q, or None for the plain-torch composition."""
+    device = q.device.type
+    no_fused_kernel = device == "cuda" and q.dtype == torch.float64  # ATen's fused: no float64
+    if backend == "native":
+        if device not in ("cpu", "meta") or not has_native_kernel(_OP, device):
+            raise ValueError(
+                f"sink_attention: backend='native' is sinkdlm's own CPU kernel; for tensors on "
+                f"{device} use backend='auto' or 'composed'"
+            )
+        return torch.ops.sinkdlm.sink_attention_fwd
+    op, fn = (
+        (_COMPOSED_OP, torch.ops.sinkdlm.sink_attention_composed_fwd)
+        if backend == "composed"
+        else (_OP, torch.ops.sinkdlm.sink_attention_fwd)
+    )
+    return fn if has_native_kernel(op, device) and not no_fused_kernel else None
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"sink_attention: backend must be one of 'auto', 'native', 'composed', got {backend!r}"
+        )
 
 
 def sink_attention(
@@ -39,6 +74,7 @@ def sink_attention(
     query_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional attention over ``[sink ; keys]`` without concatenating the sink.
 
@@ -60,84 +96,61 @@ def sink_attention(
             to every query being real.
         scale: score scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of each row's scores.
+        backend: ``"auto"`` (default), ``"native"`` (sinkdlm's CPU kernel) or ``"composed"``
+            (ATen's fused attention with the sink merged in); see the module docstring.
 
     Returns:
-        ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype, and with ``return_lse`` the
-        ``(B, H, Lq)`` log-sum-exp in float32 (float64 for float64 inputs).
+        ``out`` ``(B, H, Lq, D)`` in q's dtype, and with ``return_lse`` the ``(B, H, Lq)``
+        log-sum-exp in float32 (float64 for float64 inputs). ``out`` is contiguous from the
+        native kernel and has q's layout (``torch.empty_like(q)``) from the composed path, as
+        SDPA's flash kernel does: for a q that is a ``(B, L, H, D)`` projection viewed as heads,
+        ``out.transpose(1, 2).reshape(B, L, H * D)`` is then free.
 
-    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
+    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse),
+    twice too: under ``create_graph=True`` the backward runs through the dense form's PyTorch
+    ops (O(L^2) memory) so that its result can be differentiated again.
     """
     check_sink_attention_args(
         q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask
     )
+    _check_backend(backend)
     scale = softmax_scale(scale, q.shape[-1])
-    if has_native_kernel(_OP, q.device.type):
-        query_padding_mask = query_padding_in_force(q, k, key_padding_mask, query_padding_mask)
-        out, lse = torch.ops.sinkdlm.sink_attention_fwd(
-            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
-        )
-        return (out, lse) if return_lse else out
-    return _sink_attention_composite(
-        q,
-        k,
-        v,
-        sink_k,
-        sink_v,
-        sink_logit,
-        key_padding_mask,
-        scale,
-        return_lse,
-        query_padding_mask,
-    )
-
-
-def _sink_attention_composite(
-    q,
-    k,
-    v,
-    sink_k,
-    sink_v,
-    sink_logit,
-    key_padding_mask,
-    scale,
-    return_lse,
-    query_padding_mask=None,
-):
-    """Devices without a native kernel: SDPA on ``[sink ; kv]`` (whatever backend the device
-    has), or the dense form where SDPA cannot express the request (logit sink, lse). Arguments
-    checked, ``scale`` resolved; ``query_padding_mask`` as in :func:`sink_attention`."""
-    query_padding_mask = query_padding_in_force(q, k, key_padding_mask, query_padding_mask)
-    if sink_logit is not None or return_lse:
-        out, lse = dense_sink_attention(
-            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, 0, query_padding_mask
-        )
-        return (out, lse) if return_lse else out
-    B, H = q.shape[:2]
-    attn_mask = None
-    if sink_k is not None:
-        k = torch.cat([expand_sink(sink_k, B).unsqueeze(2), k], dim=2)
-        v = torch.cat([expand_sink(sink_v, B).unsqueeze(2), v], dim=2)
-    if key_padding_mask is not None:
-        keys = key_padding_mask
-        if sink_k is not None:
-            keys = torch.cat([keys.new_ones(B, 1), keys], dim=1)
-        attn_mask = keys[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=H != k.shape[1]
-    )
-    if query_padding_mask is not None:
-        out = out.masked_fill(~query_padding_mask[:, None, :, None], 0)
-    return out.contiguous()
+    op = _pick_op(backend, q)
+    args = (q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale)
+    out, lse = op(*args) if op is not None else sink_attention_composite(*args)
+    return (out, lse) if return_lse else out
 
 
 # ---- op registration: fake kernels and autograd -------------------------------------------
+# Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
+# on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
+# return: the native CPU kernel's contiguous tensors, the composed path's empty_like ones.
+
+
+def _fwd_fake(q, composed):
+    out = torch.empty_like(q) if composed else q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+
+
+def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
+    def like(t):
+        if t is None:
+            return q.new_empty(0)
+        return torch.empty_like(t) if composed and t.dim() == 4 else t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
+
+
+def _native_on(device_type: str) -> bool:
+    """sink_attention_{fwd,bwd} run sinkdlm's own kernel on the CPU (and meta), composed else."""
+    return device_type in ("cpu", "meta")
 
 
 @torch.library.register_fake(_OP)
 def _sink_attention_fwd_fake(
     q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
 ):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    return _fwd_fake(q, composed=not _native_on(q.device.type))
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
@@ -156,53 +169,116 @@ def _sink_attention_bwd_fake(
     lse,
     scale,
 ):
-    def like(t):
-        return t.new_empty(t.shape) if t is not None else q.new_empty(0)
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
 
-    return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
+
+@torch.library.register_fake(_COMPOSED_OP)
+def _composed_fwd_fake(
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
+):
+    return _fwd_fake(q, composed=True)
+
+
+@torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
+def _composed_bwd_fake(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    query_padding_mask,
+    out,
+    lse,
+    scale,
+):
+    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed=True)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale = inputs
     out, lse = output
+    # An unused lse then brings None, not zeros: the backward skips its gradient's work.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(
         q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse
     )
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse = (
-        ctx.saved_tensors
+def _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse):
+    """The backward for ``create_graph=True`` (double backward, Hessian-vector products): the
+    gradients of the dense form in the accumulation dtype, taken with a graph so that they can
+    be differentiated again. O(L^2) memory; the first-order backward stays the kernel's."""
+    dtype = accumulation_dtype(inputs[0].dtype)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    acc = [t.to(dtype) if t is not None else None for t in inputs]
+    key_padding_mask, query_padding_mask = masks
+    out, lse = dense_sink_attention(
+        *acc, key_padding_mask, ctx.scale, query_padding_mask=query_padding_mask
     )
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv, dsink_k, dsink_v, dsink_logit = torch.ops.sinkdlm.sink_attention_bwd(
-        grad_out,
-        grad_lse,
-        q,
-        k,
-        v,
-        sink_k,
-        sink_v,
-        sink_logit,
-        key_padding_mask,
-        query_padding_mask,
-        out,
-        lse,
-        ctx.scale,
+    outputs, cotangents = [], []
+    for y, dy in ((out, grad_out), (lse, grad_lse)):
+        if dy is not None:
+            outputs.append(y)
+            cotangents.append(dy.to(y.dtype))
+    grads = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], cotangents, create_graph=True, allow_unused=True
     )
-    return (
-        dq,
-        dk,
-        dv,
-        dsink_k if sink_k is not None else None,
-        dsink_v if sink_v is not None else None,
-        dsink_logit if sink_logit is not None else None,
-        None,
-        None,
-        None,
-    )
+    result = [None] * 9
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = None if g is None else g.to(inputs[i].dtype)
+    return tuple(result)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+def _autograd(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse = (
+            ctx.saved_tensors
+        )
+        masks = (key_padding_mask, query_padding_mask)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+            inputs = (q, k, v, sink_k, sink_v, sink_logit)
+            return _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse)
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dsink_k, dsink_v, dsink_logit = bwd_op(
+            grad_out,
+            grad_lse,
+            q,
+            k,
+            v,
+            sink_k,
+            sink_v,
+            sink_logit,
+            *masks,
+            out,
+            lse,
+            ctx.scale,
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dsink_k if sink_k is not None else None,
+            dsink_v if sink_v is not None else None,
+            dsink_logit if sink_logit is not None else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+torch.library.register_autograd(
+    _OP, _autograd(torch.ops.sinkdlm.sink_attention_bwd), setup_context=_setup_context
+)
+torch.library.register_autograd(
+    _COMPOSED_OP,
+    _autograd(torch.ops.sinkdlm.sink_attention_composed_bwd),
+    setup_context=_setup_context,
+)

@@ -1,0 +1,418 @@
+// Sink attention composed from ATen's fused attention and the sink merge (see
+// sink_attention_composed.h), and torch.ops.sinkdlm.sink_attention_composed_{fwd,bwd}: the same
+// schema as sink_attention_{fwd,bwd}, registered for the CPU here (and for CUDA in
+// sink_attention_ops_cuda.cpp, which also makes it the CUDA kernel of sink_attention_{fwd,bwd}).
+//
+// Which fused attention runs over the real keys:
+//   CPU   at::_scaled_dot_product_flash_attention_for_cpu (and its _backward): every dtype, any
+//         head dim, GQA without repeating K/V, key padding as an additive (B, 1, 1, L) bias that
+//         the kernel broadcasts (stride 0): O(B L) memory, no L x L buffer.
+//   CUDA  the backend scaled_dot_product_attention itself would pick, asked with
+//         at::_fused_sdp_choice (so torch.nn.attention.sdpa_kernel(...) steers it too): flash,
+//         memory-efficient or cuDNN. Head dims are zero-padded to a multiple of 8 (as SDPA does).
+//         GQA is passed through where the chosen backend takes it (flash, cuDNN), else K/V are
+//         repeated per query head and dk/dv summed back. Key padding is the same broadcast bias,
+//         which rules flash out (flash takes no mask), as it does for SDPA. float64: none of the
+//         three has a kernel, so it is refused with a TypeError.
+// A gradient through the returned lse: ATen's backwards take no dlse, but dS_ij gains
+// P_ij * dlse_i, which is what a value column of ones and a dO column equal to dlse give (with
+// that column of out set to 0, rowsum(dO * out) is unchanged). So the backward runs once at head
+// dim D + 1 (rounded up to 8 on CUDA): exact, at the cost of the wider copies.
+#include <ATen/Parallel.h>
+#include <ATen/SDPBackend.h>
+#include <ATen/ops/_fused_sdp_choice.h>
+#include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
+#include <ATen/ops/_scaled_dot_product_cudnn_attention_backward.h>
+#include <ATen/ops/_scaled_dot_product_efficient_attention.h>
+#include <ATen/ops/_scaled_dot_product_efficient_attention_backward.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_backward.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common/cpu_context.h"
+#include "common/torch_interop.h"
+#include "sink_attention/sink_attention_composed.h"
+#include "sink_attention/sink_attention_composed_args.h"
+#include "sink_attention/sink_merge_cpu.h"
+
+namespace sinkdlm::composed {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+enum class Backend { kCpuFlash, kFlash, kEfficient, kCudnn };
+
+// How one call runs the fused attention.
+struct Plan {
+  Backend backend;
+  bool repeat_kv;  // the backend takes no GQA: K/V repeated per query head
+};
+
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// x (B, H, L, D) zero-padded to `width` columns; column D set to `column` ((B, H, L), or the
+// scalar 1 when `ones`) if given. Returns x itself (unit last stride) when nothing changes.
+at::Tensor widen(const at::Tensor& x, int64_t width, const at::Tensor& column = {},
+                 bool ones = false) {
+  const int64_t D = x.size(3);
+  if (width == D) return unit_last_stride(x);
+  at::Tensor y = at::zeros({x.size(0), x.size(2), x.size(1), width}, x.options()).transpose(1, 2);
+  y.narrow(3, 0, D).copy_(x);
+  if (ones) y.select(3, D).fill_(1);
+  if (column.defined()) y.select(3, D).copy_(column);
+  return y;
+}
+
+// Key padding as an additive bias: 0 for real keys, -inf for padding, shaped (B, 1, 1, L) for the
+// kernels to broadcast. On CUDA its rows start 16-element aligned, as the memory-efficient kernel
+// needs.
+at::Tensor key_bias(const at::Tensor& key_padding_mask, at::ScalarType dtype, bool cuda) {
+  const int64_t B = key_padding_mask.size(0), L = key_padding_mask.size(1);
+  at::Tensor bias =
+      at::zeros({B, 1, 1, cuda ? round_up(L, 16) : L}, key_padding_mask.options().dtype(dtype))
+          .narrow(3, 0, L);
+  bias.masked_fill_(key_padding_mask.logical_not().view({B, 1, 1, L}), -kInf);
+  return bias;
+}
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The CUDA rule: what SDPA would run for these (already padded) inputs. With GQA, when no fused
+// backend takes the grouped heads, ask again as if K/V were repeated (q stands in for them: the
+// choice reads only shapes, strides and dtypes).
+Plan plan_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& bias, double scale) {
+  TORCH_CHECK_TYPE(q.scalar_type() != at::kDouble,
+                   "sink_attention: float64 has no fused attention kernel on CUDA (flash, "
+                   "memory-efficient and cuDNN take float32/float16/bfloat16); use one of those, "
+                   "or run float64 on the CPU");
+  const bool gqa = q.size(1) != k.size(1);
+  const auto choose = [&](const at::Tensor& kk, const at::Tensor& vv, bool enable_gqa) {
+    return static_cast<at::SDPBackend>(
+        at::_fused_sdp_choice(q, kk, vv, optional(bias), 0.0, false, scale, enable_gqa));
+  };
+  const auto fused = [](at::SDPBackend b) {
+    return b == at::SDPBackend::flash_attention || b == at::SDPBackend::efficient_attention ||
+           b == at::SDPBackend::cudnn_attention;
+  };
+  at::SDPBackend choice = choose(k, v, gqa);
+  bool repeat = false;
+  if (gqa && !fused(choice)) {
+    choice = choose(q, q, false);
+    repeat = true;
+  }
+  switch (choice) {
+    case at::SDPBackend::flash_attention:
+      return {Backend::kFlash, repeat};
+    case at::SDPBackend::efficient_attention:
+      return {Backend::kEfficient, gqa};  // its kernel needs as many K/V heads as query heads
+    case at::SDPBackend::cudnn_attention:
+      return {Backend::kCudnn, repeat};
+    default:
+      TORCH_CHECK(false,
+                  "sink_attention: no fused attention kernel (flash, memory-efficient, "
+                  "cuDNN) takes these inputs on ",
+                  q.device(), " (", q.scalar_type(), ", head_dim ", q.size(3),
+                  "); scaled_dot_product_attention would fall back to its L x L math kernel. "
+                  "Enable a fused backend (torch.nn.attention.sdpa_kernel) or change dtype");
+  }
+}
+
+Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& bias, double scale) {
+  if (q.is_cpu()) return {Backend::kCpuFlash, false};
+  TORCH_CHECK(q.is_cuda(), "sink_attention: the composed path runs on CPU or CUDA, got ",
+              q.device());
+  return plan_cuda(q, k, v, bias, scale);
+}
+
+// The head dim the backend sees: D, plus the dlse column, rounded up to 8 on CUDA.
+int64_t backend_width(const at::Tensor& q, bool dlse_column) {
+  const int64_t w = q.size(3) + (dlse_column ? 1 : 0);
+  return q.is_cpu() ? w : round_up(w, 8);
+}
+
+at::Tensor repeat_heads(const at::Tensor& x, int64_t heads) {
+  return x.size(1) == heads ? x : x.repeat_interleave(heads / x.size(1), 1);
+}
+
+// Sums dk / dv of repeated heads back to the K/V heads.
+at::Tensor sum_heads(const at::Tensor& g, int64_t kv_heads) {
+  if (g.size(1) == kv_heads) return g;
+  return g.unflatten(1, {kv_heads, g.size(1) / kv_heads}).sum(2);
+}
+
+// The bias as each backend takes it: CPU and cuDNN broadcast (B, 1, 1, Lk) themselves; the
+// memory-efficient kernel gets the (B, H, Lq, Lk) view with stride 0 (what SDPA passes it).
+at::Tensor bias_for(Backend b, const at::Tensor& bias, int64_t H, int64_t Lq) {
+  if (!bias.defined() || b != Backend::kEfficient) return bias;
+  return bias.expand({bias.size(0), H, Lq, bias.size(3)});
+}
+
+at::Tensor no_rng() { return at::empty({}, at::dtype(at::kLong)); }  // dropout is 0
+
+// Attention over the real keys: out (B, H, Lq, W) and its lse as a (B, H, Lq) view.
+std::tuple<at::Tensor, at::Tensor> fused_forward(const Plan& plan, const at::Tensor& q,
+                                                 const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& bias, double scale) {
+  const int64_t H = q.size(1), L = q.size(2);
+  const at::Tensor kk = plan.repeat_kv ? repeat_heads(k, H) : k;
+  const at::Tensor vv = plan.repeat_kv ? repeat_heads(v, H) : v;
+  const at::Tensor b = bias_for(plan.backend, bias, H, L);
+  switch (plan.backend) {
+    case Backend::kCpuFlash:
+      return at::_scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, false, optional(b),
+                                                             scale);
+    case Backend::kFlash: {
+      auto r = at::_scaled_dot_product_flash_attention(q, kk, vv, 0.0, false, false, scale);
+      return {std::get<0>(r), std::get<1>(r)};
+    }
+    case Backend::kEfficient: {
+      auto r = at::_scaled_dot_product_efficient_attention(q, kk, vv, optional(b), true, 0.0, false,
+                                                           scale);
+      return {std::get<0>(r), std::get<1>(r).narrow(2, 0, L)};  // lse rows padded to 32
+    }
+    case Backend::kCudnn: {
+      auto r = at::_scaled_dot_product_cudnn_attention(q, kk, vv, optional(b), true, 0.0, false,
+                                                       false, scale);
+      at::Tensor lse = std::get<1>(r);
+      return {std::get<0>(r), lse.dim() == 4 ? lse.select(3, 0) : lse};  // (B, H, L, 1)
+    }
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+// The backend's backward fed out and lse ((B, H, Lq) contiguous): dq, dk, dv at width W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const Plan& plan, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& bias,
+    double scale) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Hkv = k.size(1), Lk = k.size(2);
+  const at::Tensor kk = plan.repeat_kv ? repeat_heads(k, H) : k;
+  const at::Tensor vv = plan.repeat_kv ? repeat_heads(v, H) : v;
+  const at::Tensor b = bias_for(plan.backend, bias, H, L);
+  at::Tensor dq, dk, dv;
+  switch (plan.backend) {
+    case Backend::kCpuFlash:
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          dout, q, kk, vv, out, lse, 0.0, false, optional(b), scale);
+      break;
+    case Backend::kFlash:
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_backward(
+          dout, q, kk, vv, out, lse, at::Tensor(), at::Tensor(), L, Lk, 0.0, false, no_rng(),
+          no_rng(), scale);
+      break;
+    case Backend::kEfficient: {
+      at::Tensor lse_padded = at::zeros({B, H, round_up(L, 32)}, lse.options());
+      lse_padded.narrow(2, 0, L).copy_(lse);
+      std::tie(dq, dk, dv, std::ignore) = at::_scaled_dot_product_efficient_attention_backward(
+          dout, q, kk, vv, b, out, lse_padded, no_rng(), no_rng(), 0.0, {true, true, true, false},
+          false, scale);
+      break;
+    }
+    case Backend::kCudnn: {
+      // cuDNN wants dO laid out like out.
+      const at::Tensor d = dout.strides() == out.strides() ? dout : at::empty_like(out).copy_(dout);
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_cudnn_attention_backward(
+          d, q, kk, vv, out, lse.unsqueeze(-1), no_rng(), no_rng(), b, at::Tensor(), at::Tensor(),
+          L, Lk, 0.0, false, scale);
+      break;
+    }
+  }
+  return {dq, sum_heads(dk, Hkv), sum_heads(dv, Hkv)};
+}
+
+// grad with the strides of empty_like(like) (what the fake kernel promises), copied if needed.
+at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
+  at::Tensor want = at::empty_like(like, like.options().device(at::kMeta));
+  if (grad.strides() == want.strides()) return grad;
+  return at::empty_like(like).copy_(grad);
+}
+
+at::Tensor in_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t ? t->to(acc).contiguous() : at::Tensor();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
+    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask, double scale,
+    const MergeKernels& kernels) {
+  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
+                                                        key_padding_mask, query_padding_mask);
+  TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
+  // viewed as heads) gives an out whose transpose(1, 2).reshape(B, L, H * D) is free, and the
+  // merge runs in place over the backend's out whenever the layouts agree.
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({d.batch, d.heads, d.seq_len}, q.options().dtype(acc));
+  if (out.numel() == 0) return {out, lse};
+
+  const int64_t width = backend_width(q, false);
+  const at::Tensor qw = widen(q, width), kw = widen(k, width), vw = widen(v, width);
+  const at::Tensor bias =
+      key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
+  const Plan plan = make_plan(qw, kw, vw, bias, scale);
+  auto [attn_out, attn_lse] = fused_forward(plan, qw, kw, vw, bias, scale);
+  attn_out = attn_out.narrow(3, 0, d.head_dim);
+
+  MergeFwdArgs a;
+  a.kv_heads = d.kv_heads;
+  a.q = qw.narrow(3, 0, d.head_dim), a.attn_out = attn_out, a.attn_lse = attn_lse;
+  a.sink_k = in_acc(sink_k, acc), a.sink_v = in_acc(sink_v, acc);
+  a.sink_logit = in_acc(sink_logit, acc);
+  a.row_mask = query_padding_in_force(d, key_padding_mask, query_padding_mask);
+  a.scale = scale;
+  a.out = attn_out.strides() == out.strides() ? attn_out : out;
+  a.lse = lse;
+  kernels.fwd(a);
+  return {a.out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& sink_k,
+                            const std::optional<at::Tensor>& sink_v,
+                            const std::optional<at::Tensor>& sink_logit,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& query_padding_mask,
+                            const at::Tensor& out, const at::Tensor& lse, double scale,
+                            const MergeKernels& kernels) {
+  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
+                                                        key_padding_mask, query_padding_mask);
+  check_sink_attention_bwd_args(d, grad_out, grad_lse, q, out, lse);
+  TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  const auto acc_opts = q.options().dtype(acc);
+  at::Tensor dsink_k = sink_k ? at::zeros(sink_k->sizes(), acc_opts) : at::empty({0}, q.options());
+  at::Tensor dsink_v = sink_v ? at::zeros(sink_v->sizes(), acc_opts) : at::empty({0}, q.options());
+  at::Tensor dsink_logit =
+      sink_logit ? at::zeros({d.heads}, acc_opts) : at::empty({0}, q.options());
+  const auto to_input_dtype = [&] {
+    if (sink_k) {
+      dsink_k = dsink_k.to(sink_k->scalar_type());
+      dsink_v = dsink_v.to(sink_v->scalar_type());
+    }
+    if (sink_logit) dsink_logit = dsink_logit.to(sink_logit->scalar_type());
+  };
+  if (q.numel() == 0) {
+    to_input_dtype();
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), dsink_k, dsink_v, dsink_logit};
+  }
+
+  // Padded rows take no part: with lse = +inf their P = exp(S - lse) is exactly 0.
+  const at::Tensor row_mask = query_padding_in_force(d, key_padding_mask, query_padding_mask);
+  at::Tensor lse_acc = lse.to(acc).contiguous();
+  if (row_mask.defined()) lse_acc = lse_acc.masked_fill(row_mask.logical_not().unsqueeze(1), kInf);
+  const at::Tensor dlse = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
+
+  const int64_t width = backend_width(q, grad_lse.has_value());
+  const at::Tensor qw = widen(q, width), kw = widen(k, width);
+  const at::Tensor vw = widen(v, width, {}, grad_lse.has_value());
+  const at::Tensor dout_w = widen(grad_out, width, grad_lse ? dlse.to(q.scalar_type()) : dlse);
+  const at::Tensor out_w = widen(out, width);
+  const at::Tensor bias =
+      key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
+  const Plan plan = make_plan(qw, kw, vw, bias, scale);
+  auto [dq, dk, dv] = fused_backward(plan, dout_w, qw, kw, vw, out_w, lse_acc, bias, scale);
+  dq = dq.narrow(3, 0, d.head_dim);
+
+  if (sink_k || sink_logit) {
+    MergeBwdArgs a;
+    a.kv_heads = d.kv_heads;
+    a.q = qw.narrow(3, 0, d.head_dim), a.dout = dout_w.narrow(3, 0, d.head_dim);
+    a.out = out_w.narrow(3, 0, d.head_dim), a.lse = lse_acc, a.dlse = dlse;
+    a.sink_k = in_acc(sink_k, acc), a.sink_v = in_acc(sink_v, acc);
+    a.sink_logit = in_acc(sink_logit, acc);
+    a.row_mask = row_mask;
+    a.scale = scale;
+    a.dq = dq;
+    a.dsink_k = sink_k ? dsink_k : at::Tensor(), a.dsink_v = sink_v ? dsink_v : at::Tensor();
+    a.dsink_logit = sink_logit ? dsink_logit : at::Tensor();
+    kernels.bwd(a);
+  }
+  to_input_dtype();
+  return {strided_like(dq, q),
+          strided_like(dk.narrow(3, 0, d.head_dim), k),
+          strided_like(dv.narrow(3, 0, d.head_dim), v),
+          dsink_k,
+          dsink_v,
+          dsink_logit};
+}
+
+namespace {
+
+void merge_fwd_cpu(const MergeFwdArgs& a) {
+  dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
+    sink_merge_fwd_cpu(make_sink_merge_params<T, A>(a), torch_cpu_context());
+  });
+}
+
+void merge_bwd_cpu(const MergeBwdArgs& a) {
+  dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
+    sink_merge_bwd_cpu(make_sink_merge_bwd_params<T, A>(a), torch_cpu_context());
+  });
+}
+
+constexpr MergeKernels kCpuKernels{&merge_fwd_cpu, &merge_bwd_cpu};
+
+std::tuple<at::Tensor, at::Tensor> composed_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
+    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask, double scale) {
+  return sink_attention_composed_fwd(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                     query_padding_mask, scale, kCpuKernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composed_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& sink_k,
+    const std::optional<at::Tensor>& sink_v, const std::optional<at::Tensor>& sink_logit,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  return sink_attention_composed_bwd(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
+                                     key_padding_mask, query_padding_mask, out, lse, scale,
+                                     kCpuKernels);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
+  m.def(
+      "sink_attention_composed_fwd(Tensor q, Tensor k, Tensor v, Tensor? sink_k, Tensor? sink_v, "
+      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "sink_attention_composed_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
+      "Tensor v, Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, "
+      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, "
+      "Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
+}
+
+TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {
+  m.impl("sink_attention_composed_fwd", &composed_fwd_cpu);
+  m.impl("sink_attention_composed_bwd", &composed_bwd_cpu);
+}
+
+}  // namespace sinkdlm::composed
