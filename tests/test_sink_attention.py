@@ -470,13 +470,14 @@ BLOCK_SHAPES = [  # (B, H, Hkv, Lq, Lk, D)
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("sink", SINKS)
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "B{}H{}Hkv{}Lq{}Lk{}D{}".format(*s))
-def test_queries_and_keys_of_different_lengths(shape, sink, padding):
+@pytest.mark.parametrize("backend", ["native", "composed"])
+def test_queries_and_keys_of_different_lengths(shape, sink, padding, backend):
     q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(*shape, sink, padding)
     tensors = [q, k, v, sk, sv, lam]
     ours = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     ref = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     kwargs = dict(key_padding_mask=kpm, query_padding_mask=qpm, return_lse=True)
-    out, lse = sinkdlm.sink_attention(*ours[:5], sink_logit=ours[5], **kwargs)
+    out, lse = sinkdlm.sink_attention(*ours[:5], sink_logit=ours[5], backend=backend, **kwargs)
     r_out, r_lse = sinkdlm.sink_attention_reference(
         *ref[:5], sink_logit=ref[5], sink_position=shape[4] // 3, **kwargs
     )
@@ -699,3 +700,26 @@ def test_low_precision_runs_no_reference_code(device, dtype, monkeypatch):
     )
     (out.float().sum() + lse.sum()).backward()
     assert q.grad is not None and lam.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["cpu_flash", "blocked"])
+@pytest.mark.parametrize("sink", ["none", "per_batch", "shared+logit"])
+def test_different_lengths_through_the_plain_torch_composite(kind, sink, monkeypatch):
+    """Devices without a kernel (the fused-kernel route and the blocked one), Lq != Lk."""
+    composite_module = importlib.import_module("sinkdlm.ops.sink_attention_composite")
+    monkeypatch.setattr(sink_attention_module, "has_native_kernel", lambda op, device_type: False)
+    monkeypatch.setattr(composite_module, "_attention_kind", lambda q: kind)
+    q, k, v, sk, sv, lam, kpm, qpm = make_block_inputs(2, 4, 2, 9, 300, 16, sink, True)
+    tensors = [q, k, v, sk, sv, lam]
+    ours = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    kwargs = dict(key_padding_mask=kpm, query_padding_mask=qpm, return_lse=True)
+    out, lse = sinkdlm.sink_attention(*ours[:5], sink_logit=ours[5], **kwargs)
+    r_out, r_lse = sinkdlm.sink_attention_reference(*ref[:5], sink_logit=ref[5], **kwargs)
+    g = torch.Generator().manual_seed(4)
+    d_out, d_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    ((r_out * d_out).sum() + (r_lse * d_lse).sum()).backward()
+    grads = [t.grad if t is not None else None for t in ours]
+    r_grads = [t.grad if t is not None else None for t in ref]
+    assert_close_all([out, lse, *grads], [r_out, r_lse, *r_grads], torch.float64, NAMES)
