@@ -112,10 +112,13 @@ def fast_dllm_loop(
     threshold=None,
     cfg_scale=0.0,
     shift=False,
+    schedule="llada",
 ):
-    """Fast-dLLM's sampler (LLaDA schedule, low_confidence, temperature 0): per block, a full
-    forward keeps the K/V, then cached steps until the block has no mask. With ``shift`` block
-    position i reads the hidden state of i - 1 (the queries start one earlier)."""
+    """Fast-dLLM's sampler (low_confidence, temperature 0): per block, a full forward keeps the
+    K/V, then cached steps until the block has no mask. With ``shift`` block position i reads the
+    hidden state of i - 1 (the queries start one earlier). ``schedule``: LLaDA's counts (the
+    block spread evenly, the first steps taking the remainder) or Dream's (step t -> s fills
+    int(n (1 - s / t)) of the n still masked, timesteps linspace(1, 1e-3) in float32)."""
     batch, prompt_length = prompt.shape
     total = prompt_length + gen_length
     x = torch.full((batch, total), MASK_ID, dtype=torch.long)
@@ -129,11 +132,18 @@ def fast_dllm_loop(
     calls = 0
     for start in range(prompt_length, total, block_length):
         end = start + block_length
-        remaining = block_length
-        counts = [
-            remaining // steps_per_block + (j < remaining % steps_per_block)
-            for j in range(steps_per_block)
-        ]
+        if schedule == "llada":
+            counts = [
+                block_length // steps_per_block + (j < block_length % steps_per_block)
+                for j in range(steps_per_block)
+            ]
+        else:
+            t = torch.linspace(1.0, 1e-3, steps_per_block + 1, dtype=torch.float32)
+            counts, left = [], block_length
+            for j in range(steps_per_block):
+                last = j == steps_per_block - 1
+                counts.append(left if last else int(left * (1 - t[j + 1] / t[j])))
+                left -= counts[-1]
         read = torch.arange(start, end)
         if shift:
             read = (read - 1).clamp_min(0)
@@ -213,8 +223,9 @@ class Counting:
         dict(gen_length=12, block_length=6, steps=4, threshold=0.5),
         dict(gen_length=8, block_length=4, steps=4, cfg_scale=1.0),
         dict(gen_length=8, block_length=4, steps=8, shift=True),
+        dict(gen_length=16, block_length=8, steps=6, schedule="dream"),
     ],
-    ids=["one_per_step", "two_per_step", "threshold", "cfg", "shift"],
+    ids=["one_per_step", "two_per_step", "threshold", "cfg", "shift", "dream_schedule"],
 )
 def test_generation_equals_fast_dllm_loop(variant, mode, options):
     model = tiny_model(variant)
