@@ -13,19 +13,27 @@ measure), and the time spent outside the model's forwards as a share of the time
 every position's logits, as generate did before the head was sliced (the wrapper asks for all
 and keeps the block's).
 
-Threshold: a small DiffusionLM with one sink token, the demo's shape (d_model 128, 4 layers,
-sequences of 64), is trained on the demo corpus for 800 steps (cached on disk after the first
-run), then 16-token validation prompts are completed to its training length (48 tokens, blocks
-of 16) with Fast-dLLM's threshold rule at 0.9 (and 0.5,
-0.2: a model this small is rarely 90% sure), no cache vs prefix vs dual: tokens/s, mean tokens
-filled per model call, and how many generated tokens agree with the uncached generation.
+In dual mode a cached step feeds only the block, so there the "full head" is the block's
+positions too: it differs from the sliced head only at the refresh forward of each block (all T
+positions vs the block's), one forward in block_length.
+
+Threshold: a model that predicts something. A small DiffusionLM with one sink token, the demo's
+shape (d_model 128, 4 layers, 4 heads), is trained for 800 steps (cached on disk after the first
+run) on the demo corpus as a copy task: passages of ``--copy-length`` (32) tokens followed by the
+same passage. Held-out validation passages are then given as prompts and the copy is generated
+(blocks of 16) with Fast-dLLM's threshold rule at 0.9, 0.7 and 0.5, no cache vs prefix vs dual:
+tokens/s, the mean tokens filled per model call (one call fills every row of the batch), the
+share of generated tokens equal to the passage (copy accuracy) and to the uncached generation
+(agreement). On plain continuation of demo text a model this small is almost never 90% sure
+(about one token per step at 0.9), which would leave nothing to measure.
 
 Presets: ``small`` (default, minutes on 2 CPU cores: a ~12M-parameter model, batch 1, gen 256 and
 512) and ``issue`` (issue 14's matrix: ~100M parameters, batch 1 and 4, gen 256 and 512; hours on
 2 CPU cores).
 
 Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [--threads N]
-Writes benchmarks/results/generate_<device>.json and .png and prints the table.
+[--device cpu|cuda]. Writes benchmarks/results/generate_<cpu|cuda>.json and .png and prints the
+table (the CUDA path synchronizes around each timed forward; it has not run yet).
 """
 
 from __future__ import annotations
@@ -68,6 +76,11 @@ PRESETS = {
 MODES = [None, "prefix", "dual"]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -87,12 +100,14 @@ class Timed:
         self.calls = 0
 
     def block_forward(self, tokens, attention_mask, *, cache, keep):
+        synchronize(tokens.device)
         start = time.perf_counter()
         if self.full_head:
             every = torch.arange(tokens.shape[1], device=tokens.device)
             logits = self.forward(tokens, attention_mask, cache=cache, keep=every)[:, keep]
         else:
             logits = self.forward(tokens, attention_mask, cache=cache, keep=keep)
+        synchronize(tokens.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return logits
@@ -105,6 +120,7 @@ def timed_generate(model, prompts, *, full_head, **kwargs):
     with protocol.inference_cache(model):  # the sink pass once per call, as for the model
         start, cpu_start = time.perf_counter(), time.process_time()
         out = sinkdlm.generate(timed, prompts, **kwargs)
+        synchronize(out.device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return out, seconds, cpu_seconds, timed.seconds, timed.calls
 
@@ -129,7 +145,7 @@ def llama(preset, seed=0):
 
 
 def speed(args, preset) -> list[dict]:
-    model = llama(preset)
+    model = llama(preset).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     vocab = preset["vocab"]
     configs = [
@@ -144,6 +160,7 @@ def speed(args, preset) -> list[dict]:
         for batch, gen_length, full_head, mode in configs:
             g = torch.Generator().manual_seed(1)
             prompts = torch.randint(0, vocab - 1, (batch, args.prompt_length), generator=g)
+            prompts = prompts.to(args.device)
             _, seconds, cpu_seconds, inside, calls = timed_generate(
                 model,
                 prompts,
@@ -187,14 +204,46 @@ def speed(args, preset) -> list[dict]:
     return rows
 
 
+def copy_chunks(chunks: torch.Tensor, half: int) -> torch.Tensor:
+    """(N, 2 half): each chunk's first ``half`` tokens twice, so the second copy is predictable."""
+    first = chunks[:, :half]
+    return torch.cat([first, first], dim=1)
+
+
+def train_copy_task(model, train, args, batch_size=32, lr=3e-3):
+    """AdamW on the masked diffusion loss of the copies only (the first half is a prompt: never
+    masked, never scored), warm-up then a linear decay to lr / 10."""
+    from sinkdlm.train import masked_diffusion_loss
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    batches, masks = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    prompt = torch.zeros(batch_size, train.shape[1], dtype=torch.bool)
+    prompt[:, : train.shape[1] // 2] = True
+    for step in range(args.train_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (1 - 0.9 * step / args.train_steps)
+        batch = train[torch.randint(0, train.shape[0], (batch_size,), generator=batches)]
+        loss = masked_diffusion_loss(
+            model, batch, mask_id=model.config.mask_id, prompt_mask=prompt, generator=masks
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 99:
+            print(
+                f"training the threshold model: step {step + 1}, loss {loss.item():.3f}", flush=True
+            )
+
+
 def trained_model(args):
-    """A small one-sink DiffusionLM trained on the demo corpus, and its validation chunks."""
+    """A small one-sink DiffusionLM trained on the demo corpus's copy task, and the corpus."""
     from sinkdlm import data as text_data
-    from sinkdlm.demo import train_model
     from sinkdlm.models import DiffusionLM, load_model, save_model, variant_config
 
-    text = text_data.load_text_data(seq_len=args.train_seq_len, vocab_size=1024)
-    settings = f"d{args.train_width}-l4-s{args.train_steps}-L{args.train_seq_len}"
+    text = text_data.load_text_data(seq_len=2 * args.copy_length, vocab_size=1024)
+    settings = f"d{args.train_width}-l4-s{args.train_steps}-copysft{args.copy_length}"
     path = text_data.cache_dir() / f"generate-bench-sink1-{settings}.safetensors"
     if path.is_file():
         return load_model(path).eval(), text
@@ -209,41 +258,40 @@ def trained_model(args):
         n_kv_heads=2,
     )
     model = DiffusionLM(cfg)
-    train_args = argparse.Namespace(
-        device="cpu", lr=3e-3, seed=0, batch_size=32, train_steps=args.train_steps
-    )
-    train_model(model, text.train, train_args, desc="training the threshold model")
+    train_copy_task(model, copy_chunks(text.train, args.copy_length), args)
     save_model(model, path)
     return model.eval(), text
 
 
 def threshold(args) -> list[dict]:
     model, text = trained_model(args)
-    prompt_length = args.threshold_prompt_length
-    prompts = text.val[: args.threshold_prompts, :prompt_length]
-    gen_length = args.train_seq_len - prompt_length  # the length the model was trained on
+    model.to(args.device)
+    half = args.copy_length
+    prompts = text.val[: args.threshold_prompts, :half].to(args.device)  # passages to repeat
     rows = []
     for value in args.thresholds:
         reference = None
         for mode in MODES:
-            out, seconds, _, inside, calls = timed_generate(
+            out, seconds, cpu_seconds, inside, calls = timed_generate(
                 model,
                 prompts,
                 full_head=False,
-                gen_length=gen_length,
-                steps=gen_length,
+                gen_length=half,
+                steps=half,
                 block_length=args.threshold_block_length,
                 mask_id=text.mask_id,
                 threshold=value,
                 cache=mode,
             )
-            generated = out[:, prompt_length:]
+            generated = out[:, half:]
             reference = generated if reference is None else reference
             row = dict(
                 cache=mode or "none",
                 threshold=value,
                 tokens_per_s=generated.numel() / seconds,
-                tokens_per_step=gen_length / calls,
+                cpu_seconds=cpu_seconds,
+                tokens_per_step=half / calls,
+                copy_accuracy=(generated == prompts).double().mean().item(),
                 agreement_with_no_cache=(generated == reference).double().mean().item(),
                 outside_model_share=(seconds - inside) / inside,
                 model_calls=calls,
@@ -251,7 +299,8 @@ def threshold(args) -> list[dict]:
             rows.append(row)
             print(
                 f"threshold {value} {row['cache']:>6}: {row['tokens_per_s']:7.1f} tok/s, "
-                f"{row['tokens_per_step']:.2f} tokens/step, agreement "
+                f"{row['tokens_per_step']:.2f} tokens/step, copy accuracy "
+                f"{100 * row['copy_accuracy']:.1f}%, agreement with no cache "
                 f"{100 * row['agreement_with_no_cache']:.1f}%",
                 flush=True,
             )
@@ -259,25 +308,38 @@ def threshold(args) -> list[dict]:
 
 
 def table(result) -> str:
+    cpu_seconds = {
+        (r["batch"], r["gen_length"], r["cache"], r["head"]): r["cpu_seconds"]
+        for r in result["speed"]
+    }
     lines = [
-        "| batch | gen | cache | head | tokens/s | vs no cache | (CPU time) | outside model |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        "| batch | gen | cache | head | tokens/s | vs no cache | (CPU time) | sliced vs full "
+        "(CPU time) | outside model |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["speed"]:
+        head = r["head"]
+        if head == "full" and r["cache"] == "dual":
+            head = "full (= block but at refresh)"
+        gain = ""
+        if r["head"] == "sliced":
+            full = cpu_seconds[(r["batch"], r["gen_length"], r["cache"], "full")]
+            gain = f"{full / r['cpu_seconds']:.2f}x"
         lines.append(
-            f"| {r['batch']} | {r['gen_length']} | {r['cache']} | {r['head']} | "
+            f"| {r['batch']} | {r['gen_length']} | {r['cache']} | {head} | "
             f"{r['tokens_per_s']:.1f} | {r['vs_no_cache']:.2f}x | "
-            f"{r['vs_no_cache_cpu_time']:.2f}x | {100 * r['outside_model_share']:.1f}% |"
+            f"{r['vs_no_cache_cpu_time']:.2f}x | {gain} | {100 * r['outside_model_share']:.1f}% |"
         )
     lines += [
         "",
-        "| threshold | cache | tokens/s | tokens/step | agreement with no cache |",
-        "|---:|---|---:|---:|---:|",
+        "| threshold | cache | tokens/s | tokens/step | copy accuracy | agreement with no cache |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in result["threshold"]:
         lines.append(
             f"| {r['threshold']} | {r['cache']} | {r['tokens_per_s']:.1f} | "
-            f"{r['tokens_per_step']:.2f} | {100 * r['agreement_with_no_cache']:.1f}% |"
+            f"{r['tokens_per_step']:.2f} | {100 * r['copy_accuracy']:.1f}% | "
+            f"{100 * r['agreement_with_no_cache']:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -313,7 +375,8 @@ def plot(result, path):
         )
     ax.set_xticks(range(len(groups)), [f"batch {b}, gen {g}" for b, g in groups])
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"sinkdlm.generate, {result['cpu']} ({result['threads']} threads)", fontsize=9)
+    where = result["cpu"] if result["device"] == "cpu" else result["device"]
+    ax.set_title(f"sinkdlm.generate, {where} ({result['threads']} threads)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -323,37 +386,54 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="small")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (the speed part and generation)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (best)")
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.2])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--threshold-prompts", type=int, default=8)
-    parser.add_argument("--threshold-prompt-length", type=int, default=16)
     parser.add_argument("--threshold-block-length", type=int, default=16)
-    # The demo's model shape (sinkdlm demo defaults); generation fills it to its training length.
+    # The demo's model shape (sinkdlm demo defaults), trained on passages of copy_length tokens
+    # followed by the same passage.
+    parser.add_argument("--copy-length", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=800)
     parser.add_argument("--train-width", type=int, default=128)
-    parser.add_argument("--train-seq-len", type=int, default=64)
     parser.add_argument("--skip-speed", action="store_true", help="only the threshold part")
+    parser.add_argument("--skip-threshold", action="store_true", help="only the speed part")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    device = torch.device(args.device)
     result = dict(
         cpu=cpu_name(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         preset=args.preset,
         settings={**preset, **vars(args)},
-        code_path="sinkdlm.hf native backend: sinkdlm CPU sink-attention kernel, "
-        "sinkdlm.hf.block_cache.BlockCache, sinkdlm.remask_step CPU kernel; float32",
+        code_path=f"sinkdlm.hf native backend: sinkdlm {device.type} sink attention, "
+        f"sinkdlm.hf.block_cache.BlockCache, sinkdlm.remask_step {device.type} kernel; float32",
     )
-    result["speed"] = [] if args.skip_speed else speed(args, preset)
-    result["threshold"] = threshold(args)
+    parts = {"speed": lambda: speed(args, preset), "threshold": lambda: threshold(args)}
+    skipped = {"speed": args.skip_speed, "threshold": args.skip_threshold}
+    for part, run in parts.items():
+        if not skipped[part]:
+            result[part] = run()
+            result[f"{part}_settings"] = dict(result["settings"], threads=result["threads"])
+    # A skipped part keeps its rows (and their settings) from the JSON as it is now, if any.
+    path = RESULTS / f"generate_{device.type}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    for part in parts:
+        if skipped[part]:
+            result[part] = previous.get(part, [])
+            result[f"{part}_settings"] = previous.get(f"{part}_settings", {})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generate_cpu.json").write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result, indent=2))
     if result["speed"]:
-        plot(result, RESULTS / "generate_cpu.png")
+        plot(result, RESULTS / f"generate_{device.type}.png")
     print(table(result))
 
 
