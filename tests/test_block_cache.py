@@ -395,6 +395,28 @@ def test_temperature_is_reproducible_and_progress_runs(mode):
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+@pytest.mark.parametrize("mode", [None, "prefix", "dual"])
+def test_threshold_ends_when_the_model_predicts_the_mask(mode):
+    # Filling a position with the mask token leaves it masked: Fast-dLLM's "until the block is
+    # full" would loop forever; generate stops after one step per position, as the schedule does.
+    class PredictsMask(DiffusionLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., MASK_ID] = 1e4
+            return out
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=VOCAB, mask_id=MASK_ID, d_model=16, n_layers=1, n_heads=2)
+    counting = Counting(PredictsMask(variant_config("sink1", **size)).double().eval())
+    prompt = torch.randint(1, MASK_ID, (2, 3))
+    kwargs = dict(gen_length=8, steps=4, block_length=4, mask_id=MASK_ID, cache=mode)
+    out = sinkdlm.generate(counting, prompt, threshold=0.9, **kwargs)
+    assert (out[:, 3:] == MASK_ID).all() and len(counting.calls) == 8
+    counting.calls = []
+    plain = sinkdlm.generate(counting, prompt, **kwargs)
+    assert torch.equal(out, plain) and len(counting.calls) == 4
+
+
 def test_incompatible_combinations_raise():
     def plain(tokens, attention_mask=None):
         return torch.zeros(tokens.shape[0], tokens.shape[1], VOCAB)

@@ -138,8 +138,9 @@ def generate(
         strategy, temperature, threshold: as in :func:`sinkdlm.remask_step`. With ``threshold``
             (Fast-dLLM's parallel decoding) each step fills the block's most confident masked
             position and every other at least that confident, whatever the schedule says, and
-            a block takes as many steps as it needs (one per masked position at most): ``steps``
-            is not used.
+            a block takes as many steps as it needs (one per masked position at most: a position
+            the model fills with ``mask_id`` itself stays masked, as without a threshold):
+            ``steps`` is not used.
         count_floor: with ``threshold``, the hybrid rule: each step also fills at least the
             schedule's count, so a block ends within its ``steps / blocks`` steps.
         cfg_scale: classifier-free guidance as in LLaDA (unconditional pass with the prompt
@@ -203,8 +204,11 @@ def generate(
             f"{type(model).__name__} is only callable (see sinkdlm.protocol.block_forward)"
         )
     steps_per_block = steps // num_blocks
-    # Fast-dLLM's threshold rule runs each block until it is full, not for a fixed step count.
+    # Fast-dLLM's threshold rule runs each block until it is full, not for a fixed step count;
+    # at most one step per position, so a model that fills a position with the mask token itself
+    # (which leaves it masked) ends the block there instead of looping forever.
     until_full = threshold is not None and not count_floor
+    block_steps = block_length if until_full else steps_per_block
     batch, prompt_length = input_ids.shape
     total_length = prompt_length + gen_length
     device = input_ids.device
@@ -257,7 +261,7 @@ def generate(
             else:
                 counts = dream_transfer_schedule(num_masked, steps_per_block, eps)
             i = 0
-            while i < steps_per_block or until_full:
+            while i < block_steps:
                 if threshold is not None and not (x[:, start:end] == mask_id).any():
                     if not until_full:
                         bar.update(steps_per_block - i)
