@@ -3,106 +3,121 @@
 // dO.sink_v), so a row costs one read of q and out (and dO) and one write. The backward's sink
 // gradients are summed per block of kRowsPerBlock rows (warps in a fixed order) into a workspace,
 // then over blocks, heads and the batch by a second kernel in a fixed order: deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cmath>
 
-#include "common.cuh"
 #include "sink_merge.h"
 
 namespace sinkdlm {
 namespace {
 
-using device::kWarpSize;
-using device::warp_sum;
-
+constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;  // rows in flight per block
 constexpr int kPerLane = static_cast<int>(kSinkMergeMaxHeadDim) / kWarpSize;
 constexpr int64_t kRowsPerBlock = 64;  // backward: rows per partial sum
 constexpr int kReduceThreads = 128;
 
-// Row i of head (b, h) of a (B, H, L, D) tensor of storage type S.
-template <typename S>
-__device__ __forceinline__ S* row(const void* x, const Strides4& st, int64_t b, int64_t h,
-                                  int64_t i) {
-  return static_cast<S*>(const_cast<void*>(x)) + b * st.b + h * st.h + i * st.l;
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(float16 x) {
+  return __half2float(__ushort_as_half(x.bits));
+}
+__device__ __forceinline__ float to_f32(bfloat16 x) {
+  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float16 from_f32<float16>(float x) {
+  return {__half_as_ushort(__float2half_rn(x))};
+}
+template <>
+__device__ __forceinline__ bfloat16 from_f32<bfloat16>(float x) {
+  return {__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* row(const T* x, const int64_t* st, int64_t b, int64_t h,
+                                        int64_t i) {
+  return x + b * st[0] + h * st[1] + i * st[2];
 }
 
 // grid (ceil(L / kWarps), H, B); warp w of block x handles row x * kWarps + w.
-template <ScalarType kType>
+template <typename T>
 __global__ void __launch_bounds__(kWarpSize* kWarps)
-    sink_merge_fwd_kernel(const SinkMergeParams p) {
-  using E = device::Element<kType>;
-  using S = typename E::Storage;
+    sink_merge_fwd_kernel(const SinkMergeParams<T, float> p) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
-  const int64_t h = blockIdx.y, b = blockIdx.z, L = p.seq_len, D = p.head_dim;
+  const int64_t h = blockIdx.y, b = blockIdx.z, L = p.seqlen, D = p.head_dim;
   if (i >= L) return;  // warp-uniform
-  S* o = row<S>(p.out, p.out_stride, b, h, i);
-  const int64_t r = (b * p.heads + h) * L + i;
-  float* lse_out = static_cast<float*>(p.lse) + r;
-  if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * L + i]) {
-    for (int64_t d = lane; d < D; d += kWarpSize) o[d] = E::from_float(0.f);
+  T* o = p.out + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+  float* lse_out = p.lse + (b * p.heads + h) * L + i;
+  if (p.row_mask != nullptr && !p.row_mask[b * L + i]) {
+    for (int64_t d = lane; d < D; d += kWarpSize) o[d] = from_f32<T>(0.f);
     if (lane == 0) *lse_out = 0.f;
     return;
   }
   const int64_t hk = h / (p.heads / p.kv_heads);
   const int64_t sink_offset = b * p.sink_batch_stride + hk * D;
-  const float* sink_k = static_cast<const float*>(p.sink_k);
-  const float* sink_v = static_cast<const float*>(p.sink_v);
-  const float* sink_logit = static_cast<const float*>(p.sink_logit);
-  const S* qi = row<const S>(p.q, p.q_stride, b, h, i);
+  const T* qi = row(p.q, p.q_stride, b, h, i);
   float s = -INFINITY;
-  if (sink_k != nullptr) {
+  if (p.sink_k != nullptr) {
     float part = 0.f;
-    for (int64_t d = lane; d < D; d += kWarpSize)
-      part += E::to_float(qi[d]) * sink_k[sink_offset + d];
-    s = static_cast<float>(p.scale) * warp_sum(part);
+    for (int64_t d = lane; d < D; d += kWarpSize) part += to_f32(qi[d]) * p.sink_k[sink_offset + d];
+    s = p.scale * warp_sum(part);
   }
-  const float lam = sink_logit != nullptr ? sink_logit[h] : -INFINITY;
-  const float lse_tok = static_cast<const float*>(p.attn_lse)[r];
+  const float lam = p.sink_logit != nullptr ? p.sink_logit[h] : -INFINITY;
+  const float lse_tok =
+      p.attn_lse[b * p.attn_lse_stride[0] + h * p.attn_lse_stride[1] + i * p.attn_lse_stride[2]];
   const float m = fmaxf(lse_tok, fmaxf(s, lam));
   const float lse = m + logf(expf(lse_tok - m) + expf(s - m) + expf(lam - m));
   const float w_tok = expf(lse_tok - lse);
-  const float w_sink = sink_v != nullptr ? expf(s - lse) : 0.f;
-  const S* ai = row<const S>(p.attn_out, p.attn_out_stride, b, h, i);
+  const float w_sink = p.sink_v != nullptr ? expf(s - lse) : 0.f;
+  const T* ai = row(p.attn_out, p.attn_out_stride, b, h, i);
   for (int64_t d = lane; d < D; d += kWarpSize) {
-    float x = E::to_float(ai[d]) * w_tok;  // read before the write: o may alias ai
-    if (sink_v != nullptr) x += w_sink * sink_v[sink_offset + d];
-    o[d] = E::from_float(x);
+    float x = to_f32(ai[d]) * w_tok;  // read before the write: o may alias ai
+    if (p.sink_v != nullptr) x += w_sink * p.sink_v[sink_offset + d];
+    o[d] = from_f32<T>(x);
   }
   if (lane == 0) *lse_out = lse;
 }
 
 // grid (ceil(L / kRowsPerBlock), H, B). Writes one partial per block:
 // part_k / part_v [(b * H + h) * blocks + block][D], part_logit [(b * H + h) * blocks + block].
-template <ScalarType kType>
+template <typename T>
 __global__ void __launch_bounds__(kWarpSize* kWarps)
-    sink_grad_rows_kernel(const SinkMergeBwdParams p, float* part_k, float* part_v,
+    sink_grad_rows_kernel(const SinkGradParams<T, float> p, float* part_k, float* part_v,
                           float* part_logit) {
-  using E = device::Element<kType>;
-  using S = typename E::Storage;
   __shared__ float red_k[kWarps][kSinkMergeMaxHeadDim];
   __shared__ float red_v[kWarps][kSinkMergeMaxHeadDim];
   __shared__ float red_logit[kWarps];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t L = p.seq_len, D = p.head_dim, bh = b * p.heads + h;
+  const int64_t L = p.seqlen, D = p.head_dim, bh = b * p.heads + h;
   const int64_t hk = h / (p.heads / p.kv_heads);
-  const float scale = static_cast<float>(p.scale);
-  const float* lse_in = static_cast<const float*>(p.lse);
-  const float* dlse = static_cast<const float*>(p.dlse);
-  const float* sink_logit = static_cast<const float*>(p.sink_logit);
   const bool token = p.sink_k != nullptr;
-  const int64_t sink_offset = b * p.sink_batch_stride + hk * D;
-  const float* sk = token ? static_cast<const float*>(p.sink_k) + sink_offset : nullptr;
-  const float* sv = token ? static_cast<const float*>(p.sink_v) + sink_offset : nullptr;
+  const float* sk = token ? p.sink_k + b * p.sink_batch_stride + hk * D : nullptr;
+  const float* sv = token ? p.sink_v + b * p.sink_batch_stride + hk * D : nullptr;
   float acc_k[kPerLane] = {}, acc_v[kPerLane] = {};
   float acc_logit = 0.f;
   const int64_t i_end = min(L, (block + 1) * kRowsPerBlock);
   for (int64_t i = block * kRowsPerBlock + warp; i < i_end; i += kWarps) {
-    if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * L + i]) continue;  // uniform
-    const S* qi = row<const S>(p.q, p.q_stride, b, h, i);
-    const S* doi = row<const S>(p.dout, p.dout_stride, b, h, i);
-    const S* oi = row<const S>(p.out, p.out_stride, b, h, i);
+    if (p.row_mask != nullptr && !p.row_mask[b * L + i]) continue;  // warp-uniform
+    const T* qi = row(p.q, p.q_stride, b, h, i);
+    const T* doi = row(p.dout, p.dout_stride, b, h, i);
+    const T* oi = row(p.out, p.out_stride, b, h, i);
     float dov[kPerLane], qv[kPerLane];
     float delta = 0.f, do_sv = 0.f, q_sk = 0.f;
 #pragma unroll
@@ -110,33 +125,33 @@ __global__ void __launch_bounds__(kWarpSize* kWarps)
       const int64_t d = lane + c * kWarpSize;
       dov[c] = qv[c] = 0.f;
       if (d < D) {
-        dov[c] = E::to_float(doi[d]);
-        delta += dov[c] * E::to_float(oi[d]);
+        dov[c] = to_f32(doi[d]);
+        delta += dov[c] * to_f32(oi[d]);
         if (token) {
-          qv[c] = E::to_float(qi[d]);
+          qv[c] = to_f32(qi[d]);
           do_sv += dov[c] * sv[d];
           q_sk += qv[c] * sk[d];
         }
       }
     }
     delta = warp_sum(delta);
-    const float lse = lse_in[bh * L + i];
-    const float g = dlse != nullptr ? dlse[bh * L + i] : 0.f;
+    const float lse = p.lse[bh * L + i];
+    const float g = p.dlse != nullptr ? p.dlse[bh * L + i] : 0.f;
     if (token) {
-      const float prob = expf(scale * warp_sum(q_sk) - lse);
+      const float prob = expf(p.scale * warp_sum(q_sk) - lse);
       const float ds = prob * (warp_sum(do_sv) - delta + g);
-      S* dqi = row<S>(p.dq, p.dq_stride, b, h, i);
+      T* dqi = p.dq + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2];
 #pragma unroll
       for (int c = 0; c < kPerLane; ++c) {
         const int64_t d = lane + c * kWarpSize;
         if (d < D) {
           acc_v[c] += prob * dov[c];
-          acc_k[c] += scale * ds * qv[c];
-          dqi[d] = E::from_float(E::to_float(dqi[d]) + scale * ds * sk[d]);
+          acc_k[c] += p.scale * ds * qv[c];
+          dqi[d] = from_f32<T>(to_f32(dqi[d]) + p.scale * ds * sk[d]);
         }
       }
     }
-    if (sink_logit != nullptr) acc_logit += expf(sink_logit[h] - lse) * (g - delta);
+    if (p.sink_logit != nullptr) acc_logit += expf(p.sink_logit[h] - lse) * (g - delta);
   }
   if (token) {
 #pragma unroll
@@ -162,12 +177,13 @@ __global__ void __launch_bounds__(kWarpSize* kWarps)
       part_v[slot * D + d] = v;
     }
   }
-  if (sink_logit != nullptr && threadIdx.x == 0) {
+  if (p.sink_logit != nullptr && threadIdx.x == 0) {
     float s = 0.f;
     for (int w = 0; w < kWarps; ++w) s += red_logit[w];
     part_logit[slot] = s;
   }
 }
+
 // One block per output sink row o (hk for a shared sink, b * Hkv + hk per batch).
 __global__ void __launch_bounds__(kReduceThreads)
     sink_grad_reduce_kernel(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -200,70 +216,42 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-int64_t row_blocks(int64_t seq_len) { return (seq_len + kRowsPerBlock - 1) / kRowsPerBlock; }
+int64_t row_blocks(int64_t seqlen) { return (seqlen + kRowsPerBlock - 1) / kRowsPerBlock; }
 
-bool supported(const SinkAttentionParams& p) {
-  return p.dtype != ScalarType::kFloat64 && p.batch <= 65535 && p.heads <= 65535 &&
-         p.kv_heads > 0 && p.heads % p.kv_heads == 0 && p.head_dim > 0 &&
-         p.head_dim <= kSinkMergeMaxHeadDim && p.q_stride.d == 1;
-}
-
-template <ScalarType kType>
-struct LaunchFwd {
-  static cudaError_t run(const SinkMergeParams& p, dim3 grid, cudaStream_t stream) {
-    sink_merge_fwd_kernel<kType><<<grid, kWarpSize * kWarps, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-};
-
-template <ScalarType kType>
-struct LaunchGradRows {
-  static cudaError_t run(const SinkMergeBwdParams& p, dim3 grid, cudaStream_t stream, float* part_k,
-                         float* part_v, float* part_logit) {
-    sink_grad_rows_kernel<kType>
-        <<<grid, kWarpSize * kWarps, 0, stream>>>(p, part_k, part_v, part_logit);
-    return cudaGetLastError();
-  }
-};
-
-// Fn<kType>::run(args...) for the float types the kernels take (no float64).
-template <template <ScalarType> class Fn, typename... Args>
-cudaError_t dispatch(ScalarType t, Args&&... args) {
-  switch (t) {
-    case ScalarType::kFloat32:
-      return Fn<ScalarType::kFloat32>::run(args...);
-    case ScalarType::kFloat16:
-      return Fn<ScalarType::kFloat16>::run(args...);
-    case ScalarType::kBFloat16:
-      return Fn<ScalarType::kBFloat16>::run(args...);
-    default:
-      return cudaErrorInvalidValue;
-  }
+bool dims_ok(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  return batch <= 65535 && heads <= 65535 && kv_heads > 0 && heads % kv_heads == 0 &&
+         head_dim > 0 && head_dim <= kSinkMergeMaxHeadDim;
 }
 
 }  // namespace
 
-cudaError_t launch_sink_merge_fwd(const SinkMergeParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.heads == 0 || p.seq_len == 0) return cudaSuccess;
-  if (!supported(p) || p.attn_out_stride.d != 1 || p.out_stride.d != 1)
+template <typename T>
+cudaError_t launch_sink_merge_fwd(const SinkMergeParams<T, float>& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen == 0) return cudaSuccess;
+  if (!dims_ok(p.batch, p.heads, p.kv_heads, p.head_dim) || p.q_stride[3] != 1 ||
+      p.attn_out_stride[3] != 1 || p.out_stride[3] != 1)
     return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((p.seq_len + kWarps - 1) / kWarps),
+  const dim3 grid(static_cast<unsigned>((p.seqlen + kWarps - 1) / kWarps),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  return dispatch<LaunchFwd>(p.dtype, p, grid, stream);
+  sink_merge_fwd_kernel<T><<<grid, kWarpSize * kWarps, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
-size_t sink_merge_bwd_workspace_bytes(const SinkMergeBwdParams& p) {
-  const int64_t slots = p.batch * p.heads * row_blocks(p.seq_len);
-  return sizeof(float) * static_cast<size_t>(slots * (2 * p.head_dim + 1));
+size_t sink_merge_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_t seqlen,
+                                      int64_t head_dim) {
+  const int64_t slots = batch * heads * row_blocks(seqlen);
+  return sizeof(float) * static_cast<size_t>(slots * (2 * head_dim + 1));
 }
 
-cudaError_t launch_sink_merge_bwd(const SinkMergeBwdParams& p, void* workspace,
+template <typename T>
+cudaError_t launch_sink_merge_bwd(const SinkGradParams<T, float>& p, void* workspace,
                                   cudaStream_t stream) {
   const bool token = p.sink_k != nullptr, logit = p.sink_logit != nullptr;
   if (!token && !logit) return cudaSuccess;
-  if (!supported(p) || p.dout_stride.d != 1 || p.out_stride.d != 1 || p.dq_stride.d != 1)
+  if (!dims_ok(p.batch, p.heads, p.kv_heads, p.head_dim) || p.q_stride[3] != 1 ||
+      p.dout_stride[3] != 1 || p.out_stride[3] != 1 || p.dq_stride[3] != 1)
     return cudaErrorInvalidValue;
-  const int64_t blocks = row_blocks(p.seq_len);
+  const int64_t blocks = row_blocks(p.seqlen);
   const int64_t slots = p.batch * p.heads * blocks;
   float* part_k = static_cast<float*>(workspace);
   float* part_v = part_k + slots * p.head_dim;
@@ -271,8 +259,9 @@ cudaError_t launch_sink_merge_bwd(const SinkMergeBwdParams& p, void* workspace,
   if (slots > 0) {
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.heads),
                     static_cast<unsigned>(p.batch));
-    const cudaError_t err =
-        dispatch<LaunchGradRows>(p.dtype, p, grid, stream, part_k, part_v, part_logit);
+    sink_grad_rows_kernel<T>
+        <<<grid, kWarpSize * kWarps, 0, stream>>>(p, part_k, part_v, part_logit);
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (token) {
@@ -280,18 +269,27 @@ cudaError_t launch_sink_merge_bwd(const SinkMergeBwdParams& p, void* workspace,
     const int64_t outputs = shared ? p.kv_heads : p.batch * p.kv_heads;
     if (outputs > 0) {
       sink_grad_reduce_kernel<<<static_cast<unsigned>(outputs), kReduceThreads, 0, stream>>>(
-          p.batch, p.heads, p.kv_heads, p.head_dim, blocks, shared, part_k, part_v,
-          static_cast<float*>(p.dsink_k), static_cast<float*>(p.dsink_v));
+          p.batch, p.heads, p.kv_heads, p.head_dim, blocks, shared, part_k, part_v, p.dsink_k,
+          p.dsink_v);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
   }
   if (logit) {
     sink_logit_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(p.batch, p.heads, blocks, part_logit,
-                                                               static_cast<float*>(p.dsink_logit));
+                                                               p.dsink_logit);
     return cudaGetLastError();
   }
   return cudaSuccess;
 }
+
+#define SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(T)                                                   \
+  template cudaError_t launch_sink_merge_fwd<T>(const SinkMergeParams<T, float>&, cudaStream_t); \
+  template cudaError_t launch_sink_merge_bwd<T>(const SinkGradParams<T, float>&, void*,          \
+                                                cudaStream_t);
+SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(float)
+SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(float16)
+SINKDLM_INSTANTIATE_SINK_MERGE_CUDA(bfloat16)
+#undef SINKDLM_INSTANTIATE_SINK_MERGE_CUDA
 
 }  // namespace sinkdlm

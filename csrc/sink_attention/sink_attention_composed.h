@@ -11,14 +11,35 @@
 #include <optional>
 #include <tuple>
 
+#include "common/half.h"
 #include "sink_attention/sink_merge_params.h"
 
 namespace sinkdlm::composed {
 
-// A device's merge kernels, on params whose pointers are that device's.
+// One forward merge. The sinks are contiguous in the accumulation type and row_mask is (B, L)
+// bool contiguous; undefined tensors are absent. attn_lse is a (B, H, L) view of the backend's.
+struct MergeFwdArgs {
+  int64_t kv_heads;
+  at::Tensor q, attn_out, attn_lse;
+  at::Tensor sink_k, sink_v, sink_logit, row_mask;
+  double scale;
+  at::Tensor out, lse;  // written; out may be attn_out itself
+};
+
+// One backward merge: dq is updated in place; lse, dlse contiguous in the accumulation type.
+struct MergeBwdArgs {
+  int64_t kv_heads;
+  at::Tensor q, dout, out, lse, dlse;
+  at::Tensor sink_k, sink_v, sink_logit, row_mask;
+  double scale;
+  at::Tensor dq;
+  at::Tensor dsink_k, dsink_v, dsink_logit;  // written, contiguous accumulation type
+};
+
+// A device's merge kernels.
 struct MergeKernels {
-  void (*fwd)(const SinkMergeParams&);
-  void (*bwd)(const SinkMergeBwdParams&);
+  void (*fwd)(const MergeFwdArgs&);
+  void (*bwd)(const MergeBwdArgs&);
 };
 
 // Same arguments and results as sinkdlm::sink_attention_fwd / _bwd. out, dq, dk and dv have the
@@ -38,5 +59,74 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& key_padding_mask,
                             const at::Tensor& out, const at::Tensor& lse, double scale,
                             const MergeKernels& kernels);
+
+// ---- helpers for a device's merge kernels ------------------------------------------------
+
+// Calls fn.template operator()<T, A>() with T the storage type of `dtype` (float, double,
+// float16, bfloat16) and A its accumulation type.
+template <typename Fn>
+void dispatch_storage_type(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn.template operator()<float, float>();
+    case at::kDouble:
+      return fn.template operator()<double, double>();
+    case at::kHalf:
+      return fn.template operator()<float16, float>();
+    case at::kBFloat16:
+      return fn.template operator()<bfloat16, float>();
+    default:
+      TORCH_CHECK_TYPE(
+          false, "sink_attention: q must be float32, float64, float16 or bfloat16, got ", dtype);
+  }
+}
+
+template <typename T>
+T* data_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+template <int N>
+void strides_of(const at::Tensor& t, int64_t (&out)[N]) {
+  for (int i = 0; i < N; ++i) out[i] = t.stride(i);
+}
+
+template <typename T, typename A>
+SinkMergeParams<T, A> merge_fwd_params(const MergeFwdArgs& a) {
+  SinkMergeParams<T, A> p{};
+  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seqlen = a.q.size(2), p.head_dim = a.q.size(3);
+  p.kv_heads = a.kv_heads;
+  p.scale = static_cast<A>(a.scale);
+  p.q = data_of<const T>(a.q), strides_of(a.q, p.q_stride);
+  p.attn_out = data_of<const T>(a.attn_out), strides_of(a.attn_out, p.attn_out_stride);
+  p.attn_lse = data_of<const A>(a.attn_lse), strides_of(a.attn_lse, p.attn_lse_stride);
+  p.sink_k = data_of<const A>(a.sink_k), p.sink_v = data_of<const A>(a.sink_v);
+  p.sink_batch_stride = a.sink_k.defined() && a.sink_k.dim() == 3 ? a.sink_k.stride(0) : 0;
+  p.sink_logit = data_of<const A>(a.sink_logit);
+  p.row_mask = data_of<const bool>(a.row_mask);
+  p.out = data_of<T>(a.out), strides_of(a.out, p.out_stride);
+  p.lse = data_of<A>(a.lse);
+  return p;
+}
+
+template <typename T, typename A>
+SinkGradParams<T, A> merge_bwd_params(const MergeBwdArgs& a) {
+  SinkGradParams<T, A> p{};
+  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seqlen = a.q.size(2), p.head_dim = a.q.size(3);
+  p.kv_heads = a.kv_heads;
+  p.scale = static_cast<A>(a.scale);
+  p.q = data_of<const T>(a.q), strides_of(a.q, p.q_stride);
+  p.dout = data_of<const T>(a.dout), strides_of(a.dout, p.dout_stride);
+  p.out = data_of<const T>(a.out), strides_of(a.out, p.out_stride);
+  p.lse = data_of<const A>(a.lse), p.dlse = data_of<const A>(a.dlse);
+  p.sink_k = data_of<const A>(a.sink_k), p.sink_v = data_of<const A>(a.sink_v);
+  p.sink_batch_stride = a.sink_k.defined() && a.sink_k.dim() == 3 ? a.sink_k.stride(0) : 0;
+  p.sink_logit = data_of<const A>(a.sink_logit);
+  p.row_mask = data_of<const bool>(a.row_mask);
+  p.dq = data_of<T>(a.dq), strides_of(a.dq, p.dq_stride);
+  p.dsink_k = data_of<A>(a.dsink_k), p.dsink_v = data_of<A>(a.dsink_v);
+  p.dsink_logit = data_of<A>(a.dsink_logit);
+  return p;
+}
 
 }  // namespace sinkdlm::composed

@@ -18,6 +18,7 @@
 // P_ij * dlse_i, which is what a value column of ones and a dO column equal to dlse give (with
 // that column of out set to 0, rowsum(dO * out) is unchanged). So the backward runs once at head
 // dim D + 1 (rounded up to 8 on CUDA): exact, at the cost of the wider copies.
+#include <ATen/Parallel.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/ops/_fused_sdp_choice.h>
 #include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
@@ -35,11 +36,11 @@
 #include <torch/library.h>
 
 #include <limits>
-#include <vector>
 
-#include "common/torch_interop.h"
-#include "sink_attention/sink_attention_args.h"
+#include "common/cpu_context.h"
 #include "sink_attention/sink_attention_composed.h"
+#include "sink_attention/sink_attention_composed_args.h"
+#include "common/torch_interop.h"
 #include "sink_attention/sink_merge_cpu.h"
 
 namespace sinkdlm::composed {
@@ -242,6 +243,10 @@ at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
   return at::empty_like(like).copy_(grad);
 }
 
+at::Tensor in_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t ? t->to(acc).contiguous() : at::Tensor();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
@@ -249,17 +254,15 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
     double scale, const MergeKernels& kernels) {
-  // The native op's checks; p's sinks are converted to the accumulation type (owned by keep).
-  std::vector<at::Tensor> keep;
-  SinkMergeParams p{make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit,
-                                               key_padding_mask, scale, keep)};
-  TORCH_CHECK(p.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
+  const SinkAttentionDims d =
+      check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask);
+  TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
+  const at::ScalarType acc = acc_type(q.scalar_type());
   // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
   // viewed as heads) gives an out whose transpose(1, 2).reshape(B, L, H * D) is free, and the
   // merge runs in place over the backend's out whenever the layouts agree.
   at::Tensor out = at::empty_like(q);
-  at::Tensor lse =
-      at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(acc_type(q.scalar_type())));
+  at::Tensor lse = at::empty({d.batch, d.heads, d.seqlen}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
 
   const int64_t width = backend_width(q, false);
@@ -268,18 +271,19 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
       key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
   const Plan plan = make_plan(qw, kw, vw, bias, scale);
   auto [attn_out, attn_lse] = fused_forward(plan, qw, kw, vw, bias, scale);
-  attn_out = attn_out.narrow(3, 0, p.head_dim);
-  attn_lse = attn_lse.contiguous();
-  if (attn_out.strides() == out.strides()) out = attn_out;  // merge in place
+  attn_out = attn_out.narrow(3, 0, d.head_dim);
 
-  const at::Tensor qn = qw.narrow(3, 0, p.head_dim);  // unit last stride, as CUDA needs
-  p.q = qn.data_ptr(), p.q_stride = strides4(qn);
-  p.attn_out = attn_out.data_ptr(), p.attn_out_stride = strides4(attn_out);
-  p.attn_lse = attn_lse.data_ptr();
-  p.out = out.data_ptr(), p.out_stride = strides4(out);
-  p.lse = lse.data_ptr();
-  kernels.fwd(p);
-  return {out, lse};
+  MergeFwdArgs a;
+  a.kv_heads = d.kv_heads;
+  a.q = qw.narrow(3, 0, d.head_dim), a.attn_out = attn_out, a.attn_lse = attn_lse;
+  a.sink_k = in_acc(sink_k, acc), a.sink_v = in_acc(sink_v, acc);
+  a.sink_logit = in_acc(sink_logit, acc);
+  a.row_mask = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  a.scale = scale;
+  a.out = attn_out.strides() == out.strides() ? attn_out : out;
+  a.lse = lse;
+  kernels.fwd(a);
+  return {a.out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -291,17 +295,16 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& key_padding_mask,
                             const at::Tensor& out, const at::Tensor& lse, double scale,
                             const MergeKernels& kernels) {
-  std::vector<at::Tensor> keep;
-  SinkMergeBwdParams p{{make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit,
-                                                   key_padding_mask, scale, keep)}};
-  check_sink_attention_bwd_args(p, grad_out, grad_lse, q, out, lse);
-  TORCH_CHECK(p.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
+  const SinkAttentionDims d =
+      check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask);
+  check_sink_attention_bwd_args(d, grad_out, grad_lse, q, out, lse);
+  TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
   at::Tensor dsink_k = sink_k ? at::zeros(sink_k->sizes(), acc_opts) : at::empty({0}, q.options());
   at::Tensor dsink_v = sink_v ? at::zeros(sink_v->sizes(), acc_opts) : at::empty({0}, q.options());
   at::Tensor dsink_logit =
-      sink_logit ? at::zeros({p.heads}, acc_opts) : at::empty({0}, q.options());
+      sink_logit ? at::zeros({d.heads}, acc_opts) : at::empty({0}, q.options());
   const auto to_input_dtype = [&] {
     if (sink_k) {
       dsink_k = dsink_k.to(sink_k->scalar_type());
@@ -320,7 +323,7 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
     lse_acc = lse_acc.masked_fill(key_padding_mask->logical_not().unsqueeze(1), kInf);
   const at::Tensor dlse = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
 
-  const int64_t D = p.head_dim, width = backend_width(q, grad_lse.has_value());
+  const int64_t width = backend_width(q, grad_lse.has_value());
   const at::Tensor qw = widen(q, width), kw = widen(k, width);
   const at::Tensor vw = widen(v, width, {}, grad_lse.has_value());
   const at::Tensor dout_w = widen(grad_out, width, grad_lse ? dlse.to(q.scalar_type()) : dlse);
@@ -329,26 +332,26 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
       key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
   const Plan plan = make_plan(qw, kw, vw, bias, scale);
   auto [dq, dk, dv] = fused_backward(plan, dout_w, qw, kw, vw, out_w, lse_acc, bias, scale);
-  dq = dq.narrow(3, 0, D);
+  dq = dq.narrow(3, 0, d.head_dim);
 
   if (sink_k || sink_logit) {
-    const at::Tensor qn = qw.narrow(3, 0, D), dout_n = dout_w.narrow(3, 0, D);
-    const at::Tensor out_n = out_w.narrow(3, 0, D);
-    p.q = qn.data_ptr(), p.q_stride = strides4(qn);
-    p.dout = dout_n.data_ptr(), p.dout_stride = strides4(dout_n);
-    p.out = out_n.data_ptr(), p.out_stride = strides4(out_n);
-    p.lse = lse_acc.data_ptr();
-    p.dlse = grad_lse ? dlse.data_ptr() : nullptr;
-    p.dq = dq.data_ptr(), p.dq_stride = strides4(dq);
-    p.dsink_k = sink_k ? dsink_k.data_ptr() : nullptr;
-    p.dsink_v = sink_v ? dsink_v.data_ptr() : nullptr;
-    p.dsink_logit = sink_logit ? dsink_logit.data_ptr() : nullptr;
-    kernels.bwd(p);
+    MergeBwdArgs a;
+    a.kv_heads = d.kv_heads;
+    a.q = qw.narrow(3, 0, d.head_dim), a.dout = dout_w.narrow(3, 0, d.head_dim);
+    a.out = out_w.narrow(3, 0, d.head_dim), a.lse = lse_acc, a.dlse = dlse;
+    a.sink_k = in_acc(sink_k, acc), a.sink_v = in_acc(sink_v, acc);
+    a.sink_logit = in_acc(sink_logit, acc);
+    a.row_mask = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+    a.scale = scale;
+    a.dq = dq;
+    a.dsink_k = sink_k ? dsink_k : at::Tensor(), a.dsink_v = sink_v ? dsink_v : at::Tensor();
+    a.dsink_logit = sink_logit ? dsink_logit : at::Tensor();
+    kernels.bwd(a);
   }
   to_input_dtype();
   return {strided_like(dq, q),
-          strided_like(dk.narrow(3, 0, D), k),
-          strided_like(dv.narrow(3, 0, D), v),
+          strided_like(dk.narrow(3, 0, d.head_dim), k),
+          strided_like(dv.narrow(3, 0, d.head_dim), v),
           dsink_k,
           dsink_v,
           dsink_logit};
@@ -356,9 +359,17 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
 
 namespace {
 
-void merge_fwd_cpu(const SinkMergeParams& p) { sink_merge_fwd_cpu(p, torch_cpu_context()); }
+void merge_fwd_cpu(const MergeFwdArgs& a) {
+  dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
+    sink_merge_fwd_cpu(merge_fwd_params<T, A>(a), torch_cpu_context());
+  });
+}
 
-void merge_bwd_cpu(const SinkMergeBwdParams& p) { sink_merge_bwd_cpu(p, torch_cpu_context()); }
+void merge_bwd_cpu(const MergeBwdArgs& a) {
+  dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
+    sink_merge_bwd_cpu(merge_bwd_params<T, A>(a), torch_cpu_context());
+  });
+}
 
 constexpr MergeKernels kCpuKernels{&merge_fwd_cpu, &merge_bwd_cpu};
 

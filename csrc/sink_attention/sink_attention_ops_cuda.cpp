@@ -4,10 +4,11 @@
 // into CUDA builds of torch.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "sink_attention/sink_attention_composed.h"
 #include "sink_merge.h"
@@ -15,29 +16,40 @@
 namespace sinkdlm::composed {
 namespace {
 
-// The kernels take float32, float16 and bfloat16 (ATen's fused attention has no float64) and head
-// dims up to kSinkMergeMaxHeadDim; the launchers refuse anything else (cudaErrorInvalidValue),
-// these checks say why first.
-void check_supported(const SinkAttentionParams& p) {
-  TORCH_CHECK_TYPE(p.dtype != ScalarType::kFloat64,
-                   "sink_attention: float64 has no fused attention kernel on CUDA");
-  TORCH_CHECK(p.head_dim <= kSinkMergeMaxHeadDim, "sink_attention: head_dim must be at most ",
-              kSinkMergeMaxHeadDim, " on CUDA, got ", p.head_dim);
+// The CUDA kernels take float, float16 and bfloat16 (ATen's fused attention has no float64).
+template <typename Fn>
+void dispatch_cuda_type(at::ScalarType dtype, Fn&& fn) {
+  TORCH_CHECK_TYPE(dtype != at::kDouble, "sink_attention: float64 is not supported on CUDA");
+  dispatch_storage_type(dtype, [&]<typename T, typename A>() {
+    if constexpr (!std::is_same_v<T, double>) fn.template operator()<T>();
+  });
 }
 
-// Run on the device the op's guard has made current.
-void merge_fwd_cuda(const SinkMergeParams& p) {
-  check_supported(p);
-  C10_CUDA_CHECK(launch_sink_merge_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
+void check_head_dim(int64_t head_dim) {
+  TORCH_CHECK(head_dim <= kSinkMergeMaxHeadDim, "sink_attention: head_dim must be at most ",
+              kSinkMergeMaxHeadDim, " on CUDA, got ", head_dim);
 }
 
-void merge_bwd_cuda(const SinkMergeBwdParams& p) {
-  check_supported(p);
-  const at::Tensor workspace = at::empty(
-      {static_cast<int64_t>(sink_merge_bwd_workspace_bytes(p))},
-      at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
-  C10_CUDA_CHECK(
-      launch_sink_merge_bwd(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
+void merge_fwd_cuda(const MergeFwdArgs& a) {
+  check_head_dim(a.q.size(3));
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  dispatch_cuda_type(a.q.scalar_type(), [&]<typename T>() {
+    C10_CUDA_CHECK(launch_sink_merge_fwd<T>(merge_fwd_params<T, float>(a),
+                                            c10::cuda::getCurrentCUDAStream().stream()));
+  });
+}
+
+void merge_bwd_cuda(const MergeBwdArgs& a) {
+  check_head_dim(a.q.size(3));
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  const size_t bytes =
+      sink_merge_bwd_workspace_bytes(a.q.size(0), a.q.size(1), a.q.size(2), a.q.size(3));
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(bytes)}, a.q.options().dtype(at::kByte));
+  dispatch_cuda_type(a.q.scalar_type(), [&]<typename T>() {
+    C10_CUDA_CHECK(launch_sink_merge_bwd<T>(merge_bwd_params<T, float>(a), workspace.data_ptr(),
+                                            c10::cuda::getCurrentCUDAStream().stream()));
+  });
 }
 
 constexpr MergeKernels kCudaKernels{&merge_fwd_cuda, &merge_bwd_cuda};

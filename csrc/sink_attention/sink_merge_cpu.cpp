@@ -22,77 +22,56 @@ A log_add_exp3(A a, A b, A c) {
 }
 
 template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-// Row i of head (b, h) of a (B, H, L, D) tensor.
-template <typename T>
-T* row_ptr(const void* x, const Strides4& st, int64_t b, int64_t h, int64_t i) {
-  return static_cast<T*>(const_cast<void*>(x)) + b * st.b + h * st.h + i * st.l;
+const T* row_ptr(const T* x, const int64_t* st, int64_t b, int64_t h, int64_t i) {
+  return x + b * st[0] + h * st[1] + i * st[2];
 }
 
-template <typename T>
-void fwd(const SinkMergeParams& p, const CpuContext& ctx) {
-  using A = typename AccOf<T>::type;
-  const int64_t H = p.heads, L = p.seq_len, D = p.head_dim, group = p.heads / p.kv_heads;
-  const A scale = static_cast<A>(p.scale);
-  const A* sink_k = static_cast<const A*>(p.sink_k);
-  const A* sink_v = static_cast<const A*>(p.sink_v);
-  const A* sink_logit = static_cast<const A*>(p.sink_logit);
-  const A* attn_lse = static_cast<const A*>(p.attn_lse);
-  A* lse_out = static_cast<A*>(p.lse);
+}  // namespace
+
+template <typename T, typename A>
+void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx) {
+  const int64_t H = p.heads, L = p.seqlen, D = p.head_dim, group = p.heads / p.kv_heads;
   ctx.parallel_for(p.batch * H * L, /*grain=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
-      T* o = row_ptr<T>(p.out, p.out_stride, b, h, i);
-      const int64_t os = p.out_stride.d;
-      if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * L + i]) {
+      T* o = p.out + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+      const int64_t os = p.out_stride[3];
+      if (p.row_mask != nullptr && !p.row_mask[b * L + i]) {
         for (int64_t d = 0; d < D; ++d) o[d * os] = store<T>(A(0));
-        lse_out[r] = 0;
+        p.lse[r] = 0;
         continue;
       }
       const int64_t hk = h / group;
-      const T* qi = row_ptr<const T>(p.q, p.q_stride, b, h, i);
-      const A* sk = sink_k ? sink_k + b * p.sink_batch_stride + hk * D : nullptr;
-      const A* sv = sink_v ? sink_v + b * p.sink_batch_stride + hk * D : nullptr;
+      const T* qi = row_ptr(p.q, p.q_stride, b, h, i);
+      const A* sk = p.sink_k ? p.sink_k + b * p.sink_batch_stride + hk * D : nullptr;
+      const A* sv = p.sink_v ? p.sink_v + b * p.sink_batch_stride + hk * D : nullptr;
       A s = kNegInf<A>;
       if (sk != nullptr) {
         A dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += load<A>(qi[d * p.q_stride.d]) * sk[d];
-        s = scale * dot;
+        for (int64_t d = 0; d < D; ++d) dot += load<A>(qi[d * p.q_stride[3]]) * sk[d];
+        s = p.scale * dot;
       }
-      const A lam = sink_logit ? sink_logit[h] : kNegInf<A>;
-      const A lse_tok = attn_lse[r];
+      const A lam = p.sink_logit ? p.sink_logit[h] : kNegInf<A>;
+      const A lse_tok = p.attn_lse[b * p.attn_lse_stride[0] + h * p.attn_lse_stride[1] +
+                                   i * p.attn_lse_stride[2]];
       const A lse = log_add_exp3(lse_tok, s, lam);
       const A w_tok = std::exp(lse_tok - lse);
       const A w_sink = sk != nullptr ? std::exp(s - lse) : A(0);
-      const T* ai = row_ptr<const T>(p.attn_out, p.attn_out_stride, b, h, i);
-      for (int64_t d = 0; d < D; ++d) {  // each element read before it is written (aliasing)
-        const A tok = load<A>(ai[d * p.attn_out_stride.d]) * w_tok;
+      const T* ai = row_ptr(p.attn_out, p.attn_out_stride, b, h, i);
+      for (int64_t d = 0; d < D; ++d) {
+        const A tok = load<A>(ai[d * p.attn_out_stride[3]]) * w_tok;
         o[d * os] = store<T>(sv != nullptr ? tok + w_sink * sv[d] : tok);
       }
-      lse_out[r] = lse;
+      p.lse[r] = lse;
     }
   });
 }
 
-template <typename T>
-void bwd(const SinkMergeBwdParams& p, const CpuContext& ctx) {
-  using A = typename AccOf<T>::type;
-  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seq_len, D = p.head_dim;
+template <typename T, typename A>
+void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
+  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seqlen, D = p.head_dim;
   const int64_t group = H / Hkv;
-  const A scale = static_cast<A>(p.scale);
-  const A* sink_k = static_cast<const A*>(p.sink_k);
-  const A* sink_v = static_cast<const A*>(p.sink_v);
-  const A* sink_logit = static_cast<const A*>(p.sink_logit);
-  const A* lse_in = static_cast<const A*>(p.lse);
-  const A* dlse = static_cast<const A*>(p.dlse);
-  const bool token = sink_k != nullptr, logit = sink_logit != nullptr;
+  const bool token = p.sink_k != nullptr, logit = p.sink_logit != nullptr;
   if (!token && !logit) return;
   // One partial sum per (b, h), each summed over its rows in order by one thread, then reduced
   // over heads (and the batch) in order below: the result does not depend on the thread count.
@@ -101,39 +80,39 @@ void bwd(const SinkMergeBwdParams& p, const CpuContext& ctx) {
   ctx.parallel_for(B * H, /*grain=*/1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
-      const A* sk = token ? sink_k + b * p.sink_batch_stride + hk * D : nullptr;
-      const A* sv = token ? sink_v + b * p.sink_batch_stride + hk * D : nullptr;
+      const A* sk = token ? p.sink_k + b * p.sink_batch_stride + hk * D : nullptr;
+      const A* sv = token ? p.sink_v + b * p.sink_batch_stride + hk * D : nullptr;
       A* pk = token ? part_k.data() + bh * D : nullptr;
       A* pv = token ? part_v.data() + bh * D : nullptr;
       A pl = 0;
       for (int64_t i = 0; i < L; ++i) {
-        if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * L + i]) continue;
-        const T* qi = row_ptr<const T>(p.q, p.q_stride, b, h, i);
-        const T* doi = row_ptr<const T>(p.dout, p.dout_stride, b, h, i);
-        const T* oi = row_ptr<const T>(p.out, p.out_stride, b, h, i);
-        const A lse = lse_in[bh * L + i];
-        const A g = dlse != nullptr ? dlse[bh * L + i] : A(0);
+        if (p.row_mask != nullptr && !p.row_mask[b * L + i]) continue;
+        const T* qi = row_ptr(p.q, p.q_stride, b, h, i);
+        const T* doi = row_ptr(p.dout, p.dout_stride, b, h, i);
+        const T* oi = row_ptr(p.out, p.out_stride, b, h, i);
+        const A lse = p.lse[bh * L + i];
+        const A g = p.dlse != nullptr ? p.dlse[bh * L + i] : A(0);
         A delta = 0, do_sv = 0, q_sk = 0;
         for (int64_t d = 0; d < D; ++d) {
-          const A dod = load<A>(doi[d * p.dout_stride.d]);
-          delta += dod * load<A>(oi[d * p.out_stride.d]);
+          const A dod = load<A>(doi[d * p.dout_stride[3]]);
+          delta += dod * load<A>(oi[d * p.out_stride[3]]);
           if (token) {
             do_sv += dod * sv[d];
-            q_sk += load<A>(qi[d * p.q_stride.d]) * sk[d];
+            q_sk += load<A>(qi[d * p.q_stride[3]]) * sk[d];
           }
         }
         if (token) {
-          const A prob = std::exp(scale * q_sk - lse);
+          const A prob = std::exp(p.scale * q_sk - lse);
           const A ds = prob * (do_sv - delta + g);
-          T* dqi = row_ptr<T>(p.dq, p.dq_stride, b, h, i);
+          T* dqi = p.dq + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2];
           for (int64_t d = 0; d < D; ++d) {
-            pv[d] += prob * load<A>(doi[d * p.dout_stride.d]);
-            pk[d] += scale * ds * load<A>(qi[d * p.q_stride.d]);
-            T& dq = dqi[d * p.dq_stride.d];
-            dq = store<T>(load<A>(dq) + scale * ds * sk[d]);
+            pv[d] += prob * load<A>(doi[d * p.dout_stride[3]]);
+            pk[d] += p.scale * ds * load<A>(qi[d * p.q_stride[3]]);
+            T& dq = dqi[d * p.dq_stride[3]];
+            dq = store<T>(load<A>(dq) + p.scale * ds * sk[d]);
           }
         }
-        if (logit) pl += std::exp(sink_logit[h] - lse) * (g - delta);
+        if (logit) pl += std::exp(p.sink_logit[h] - lse) * (g - delta);
       }
       if (logit) part_logit[bh] = pl;
     }
@@ -144,8 +123,8 @@ void bwd(const SinkMergeBwdParams& p, const CpuContext& ctx) {
     ctx.parallel_for(n_out, /*grain=*/1, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
         const int64_t hk = o % Hkv;
-        A* dk = static_cast<A*>(p.dsink_k) + o * D;
-        A* dv = static_cast<A*>(p.dsink_v) + o * D;
+        A* dk = p.dsink_k + o * D;
+        A* dv = p.dsink_v + o * D;
         std::fill(dk, dk + D, A(0));
         std::fill(dv, dv + D, A(0));
         const int64_t b_begin = shared ? 0 : o / Hkv, b_end = shared ? B : b_begin + 1;
@@ -162,39 +141,17 @@ void bwd(const SinkMergeBwdParams& p, const CpuContext& ctx) {
     for (int64_t h = 0; h < H; ++h) {
       A sum = 0;
       for (int64_t b = 0; b < B; ++b) sum += part_logit[b * H + h];
-      static_cast<A*>(p.dsink_logit)[h] = sum;
+      p.dsink_logit[h] = sum;
     }
 }
 
-template <template <typename> class Fn, typename P>
-void dispatch(const P& p, const CpuContext& ctx) {
-  switch (p.dtype) {
-    case ScalarType::kFloat32:
-      return Fn<float>::run(p, ctx);
-    case ScalarType::kFloat64:
-      return Fn<double>::run(p, ctx);
-    case ScalarType::kFloat16:
-      return Fn<float16>::run(p, ctx);
-    case ScalarType::kBFloat16:
-      return Fn<bfloat16>::run(p, ctx);
-  }
-}
-
-template <typename T>
-struct Fwd {
-  static void run(const SinkMergeParams& p, const CpuContext& ctx) { fwd<T>(p, ctx); }
-};
-template <typename T>
-struct Bwd {
-  static void run(const SinkMergeBwdParams& p, const CpuContext& ctx) { bwd<T>(p, ctx); }
-};
-
-}  // namespace
-
-void sink_merge_fwd_cpu(const SinkMergeParams& p, const CpuContext& ctx) { dispatch<Fwd>(p, ctx); }
-
-void sink_merge_bwd_cpu(const SinkMergeBwdParams& p, const CpuContext& ctx) {
-  dispatch<Bwd>(p, ctx);
-}
+#define SINKDLM_INSTANTIATE_SINK_MERGE(T, A)                                               \
+  template void sink_merge_fwd_cpu<T, A>(const SinkMergeParams<T, A>&, const CpuContext&); \
+  template void sink_merge_bwd_cpu<T, A>(const SinkGradParams<T, A>&, const CpuContext&);
+SINKDLM_INSTANTIATE_SINK_MERGE(float, float)
+SINKDLM_INSTANTIATE_SINK_MERGE(double, double)
+SINKDLM_INSTANTIATE_SINK_MERGE(float16, float)
+SINKDLM_INSTANTIATE_SINK_MERGE(bfloat16, float)
+#undef SINKDLM_INSTANTIATE_SINK_MERGE
 
 }  // namespace sinkdlm

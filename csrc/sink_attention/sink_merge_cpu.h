@@ -1,5 +1,5 @@
 // The sink merged into a stock attention's output, lse and gradients on the CPU, free of torch
-// (sink_merge_params.h has the arguments and the math; cuda/sink_merge.h is the CUDA twin).
+// (the math is in sink_merge_params.h; cuda/sink_merge.h is the CUDA twin).
 #pragma once
 
 #include "common/cpu_context.h"
@@ -8,10 +8,13 @@
 namespace sinkdlm {
 
 // Writes p.out and p.lse from the attention over the real keys (p.attn_out, p.attn_lse).
-void sink_merge_fwd_cpu(const SinkMergeParams& p, const CpuContext& ctx);
+// p.out may alias p.attn_out when both have the same strides. Instantiated for (T, A) = (float,
+// float), (double, double), (float16, float), (bfloat16, float).
+template <typename T, typename A>
+void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx);
 
-// Adds the sink's part to p.dq and writes the sink gradients p asks for; deterministic (one
-// thread sums each (b, h) in row order, then heads and the batch are summed in order).
-void sink_merge_bwd_cpu(const SinkMergeBwdParams& p, const CpuContext& ctx);
+// Adds the sink's part to p.dq and writes the sink gradients; deterministic (fixed order).
+template <typename T, typename A>
+void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx);
 
 }  // namespace sinkdlm

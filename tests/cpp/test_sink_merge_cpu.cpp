@@ -36,7 +36,7 @@ CpuContext serial_context() {
 // Calls fn on single items, last first: another split than serial_for, for the determinism test.
 CpuContext reversed_context() {
   CpuContext ctx;
-  ctx.parallel_for = [](int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+  ctx.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     for (int64_t i = n - 1; i >= 0; --i) fn(i, i + 1);
   };
   return ctx;
@@ -108,32 +108,31 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
   return in;
 }
 
-sinkdlm::Strides4 contiguous(int64_t H, int64_t L, int64_t D) { return {H * L * D, L * D, D, 1}; }
+void contiguous_strides(int64_t (&st)[4], int64_t H, int64_t L, int64_t D) {
+  st[0] = H * L * D, st[1] = L * D, st[2] = D, st[3] = 1;
+}
 
-sinkdlm::ScalarType dtype_of(double) { return sinkdlm::ScalarType::kFloat64; }
-sinkdlm::ScalarType dtype_of(sinkdlm::bfloat16) { return sinkdlm::ScalarType::kBFloat16; }
-
-// The merge's params for contiguous tensors (T: the dtype's storage, A: its accumulation type).
 template <typename T, typename A>
-sinkdlm::SinkMergeParams fwd_params(const Case& c, const std::vector<T>& q,
-                                    const std::vector<T>& attn_out, const std::vector<A>& attn_lse,
-                                    const std::vector<A>& sk, const std::vector<A>& sv,
-                                    const std::vector<A>& lam, const bool* mask,
-                                    std::vector<T>& out, std::vector<A>& lse) {
-  sinkdlm::SinkMergeParams p;
-  p.dtype = dtype_of(T{});
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = c.L, p.head_dim = c.D;
-  p.scale = 1.0 / std::sqrt(static_cast<double>(c.D));
-  p.q = q.data(), p.q_stride = contiguous(c.H, c.L, c.D);
-  p.attn_out = attn_out.data(), p.attn_out_stride = contiguous(c.H, c.L, c.D);
+sinkdlm::SinkMergeParams<T, A> fwd_params(const Case& c, const std::vector<T>& q,
+                                          const std::vector<T>& attn_out,
+                                          const std::vector<A>& attn_lse, const std::vector<A>& sk,
+                                          const std::vector<A>& sv, const std::vector<A>& lam,
+                                          const bool* mask, std::vector<T>& out,
+                                          std::vector<A>& lse) {
+  sinkdlm::SinkMergeParams<T, A> p{};
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  p.scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(c.D)));
+  p.q = q.data(), contiguous_strides(p.q_stride, c.H, c.L, c.D);
+  p.attn_out = attn_out.data(), contiguous_strides(p.attn_out_stride, c.H, c.L, c.D);
   p.attn_lse = attn_lse.data();
+  p.attn_lse_stride[0] = c.H * c.L, p.attn_lse_stride[1] = c.L, p.attn_lse_stride[2] = 1;
   if (c.token) p.sink_k = sk.data(), p.sink_v = sv.data();
   p.sink_batch_stride = c.per_batch ? c.Hkv * c.D : 0;
   if (c.logit) p.sink_logit = lam.data();
-  p.key_padding_mask = c.padding ? mask : nullptr;
+  p.row_mask = c.padding ? mask : nullptr;
   out.assign(c.B * c.H * c.L * c.D, T(-7));  // poisoned
   lse.assign(c.B * c.H * c.L, A(-7));
-  p.out = out.data(), p.out_stride = contiguous(c.H, c.L, c.D);
+  p.out = out.data(), contiguous_strides(p.out_stride, c.H, c.L, c.D);
   p.lse = lse.data();
   return p;
 }
@@ -167,7 +166,7 @@ TEST(SinkMergeCpu, AliasedOutputMatches) {  // out written over attn_out, as the
   std::vector<double> buf = in.attn_out;
   auto p = fwd_params<double, double>(c, in.q, buf, in.attn_lse, in.sk, in.sv, in.lam,
                                       in.mask.get(), scratch, lse);
-  p.out = buf.data();  // strides already those of buf
+  p.out = buf.data();
   sink_merge_fwd_cpu(p, ctx);
   for (size_t i = 0; i < buf.size(); ++i) EXPECT_NEAR(buf[i], want_out[i], 1e-13) << i;
 }
@@ -200,19 +199,18 @@ Grads run_bwd(const Case& c, const Inputs& in, const std::vector<double>& dout,
   Grads g;
   g.dq.assign(in.q.size(), 0.0);
   g.dsk.assign(in.sk.size(), -7.0), g.dsv.assign(in.sv.size(), -7.0), g.dlam.assign(c.H, -7.0);
-  sinkdlm::SinkMergeBwdParams p;
-  p.dtype = sinkdlm::ScalarType::kFloat64;
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = c.L, p.head_dim = c.D;
+  sinkdlm::SinkGradParams<double, double> p{};
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
   p.scale = 1.0 / std::sqrt(static_cast<double>(c.D));
-  p.q = in.q.data(), p.q_stride = contiguous(c.H, c.L, c.D);
-  p.dout = dout.data(), p.dout_stride = contiguous(c.H, c.L, c.D);
-  p.out = out.data(), p.out_stride = contiguous(c.H, c.L, c.D);
+  p.q = in.q.data(), contiguous_strides(p.q_stride, c.H, c.L, c.D);
+  p.dout = dout.data(), contiguous_strides(p.dout_stride, c.H, c.L, c.D);
+  p.out = out.data(), contiguous_strides(p.out_stride, c.H, c.L, c.D);
   p.lse = lse.data(), p.dlse = dlse.data();
   if (c.token) p.sink_k = in.sk.data(), p.sink_v = in.sv.data();
   p.sink_batch_stride = c.per_batch ? c.Hkv * c.D : 0;
   if (c.logit) p.sink_logit = in.lam.data();
-  p.key_padding_mask = c.padding ? in.mask.get() : nullptr;
-  p.dq = g.dq.data(), p.dq_stride = contiguous(c.H, c.L, c.D);
+  p.row_mask = c.padding ? in.mask.get() : nullptr;
+  p.dq = g.dq.data(), contiguous_strides(p.dq_stride, c.H, c.L, c.D);
   if (c.token) p.dsink_k = g.dsk.data(), p.dsink_v = g.dsv.data();
   if (c.logit) p.dsink_logit = g.dlam.data();
   sink_merge_bwd_cpu(p, ctx);
