@@ -9,8 +9,8 @@ Writes the table as JSON and the speed-ups as a PNG (--out, .json / .png).
 Methods are interleaved within each repeat and the best of the repeats is kept, so load
 from other processes hits all of them alike; the ratios are what to read.
 
-    python benchmarks/attention_cpu.py                  # the README table
-    python benchmarks/attention_cpu.py --lengths 256 1024 --reps 2
+    python3 benchmarks/attention_cpu.py                  # the README table
+    python3 benchmarks/attention_cpu.py --lengths 256 1024 --reps 2
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-// Device helpers the CUDA kernels share: warp reductions, and reading elements of each ScalarType
-// (16-bit floats as raw bits, converted to float) with 16-byte loads. Torch-free.
+// Device helpers the CUDA kernels share: warp reductions, and reading and writing elements of each
+// ScalarType (16-bit floats as raw bits, converted to and from float), loads 16 bytes at a time.
+// Torch-free.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -44,8 +46,8 @@ __device__ __forceinline__ T warp_sum(T x) {
   return warp_reduce(x, [](T a, T b) { return a + b; });
 }
 
-// How a kernel reads elements of a ScalarType: the stored type, its value as float, and how many
-// make one 16-byte load.
+// How a kernel reads and writes elements of a ScalarType: the stored type, its value as float, the
+// stored value of a float (rounded to nearest even), and how many make one 16-byte load.
 template <ScalarType kType>
 struct Element;
 template <>
@@ -53,12 +55,14 @@ struct Element<ScalarType::kFloat32> {
   using Storage = float;
   static constexpr int kPerVector = 4;
   __device__ static float to_float(float v) { return v; }
+  __device__ static float from_float(float v) { return v; }
 };
 template <>
 struct Element<ScalarType::kFloat16> {
   using Storage = uint16_t;
   static constexpr int kPerVector = 8;
   __device__ static float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  __device__ static uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 template <>
 struct Element<ScalarType::kBFloat16> {
@@ -66,6 +70,9 @@ struct Element<ScalarType::kBFloat16> {
   static constexpr int kPerVector = 8;
   __device__ static float to_float(uint16_t bits) {
     return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  }
+  __device__ static uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   }
 };
 

@@ -24,6 +24,9 @@ struct ScanState {
   float best_score, best_logit;
   int best_index;
   float top1, top2;
+  // Non-finite logits, the CPU core's rule: a NaN (or no entry above -inf) leaves the
+  // distribution undefined (confidence NaN, the op raises); n_inf +inf entries share it.
+  int has_nan, n_inf;
 };
 
 __device__ __forceinline__ void init_state(ScanState& s) {
@@ -35,6 +38,8 @@ __device__ __forceinline__ void init_state(ScanState& s) {
   s.best_index = INT_MAX;
   s.top1 = -INFINITY;
   s.top2 = -INFINITY;
+  s.has_nan = 0;
+  s.n_inf = 0;
 }
 
 struct ScanConfig {
@@ -48,6 +53,11 @@ struct ScanConfig {
 // Visits one vocabulary entry; a thread visits its entries in increasing order, so a strict
 // comparison keeps the lowest index among equal scores.
 __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const ScanConfig& c) {
+  if (isnan(logit)) {
+    s.has_nan = 1;
+    return;
+  }
+  if (logit == INFINITY) ++s.n_inf;
   float score = logit;
   if (c.noisy) {
     // Rounded product, then sum: the same arithmetic as the CPU core and the reference.
@@ -67,7 +77,8 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
       s.top2 = logit;
     }
   }
-  if (c.need_softmax && logit > -INFINITY) {  // -inf adds nothing (and -inf - -inf is nan)
+  // -inf adds nothing (and -inf - -inf is nan); +inf is counted in n_inf instead.
+  if (c.need_softmax && logit > -INFINITY && logit < INFINITY) {
     if (logit > s.max) {
       if (s.sum > 0.0f) {
         const float shift = s.max - logit;
@@ -85,6 +96,8 @@ __device__ __forceinline__ void visit(ScanState& s, float logit, int v, const Sc
 }
 
 __device__ __forceinline__ void combine(ScanState& a, const ScanState& b, const ScanConfig& c) {
+  a.has_nan |= b.has_nan;
+  a.n_inf += b.n_inf;
   if (b.best_index != INT_MAX && (a.best_index == INT_MAX || b.best_score > a.best_score ||
                                   (b.best_score == a.best_score && b.best_index < a.best_index))) {
     a.best_score = b.best_score;
@@ -171,21 +184,30 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const RemaskStepPara
   if (lane != 0) return;
 
   double confidence = 0.0;
-  switch (p.strategy) {
-    case Strategy::kLowConfidence:
-      confidence = exp(static_cast<double>(s.best_logit) - s.max) / s.sum;
-      break;
-    case Strategy::kMargin:
-      confidence =
-          (exp(static_cast<double>(s.top1) - s.max) - exp(static_cast<double>(s.top2) - s.max)) /
-          s.sum;
-      break;
-    case Strategy::kEntropy:
-      confidence = static_cast<double>(s.weighted) / s.sum - log(static_cast<double>(s.sum));
-      break;
-    case Strategy::kRandom:
-      confidence = philox::position_uniform(p.seed, p.offset, b, l);
-      break;
+  if (s.has_nan || s.best_logit == -INFINITY) {
+    confidence = NAN;
+  } else if (s.n_inf > 0 && p.strategy != Strategy::kRandom) {
+    const double share = 1.0 / static_cast<double>(s.n_inf);
+    confidence = p.strategy == Strategy::kLowConfidence ? (s.best_logit == INFINITY ? share : 0.0)
+                 : p.strategy == Strategy::kMargin      ? (s.n_inf == 1 ? 1.0 : 0.0)
+                                                        : log(share);
+  } else {
+    switch (p.strategy) {
+      case Strategy::kLowConfidence:
+        confidence = exp(static_cast<double>(s.best_logit) - s.max) / s.sum;
+        break;
+      case Strategy::kMargin:
+        confidence =
+            (exp(static_cast<double>(s.top1) - s.max) - exp(static_cast<double>(s.top2) - s.max)) /
+            s.sum;
+        break;
+      case Strategy::kEntropy:
+        confidence = static_cast<double>(s.weighted) / s.sum - log(static_cast<double>(s.sum));
+        break;
+      case Strategy::kRandom:
+        confidence = philox::position_uniform(p.seed, p.offset, b, l);
+        break;
+    }
   }
   p.x_new[position] = s.best_index == INT_MAX ? 0 : s.best_index;
   p.confidence[position] = static_cast<float>(confidence);

@@ -23,14 +23,14 @@ template <typename T>
 cudaError_t launch_sink_merge_fwd(const SinkMergeParams<T, float>& p, cudaStream_t stream);
 
 // Device scratch (bytes) that launch_sink_merge_bwd needs for these sizes.
-size_t sink_merge_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_t seqlen,
+size_t sink_merge_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_t seq_len,
                                       int64_t head_dim);
 
 // Enqueues the backward: dq += the sink's part, dsink_k / dsink_v / dsink_logit written. The
 // per-row terms are summed per block of rows into `workspace`, then over blocks, heads and
 // (for a shared sink) the batch in a fixed order: the gradients are deterministic.
 template <typename T>
-cudaError_t launch_sink_merge_bwd(const SinkGradParams<T, float>& p, void* workspace,
+cudaError_t launch_sink_merge_bwd(const SinkMergeBwdParams<T, float>& p, void* workspace,
                                   cudaStream_t stream);
 
 }  // namespace sinkdlm

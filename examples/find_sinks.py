@@ -1,9 +1,9 @@
 """Find the attention sinks of a diffusion LM while it generates, and plot where they move.
 
-    python examples/find_sinks.py                         # tiny random model with a sink, CPU
-    python examples/find_sinks.py --model /ckpt/LLaDA-8B-Instruct --trust_remote_code \\
+    python3 examples/find_sinks.py                         # tiny random model with a sink, CPU
+    python3 examples/find_sinks.py --model /ckpt/LLaDA-8B-Instruct --trust_remote_code \\
         --mask_id 126336 --prompt "Explain attention sinks." --device cuda --dtype bfloat16
-    python examples/find_sinks.py --model ... --add_sink  # the same model with the sink token
+    python3 examples/find_sinks.py --model ... --add_sink  # the same model with the sink token
 
 Every layer and head is recorded at every diffusion step by sinkdlm.analysis.AttentionRecorder
 (a model patched with the sink token through sinkdlm's attention; an unpatched LLaDA or Dream

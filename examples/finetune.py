@@ -4,7 +4,7 @@ The only sink-specific line is ``sinkdlm.hf.add_sink_token(model)``; the loss is
 masked diffusion objective (``sinkdlm.train.masked_diffusion_loss``). Multi-GPU / multi-node DDP
 and FSDP come from the launcher, bf16 / checkpoints / progress from TrainingArguments:
 
-    python examples/finetune.py --output_dir out/tiny     # tiny random model, CPU is enough
+    python3 examples/finetune.py --output_dir out/tiny     # tiny random model, CPU is enough
     torchrun --nproc_per_node 8 examples/finetune.py --model /ckpt/LLaDA-8B-Base \\
         --trust_remote_code --mask_id 126336 --train_files data/*.txt --bf16 --output_dir out/llada
     accelerate launch --config_file fsdp.yaml examples/finetune.py --model ... (FSDP)

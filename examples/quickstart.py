@@ -5,7 +5,7 @@ row sees only itself while every row sees the sink. sinkdlm takes the sink's key
 two small tensors instead and never builds the (L+1) x (L+1) mask. This script runs both on
 the same inputs, checks they agree (output and gradients), and times each.
 
-    python examples/quickstart.py [--length 1024] [--device cpu]
+    python3 examples/quickstart.py [--length 1024] [--device cpu]
 """
 
 import argparse

@@ -8,8 +8,19 @@
 #   - nvcc on PATH: every CUDA source is compiled too (linked only if torch is a CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/system-deps.sh
 PY=${PYTHON:-python3}
+PYTHON=$PY bash scripts/system-deps.sh
+# Outside a venv, Debian's python3 refuses pip installs (PEP 668, "externally managed"). pip
+# then installs into /usr/local (root) or ~/.local (a user), beside Debian's own packages, which
+# it leaves alone; that is what the README's `python3 -m sinkdlm demo` outside a venv needs.
+EXTERNALLY_MANAGED='
+import os, sys, sysconfig
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+sys.exit(not (sys.prefix == sys.base_prefix and os.path.exists(marker)))'
+if $PY -c "$EXTERNALLY_MANAGED"; then
+  echo "sinkdlm: $PY is Debian's, outside a venv: pip installs with --break-system-packages"
+  export PIP_BREAK_SYSTEM_PACKAGES=1
+fi
 if [ "${SINKDLM_KEEP_TORCH:-0}" != 1 ]; then
   $PY -m pip install -q torch==2.13.0
 fi

@@ -31,6 +31,21 @@ def test_detect_sinks_criteria():
         detect_sinks(mass, method="max")
 
 
+def test_detect_sinks_and_stats_name_the_bad_argument():
+    """Issue 19: a wrong-shape mask gave a raw expand error, moving_sink_stats(None) an
+    AttributeError."""
+    mass = torch.rand(2, 6)
+    with pytest.raises(ValueError, match=r"detect_sinks: key_padding_mask must be broadcastable "
+                       r"to mass's shape \(2, 6\), got shape \(2, 5\)"):  # fmt: skip
+        detect_sinks(mass, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="detect_sinks: mass must be a floating"):
+        detect_sinks(mass.tolist())
+    with pytest.raises(TypeError, match="detect_sinks: epsilon must be a real number"):
+        detect_sinks(mass, epsilon="3")
+    with pytest.raises(TypeError, match=r"moving_sink_stats: trace must be a SinkTrace"):
+        moving_sink_stats(None)
+
+
 def synthetic_trace(positions):
     """One layer, one sequence, one head; a strong sink at positions[t] at step t (-1: none)."""
     t, n = len(positions), 8

@@ -138,9 +138,47 @@ def test_attention_mass_bad_input():
         attention_mass(q, k[:, :, :5], lse)
     with pytest.raises(ValueError, match="sink_k must be"):
         attention_mass(q, k, lse, sk[:, :3])
-    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+    with pytest.raises(TypeError, match="attention_mass: key_padding_mask must be a bool tensor"):
         attention_mass(q, k, lse, key_padding_mask=kpm.int())
+    with pytest.raises(ValueError, match=r"attention_mass: key_padding_mask must be \(B,L\)"):
+        attention_mass(q, k, lse, key_padding_mask=kpm[:, :3])
     with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
         torch.ops.sinkdlm.attention_mass(q, k, lse, None, None, kpm[:, :3], scale)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.sinkdlm.attention_mass(q.half(), k.half(), lse.half(), None, None, None, scale)
+
+
+@pytest.mark.parametrize(
+    "case, exc, pattern",
+    [
+        ("hkv0", ValueError, r"attention_mass: k must be \(B,Hkv,L,D\) with Hkv >= 1"),
+        ("q list", TypeError, r"attention_mass: q must be a floating-point tensor, got list"),
+        ("int lse", TypeError, r"attention_mass: lse must be a floating-point tensor"),
+        ("scale bool", TypeError, r"attention_mass: scale must be a real number, got bool"),
+        ("scale nan", ValueError, r"attention_mass: scale must be a finite number, got nan"),
+        ("scale huge", ValueError, r"attention_mass: scale must be finite in torch.float32"),
+    ],
+)
+def test_attention_mass_names_the_bad_argument(case, exc, pattern):
+    """Issue 19: Hkv = 0 raised a RuntimeError from the kernel."""
+    (q, k, lse, sk, sl, kpm), scale = make_inputs(CASES[0], torch.float32, "cpu")
+    args, kwargs = [q, k, lse], {}
+    if case == "hkv0":
+        args[1] = k[:, :0]
+    elif case == "q list":
+        args[0] = q.tolist()
+    elif case == "int lse":
+        args[2] = lse.long()
+    else:
+        kwargs["scale"] = {"scale bool": True, "scale nan": math.nan, "scale huge": 1e300}[case]
+    with pytest.raises(exc, match=pattern):
+        attention_mass(*args, **kwargs)
+
+
+def test_attention_mass_backward_raises():
+    """Issue 19: without an autograd kernel, backward gave zero gradients with a warning."""
+    (q, k, lse, sk, sl, kpm), scale = make_inputs(CASES[0], torch.float32, "cpu")
+    q.requires_grad_()
+    mass, sink_mass = attention_mass(q, k, lse, sk, scale=scale)
+    with pytest.raises(NotImplementedError, match="attention_mass is not differentiable"):
+        (mass.sum() + sink_mass.sum()).backward()

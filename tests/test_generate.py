@@ -246,3 +246,62 @@ def test_schedules():
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sinkdlm.generate(TinyDLM(), random_prompts(1, 3, 0), mask_id=MASK_ID, **kwargs)
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0, 1.0, 2.0, float("nan")])
+def test_dream_schedule_rejects_eps_outside_0_1(eps):
+    """Issue 19: eps = -1 gave INT64_MIN counts, eps = 2 negative ones."""
+    with pytest.raises(ValueError, match=r"dream_transfer_schedule: eps must be .*0 < eps < 1"):
+        sinkdlm.dream_transfer_schedule(torch.tensor([8, 3]), 4, eps=eps)
+    with pytest.raises(ValueError, match=r"generate: eps must be .*0 < eps < 1"):
+        sinkdlm.generate(
+            TinyDLM(), random_prompts(1, 3, 0), mask_id=MASK_ID, gen_length=4, steps=4,
+            schedule="dream", eps=eps,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fn", [sinkdlm.llada_transfer_schedule, sinkdlm.dream_transfer_schedule], ids=["llada", "dream"]
+)
+def test_schedules_check_their_arguments(fn):
+    with pytest.raises(ValueError, match="steps must be an int with 1 <= steps"):
+        fn(torch.tensor([4]), 0)
+    with pytest.raises(TypeError, match="num_masked must be an int64"):
+        fn(torch.tensor([4.0]), 2)
+
+
+def zoo_model():
+    from sinkdlm.models import DiffusionLM, DiffusionLMConfig
+
+    return DiffusionLM(DiffusionLMConfig(vocab_size=VOCAB, mask_id=MASK_ID, d_model=16, n_layers=1))
+
+
+@pytest.mark.parametrize(
+    "override, exc, pattern",
+    [
+        (dict(mask_id=VOCAB), ValueError, rf"generate: mask_id must be an int with 0 <= mask_id "
+         rf"<= {VOCAB - 1}, got {VOCAB}"),
+        (dict(mask_id=2**70), ValueError, "generate: mask_id must be an int with 0 <= mask_id"),
+        (dict(mask_id=-1), ValueError, "generate: mask_id must be an int with 0 <= mask_id"),
+        (dict(mask_id=3.0), TypeError, "generate: mask_id must be an int, got float 3.0"),
+        (dict(input_ids=torch.tensor([[1, VOCAB]])), ValueError,
+         rf"generate: input_ids must be token ids in \[0, vocab_size = {VOCAB}\)"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError,
+         "generate: input_ids must be a .B, P. int64 tensor, got a torch.float32 tensor"),
+        (dict(generator=5), TypeError, "generate: generator must be a torch.Generator or None"),
+        (dict(gen_length=4.0), TypeError, "generate: gen_length must be an int, got float"),
+        (dict(steps="4"), TypeError, "generate: steps must be an int, got str"),
+        (dict(cfg_scale=-1.0), ValueError, "generate: cfg_scale must be a finite number with 0"),
+        (dict(attention_mask=torch.ones(1, 2)), TypeError,
+         "generate: attention_mask must be a bool or 0/1 integer tensor"),
+        (dict(model="not a model"), ValueError, "generate: model must be a callable"),
+    ],
+)  # fmt: skip
+def test_generate_names_the_bad_argument(override, exc, pattern):
+    """Issue 19: an out-of-vocabulary mask_id or token id gave a bare "index out of range in
+    self" from the embedding, generator=5 an AttributeError."""
+    kwargs = dict(model=zoo_model(), input_ids=torch.tensor([[1, 2]]), mask_id=MASK_ID)
+    kwargs.update(gen_length=4, steps=4)
+    kwargs.update(override)
+    with pytest.raises(exc, match=pattern):
+        sinkdlm.generate(kwargs.pop("model"), kwargs.pop("input_ids"), **kwargs)

@@ -452,3 +452,23 @@ def test_check_model_reports_a_wrong_sink_position(monkeypatch):
 def test_check_model_needs_sdpa():
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         sinkdlm.hf.check_model(dream("eager"))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5], ids=["plain", "cfg"])
+@pytest.mark.parametrize("make", [llada, dream], ids=["llada", "dream"])
+def test_generate_runs_one_sink_pass_per_call(monkeypatch, make, cfg_scale):
+    """Issue 19: a generate that dropped its sink K/V cache (one sink pass per forward) passed
+    every test; here each call must run exactly one, whatever the backend and the guidance."""
+    from sinkdlm.hf import patch
+
+    model = sinkdlm.hf.add_sink_token(make(dtype=torch.float32))
+    model.config.use_cache = False  # LLaDA's remote code reads it (from_pretrained sets it)
+    calls = []
+    real_pass = patch._compute_sink_kv
+    monkeypatch.setattr(patch, "_compute_sink_kv", lambda s: calls.append(1) or real_pass(s))
+    ids, _ = ids_and_padding(length=4)
+    for expected in (1, 2):  # the cache is dropped when the call ends: the next one passes again
+        out = sinkdlm.generate(model, ids, gen_length=4, steps=4, mask_id=VOCAB - 1,
+                               cfg_scale=cfg_scale)  # fmt: skip
+        assert out.shape == (2, 8)
+        assert len(calls) == expected

@@ -267,6 +267,30 @@ def test_peft_lora_keeps_the_sink_trainable():
     assert sink.requires_grad and sink.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("model", [torch.nn.Linear(2, 2), torch.nn.Sequential()], ids=str)
+def test_a_module_without_config_raises_with_the_supported_list(model):
+    """Issue 19: add_sink_token(torch.nn.Linear(2, 2)) gave "'Linear' object has no attribute
+    'config'" instead of the promised error listing what is supported."""
+    with pytest.raises(ValueError, match=r"cannot add the sink token to .*Supported.*llama"):
+        sinkdlm.hf.add_sink_token(model)
+    assert not sinkdlm.hf.has_sink_token(model)
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, exc, pattern",
+    [
+        ("not a model", {}, TypeError, r"add_sink_token: model must be a transformers model"),
+        (None, dict(sink_position=1.5), TypeError, r"add_sink_token: sink_position must be an int"),
+        (None, dict(sink_position=True), TypeError, r"sink_position must be an int, got bool"),
+    ],
+)
+def test_add_sink_token_names_the_bad_argument(model, kwargs, exc, pattern):
+    model = tiny_hf_model("llama") if model is None else model
+    with pytest.raises(exc, match=pattern):
+        sinkdlm.hf.add_sink_token(model, **kwargs)
+    assert not sinkdlm.hf.has_sink_token(model)
+
+
 def test_unknown_architecture_raises_with_the_supported_list():
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4)
     model = transformers.GPT2LMHeadModel(config)

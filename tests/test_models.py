@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from sinkdlm.models import (
     VARIANTS,
     DiffusionLM,
+    DiffusionLMConfig,
     draw_masks,
     evaluate_masked_diffusion,
     load_model,
@@ -168,3 +169,52 @@ def test_bad_config_is_rejected():
         variant_config("baseline", **SIZE).__class__(vocab_size=5, mask_id=1, sink="bogus")
     with pytest.raises(ValueError, match="unknown variant"):
         variant_config("sink3", **SIZE)
+
+
+@pytest.mark.parametrize(
+    "name, override",
+    [
+        ("sink1", dict(num_sink_tokens=4)),
+        ("sink1", dict(sink="none")),
+        ("sink4", dict(num_sink_tokens=2)),
+        ("sink1_zero_value", dict(sink_zero_value=False)),
+        ("gate", dict(sink="logit")),
+    ],
+)
+def test_variant_config_refuses_a_conflicting_keyword(name, override):
+    """Issue 19: the variant used to win silently (sink1 with num_sink_tokens=4 had one)."""
+    (key,) = override
+    with pytest.raises(ValueError, match=rf"variant '{name}' sets {key}=.*got {key}="):
+        variant_config(name, **SIZE, **override)
+
+
+def test_variant_config_accepts_the_variants_own_values():
+    cfg = variant_config("sink4", **SIZE, sink="tokens", num_sink_tokens=4)
+    assert (cfg.sink, cfg.num_sink_tokens) == ("tokens", 4)
+
+
+@pytest.mark.parametrize(
+    "override, exc, pattern",
+    [
+        (dict(n_heads=0), ValueError, "n_heads must be >= 1, got 0"),
+        (dict(n_kv_heads=0), ValueError, "n_kv_heads must be >= 1, got 0"),
+        (dict(n_layers=-1), ValueError, "n_layers must be >= 1"),
+        (dict(d_model=32.0), TypeError, "d_model must be an int, got float"),
+        (dict(vocab_size=0), ValueError, "vocab_size must be >= 1"),
+        (dict(mask_id=37), ValueError, r"mask_id must be a token id in \[0, vocab_size = 37\)"),
+        (dict(mask_id=-1), ValueError, "mask_id must be >= 0"),
+        (dict(mask_id=True), TypeError, "mask_id must be an int, got bool"),
+        (dict(norm_eps=0.0), ValueError, "norm_eps must be finite and > 0"),
+        (dict(rope_theta=float("nan")), ValueError, "rope_theta must be finite"),
+        (dict(init_std="0.02"), TypeError, "init_std must be a float, got str"),
+        (dict(ffn_hidden=0), ValueError, "ffn_hidden must be >= 1"),
+        (dict(num_sink_tokens=2), ValueError, "num_sink_tokens=2 applies to sink='tokens' only"),
+        (dict(sink_position="end"), ValueError, "sink_position='end' applies to sink='tokens'"),
+        (dict(sink="tokens", sink_zero_value=1), TypeError, "sink_zero_value must be a bool"),
+    ],
+)
+def test_config_checks_every_field(override, exc, pattern):
+    """Issue 19: n_heads=0 gave a ZeroDivisionError, an out-of-vocabulary mask_id an index
+    error at the first forward."""
+    with pytest.raises(exc, match=pattern):
+        DiffusionLMConfig(**{**SIZE, **override})

@@ -2,6 +2,7 @@
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import devices
@@ -180,8 +181,8 @@ def test_temperature_samples_softmax():
         (lambda a: a.update(x=a["x"].int()), "x must be int64"),
         (lambda a: a.update(num_transfer=torch.tensor([1, -1])), "num_transfer must be >= 0"),
         (lambda a: a.update(num_transfer=torch.tensor([1])), "num_transfer must be"),
-        (lambda a: a.update(mask_id=50), "mask_id must be in"),
-        (lambda a: a.update(mask_id=-1), "mask_id must be in"),
+        (lambda a: a.update(mask_id=50), "mask_id must be an int with 0 <= mask_id <= 49"),
+        (lambda a: a.update(mask_id=-1), "mask_id must be an int with 0 <= mask_id <= 49"),
         (lambda a: a.update(window=torch.tensor([[0, 7], [2, 1]])), "window rows"),
         (lambda a: a.update(window=torch.tensor([[0, 8], [0, 2]])), "window rows"),
         (lambda a: a.update(window=torch.tensor([0, 2])), "window must be"),
@@ -270,3 +271,128 @@ def test_minus_infinity_logits(device, strategy):
     got, want = run_both(logits, x, mask_id, num_transfer, strategy=strategy, temperature=0.9)
     assert_same_step(got, want)
     assert torch.isfinite(got[2][x == mask_id]).all()
+
+
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+def test_python_and_numpy_integer_counts_are_accepted(step):
+    """Issue 19: np.int64(2) gave "Expected a value of type 'Tensor' for argument
+    'num_transfer'"."""
+    logits, x, mask_id, _, _ = make_inputs(2, 9, 40, torch.float32, "cpu")
+    want = step(logits, x, mask_id, torch.tensor([2, 2]))
+    for count in (2, np.int64(2), np.int32(2)):
+        for a, b in zip(step(logits, x, np.int64(mask_id), count), want, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+@pytest.mark.parametrize(
+    "override, exc, pattern",
+    [
+        (dict(num_transfer=2.0), TypeError,
+         r"num_transfer must be an int or a \(B,\) int64 tensor, got float 2.0"),
+        (dict(num_transfer=-1), ValueError, r"num_transfer must be an int with 0 <= num_transfer"),
+        (dict(mask_id=2**70), ValueError, r"mask_id must be an int with 0 <= mask_id <= 49, got"),
+        (dict(mask_id=3.0), TypeError, r"mask_id must be an int, got float 3.0"),
+        (dict(generator=5), TypeError, r"generator must be a torch.Generator or None, got int 5"),
+        (dict(temperature="0.5"), TypeError, r"temperature must be a real number, got str"),
+        (dict(temperature=float("inf")), ValueError, r"temperature must be a finite number"),
+        (dict(threshold=float("nan")), ValueError, r"threshold must be a finite number, got nan"),
+        (dict(threshold=True), TypeError, r"threshold must be a real number, got bool"),
+        (dict(x=[[3, 3]]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(logits=torch.randn(2, 7, 50, device="meta")), ValueError,
+         r"x must be on the logits' device meta, got cpu"),
+        (dict(window=torch.zeros(2, 2, dtype=torch.int64, device="meta")), ValueError,
+         r"window must be on the logits' device cpu, got meta"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_named(step, override, exc, pattern):
+    """Issue 19: mask_id=2**70 failed with "Expected 'int' ... found type 'int'", generator=5
+    with an AttributeError, and meta logits with a CPU x returned uninitialised CPU tensors."""
+    name = step.__name__
+    args = dict(logits=torch.randn(2, 7, 50), x=torch.full((2, 7), 3), mask_id=3, num_transfer=1)
+    args.update(override)
+    with pytest.raises(exc, match=f"{name}: {pattern}"):
+        step(args.pop("logits"), args.pop("x"), args.pop("mask_id"), args.pop("num_transfer"),
+             **args)  # fmt: skip
+
+
+def test_fake_kernel_checks_devices():
+    """The op called directly (as torch.compile does) must refuse mixed devices too."""
+    logits = torch.randn(2, 7, 50, device="meta")
+    x, count = torch.full((2, 7), 3), torch.ones(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="remask_step: x must be on the logits' device meta"):
+        torch.ops.sinkdlm.remask_step(logits, x, 3, count, None, "margin", 0.0, None, 0, 0)
+
+
+def test_backward_through_confidence_raises():
+    """Issue 19: without an autograd kernel, backward gave zero gradients with a warning."""
+    logits, x, mask_id, num_transfer, _ = make_inputs(2, 6, 30, torch.float32, "cpu")
+    logits.requires_grad_()
+    confidence = sinkdlm.remask_step(logits, x, mask_id, num_transfer)[2]
+    with pytest.raises(NotImplementedError, match="remask_step is not differentiable"):
+        confidence[torch.isfinite(confidence)].sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_plus_infinity_logits_share_the_probability(device, strategy, temperature):
+    """Issue 19: a +inf logit gave confidence NaN (not 1) and its position was not picked. Rule
+    (kernels and reference): n entries at +inf share the probability, 1/n each."""
+    logits, x, mask_id, _, _ = make_inputs(2, 9, 3001, torch.float32, device, 11)
+    x[:] = mask_id
+    logits[0, 3, 2500] = float("inf")  # one +inf, in the second CPU chunk
+    logits[0, 5, [7, 2900]] = float("inf")  # two: they share it, the lower id is chosen
+    logits[1, :, 100] = float("-inf")
+    num_transfer = torch.tensor([1, 2], device=device)
+    got, want = run_both(
+        logits, x, mask_id, num_transfer, strategy=strategy, temperature=temperature
+    )
+    assert_same_step(got, want)
+    x_new, transferred, confidence = (t.cpu() for t in got)
+    assert x_new[0, 3] == 2500 and x_new[0, 5] == 7 or not transferred[0, [3, 5]].all()
+    expected = {"low_confidence": (1.0, 0.5), "margin": (1.0, 0.0), "entropy": (0.0, -0.6931472)}
+    if strategy in expected:
+        one, two = expected[strategy]
+        assert confidence[0, 3] == pytest.approx(one) and confidence[0, 5] == pytest.approx(two)
+        assert transferred[0, 3] and transferred[0].sum() == 1  # the certain position first
+    assert torch.isfinite(confidence).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+@pytest.mark.parametrize("bad", ["nan", "all_minus_inf"])
+@pytest.mark.parametrize("strategy", ["low_confidence", "random"])
+def test_undefined_distributions_raise(device, step, bad, strategy):
+    """Issue 19: NaN logits were skipped by the fused argmax (and ranked by their sign bit). A
+    position to fill with a NaN logit, or with every logit -inf, has no distribution: raise."""
+    logits, x, mask_id, _, _ = make_inputs(2, 6, 2100, torch.bfloat16, device, 12)
+    x[:] = mask_id
+    x[1, 4] = 0  # not to fill: anything goes there
+    logits[1, 4] = float("nan")
+    kwargs = dict(strategy=strategy, generator=torch.Generator().manual_seed(0))
+    step(logits, x, mask_id, 1, **kwargs)  # fine: the NaN sits where nothing is filled
+    if bad == "nan":
+        logits[1, 2, 2050] = float("nan")
+    else:
+        logits[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"remask_step: logits must be free of NaN .*\(b=1, l=2\)"):
+        step(logits, x, mask_id, 1, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [sinkdlm.remask_step, sinkdlm.remask_step_reference])
+def test_threshold_is_inclusive(device, step):
+    """Issue 19: turning the threshold's >= into > passed every test. Two equal top logits give
+    a confidence of exactly 0.5; a threshold of 0.5 must take those positions."""
+    logits = torch.full((1, 4, 8), float("-inf"))
+    logits[0, :, 1] = logits[0, :, 2] = 2.0  # low_confidence = 0.5 exactly, in any precision
+    logits[0, 0, 3] = 5.0  # position 0: the most confident, taken by the count
+    logits[0, 3, 1] = 2.5  # position 3: above the threshold
+    x = torch.full((1, 4), 7)
+    got = step(logits.to(device), x.to(device), 7, 1, threshold=0.5)[1:]
+    transferred, confidence = (t.cpu() for t in got)
+    assert confidence[0, 1] == 0.5 and confidence[0, 2] == 0.5
+    assert transferred.tolist() == [[True, True, True, True]]
+    strict = step(logits.to(device), x.to(device), 7, 1, threshold=0.5000001)[1].cpu()
+    assert strict.tolist() == [[True, False, False, True]]

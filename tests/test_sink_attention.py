@@ -3,6 +3,7 @@
 import importlib
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import devices
@@ -371,6 +372,16 @@ BAD = {
         r"key_padding_mask must be \(B, L\) = \(2, 5\)",
     ),
     "not a tensor": (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+    # Issue 19: True passed as 1.0, nan raised TypeError, 1e300 overflowed float32 to NaN.
+    "scale bool": (dict(scale=True), TypeError, r"scale must be a real number, got bool True"),
+    "scale str": (dict(scale="0.5"), TypeError, r"scale must be a real number, got str '0.5'"),
+    "scale nan": (dict(scale=float("nan")), ValueError, r"scale must be a finite number, got nan"),
+    "scale inf": (dict(scale=float("-inf")), ValueError, r"scale must be a finite number"),
+    "scale huge": (
+        dict(scale=1e300),
+        ValueError,
+        r"scale must be finite in torch.float32 \(the accumulation type of torch.float32\)",
+    ),
 }
 
 
@@ -389,6 +400,20 @@ def test_bad_input_raises_clearly(case):
         )
 
 
+def test_numpy_and_integer_scales_are_accepted():
+    """Issue 19: np.float32(0.25) was refused as "must be a finite float, got 0.25"."""
+    g = _good()
+    args = (g["q"], g["k"], g["v"], g["sink_k"], g["sink_v"])
+    want = sinkdlm.sink_attention(*args, scale=0.25)
+    for scale in (np.float32(0.25), np.float64(0.25)):
+        torch.testing.assert_close(sinkdlm.sink_attention(*args, scale=scale), want)
+    torch.testing.assert_close(
+        sinkdlm.sink_attention(*args, scale=np.int64(1)), sinkdlm.sink_attention(*args, scale=1.0)
+    )
+    q64, k64, v64 = (t.double() for t in args[:3])
+    sinkdlm.sink_attention(q64, k64, v64, scale=1e300)  # finite in float64: allowed
+
+
 def test_op_called_directly_checks_too():
     """The raw op (bypassing the Python checks) must refuse, not read out of bounds."""
     g = _good()
@@ -400,3 +425,128 @@ def test_op_called_directly_checks_too():
         torch.ops.sinkdlm.sink_attention_fwd(
             g["q"], torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), None, None, None, None, 1.0
         )
+
+
+def test_reference_gradients_finite_for_an_all_padding_sequence():
+    """Issue 19: with no sink token, a fully padded batch row gave NaN in the reference's dv
+    (its forward was finite): every key of that row is masked, the softmax is 0/0."""
+    q, k, v, *_ = make_inputs(2, 2, 1, 4, 8, "none", False)
+    kpm = torch.tensor([[False] * 4, [True, True, False, True]])
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = sinkdlm.sink_attention_reference(q, k, v, key_padding_mask=kpm)
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g).all(), name
+        assert (g[0] == 0).all(), f"{name} of the all-padding row"
+
+
+@pytest.mark.parametrize("sink", ["none", "shared+logit", "per_batch", "logit"])
+def test_double_backward_matches_reference(sink):
+    """Issue 19: second-order gradients were silently zero (no autograd for the backward op)."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 6, 8, sink, True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam) if t is not None]
+
+    def second_order(fn):
+        out, lse = fn(q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True)
+        loss = (out**3).sum() + (lse * torch.linspace(-1, 1, lse.numel()).view_as(lse)).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+
+    got, want = second_order(sinkdlm.sink_attention), second_order(sinkdlm.sink_attention_reference)
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gradgradcheck():
+    q, k, v, sk, sv, lam, kpm = make_inputs(1, 2, 1, 4, 4, "shared+logit", True)
+    inputs = [t.requires_grad_() for t in (q, k, v, sk, sv, lam)]
+
+    def f(q, k, v, sk, sv, lam):
+        return sinkdlm.sink_attention(
+            q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+        )
+
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_double_backward_low_precision_keeps_dtypes():
+    q, k, v, *_ = make_inputs(1, 2, 2, 5, 8, "none", False, dtype=torch.bfloat16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    (g,) = torch.autograd.grad(sinkdlm.sink_attention(q, k, v).float().sum(), q, create_graph=True)
+    assert g.dtype == torch.bfloat16
+    (h,) = torch.autograd.grad(g.float().pow(2).sum(), k)
+    assert h.dtype == torch.bfloat16 and h.abs().sum() > 0
+
+
+def tile_spanning_padding(kind, B, L, seed):
+    """Key padding across the 512-key tiles: left padding reaching into the second tile (700
+    keys, or all of them for L <= 700: a sequence of padding only) next to a row with 3, or
+    holes in every tile (never periodic in 512, so a mask read without its tile offset shows)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "left":
+        pads = torch.tensor([min(L, 700), 3][:B])
+        return torch.arange(L)[None, :] >= pads[:, None]
+    return torch.rand(B, L, generator=g) < 0.7
+
+
+MULTI_TILE = [  # (L, padding, sink, dtype): float32 (BLAS tiles) on every combination
+    *itertools.product(
+        [513, 1100], ["left", "holes"], ["none", "per_batch", "shared+logit"], [torch.float32]
+    ),
+    (513, "holes", "shared+logit", torch.bfloat16),  # the bf16 GEMM tiles (avx512_bf16 CPUs)
+    (1100, "left", "per_batch", torch.bfloat16),
+    (1100, "holes", "shared+logit", torch.float64),
+]
+
+
+@pytest.mark.parametrize(
+    "L, padding, sink, dtype", MULTI_TILE, ids=lambda x: str(x).replace("torch.", "")
+)
+def test_lengths_past_one_key_tile(L, padding, sink, dtype):
+    """Issue 19: no test had L above the CPU kernel's 512-key tile, so the multi-tile path
+    (cross-tile rescaling, the tile offset of the padding mask) never ran under test. Forward,
+    lse and every gradient, with padding in several tiles."""
+    q, k, v, sk, sv, lam, _ = make_inputs(2, 2, 1, L, 32, sink, False, dtype=dtype, seed=L)
+    kpm = tile_spanning_padding(padding, 2, L, seed=L)
+    assert (~kpm[:, 512:]).any() and (~kpm[:, :512]).any()
+    check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@pytest.mark.parametrize("sink", ["logit", "shared+logit"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_minus_infinity_logit_sink(sink, dtype):
+    """Issue 19: a -inf logit sink without a sink token gave NaN in every row of the head (lse
+    too); the reference is finite. A float16 logit of -7e4 already rounds to -inf."""
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 9, 8, sink, True, dtype=dtype)
+    lam = lam.clone()
+    lam[1] = float("-inf")
+    lam[2] = torch.tensor(-7e4).to(dtype)  # -inf in float16
+    check(q, k, v, sk, sv, lam, kpm, dtype)
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_runs_no_reference_code(device, dtype, monkeypatch):
+    """Issue 19: on CUDA, return_lse=True (and a logit sink) took the dense reference form, so
+    test_low_precision compared the reference with itself. Whatever a device runs for
+    sink_attention, forward and backward with the lse and a logit sink, it must not be that."""
+    reference_module = importlib.import_module("sinkdlm.ops.reference")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sink_attention ran the dense reference form")
+
+    for module in (reference_module, sink_attention_module):
+        for name in ("dense_sink_attention", "sink_attention_reference"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
+    q, k, v, sk, sv, lam, kpm = make_inputs(2, 4, 2, 33, 16, "shared+logit", True, dtype, device)
+    for t in (q, k, v, sk, sv, lam):
+        t.requires_grad_()
+    out, lse = sinkdlm.sink_attention(
+        q, k, v, sk, sv, sink_logit=lam, key_padding_mask=kpm, return_lse=True
+    )
+    (out.float().sum() + lse.sum()).backward()
+    assert q.grad is not None and lam.grad is not None

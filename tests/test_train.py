@@ -100,3 +100,58 @@ def test_loss_formula_on_a_zoo_model():
     ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     want = (ce * masked / p).sum() / ids.numel()
     torch.testing.assert_close(got, want)
+
+
+def _zoo_model():
+    from sinkdlm.models import DiffusionLM, DiffusionLMConfig
+
+    return DiffusionLM(DiffusionLMConfig(vocab_size=VOCAB, mask_id=MASK_ID, d_model=16, n_layers=1))
+
+
+def _losses():
+    from sinkdlm.models import smdm_terms
+    from sinkdlm.train import masked_diffusion_terms
+
+    return [
+        ("masked_diffusion_loss", masked_diffusion_loss),
+        ("masked_diffusion_terms", masked_diffusion_terms),
+        ("masked_diffusion_terms", smdm_terms),
+    ]
+
+
+@pytest.mark.parametrize(
+    "which", [0, 1, 2], ids=["masked_diffusion_loss", "masked_diffusion_terms", "smdm_terms"]
+)
+@pytest.mark.parametrize(
+    "override, exc, pattern",
+    [
+        (dict(eps=0.0), ValueError, r"eps must be a finite number with 0 < eps < 1, got 0.0"),
+        (dict(eps=-0.5), ValueError, r"eps must be a finite number with 0 < eps < 1"),
+        (dict(eps=1.5), ValueError, r"eps must be a finite number with 0 < eps < 1"),
+        (dict(eps=float("nan")), ValueError, r"eps must be a finite number"),
+        (dict(mask_id=VOCAB), ValueError, rf"mask_id must be an int with 0 <= mask_id <= {MASK_ID}"),  # noqa: E501
+        (dict(mask_id=2**70), ValueError, r"mask_id must be an int with 0 <= mask_id"),
+        (dict(input_ids=torch.tensor([[1, VOCAB]])), ValueError,
+         rf"input_ids must be token ids in \[0, vocab_size = {VOCAB}\), got ids in \[1, {VOCAB}\]"),
+        (dict(input_ids=torch.tensor([[1, -1]])), ValueError, r"input_ids must be token ids in"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError,
+         r"input_ids must be an integer tensor of token ids, got torch.float32"),
+        (dict(attention_mask=torch.ones(1, 2)), TypeError,
+         r"attention_mask must be a bool or 0/1 integer tensor"),
+        (dict(generator=5), TypeError, r"generator must be a torch.Generator or None, got int 5"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_name_the_argument(which, override, exc, pattern):
+    """Issue 19: eps <= 0 or > 1 silently changed the objective; float ids, out-of-vocabulary
+    ids or mask_id failed inside the embedding ("index out of range in self")."""
+    name, loss = _losses()[which]
+    kwargs = {"input_ids": torch.tensor([[1, 2]]), "mask_id": MASK_ID, **override}
+    with pytest.raises(exc, match=f"{name}: {pattern}"):
+        loss(_zoo_model(), kwargs.pop("input_ids"), **kwargs)
+
+
+def test_draw_masks_checks_eps():
+    from sinkdlm.models import draw_masks
+
+    with pytest.raises(ValueError, match="draw_masks: eps must be a finite number with 0 < eps"):
+        draw_masks(torch.zeros(2, 3, dtype=torch.long), eps=2.0)

@@ -15,6 +15,11 @@ struct Strides4 {
   int64_t b = 0, h = 0, l = 0, d = 0;
 };
 
+// Element strides of a (B, H, L) per-row tensor: an lse, which may be a view of a wider buffer.
+struct Strides3 {
+  int64_t b = 0, h = 0, l = 0;
+};
+
 // Element strides of the (B, L) dimensions of a per-token tensor: (B, L), or the rows of a
 // (B, L, V) whose last dimension is contiguous.
 struct Strides2 {

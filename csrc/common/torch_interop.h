@@ -37,10 +37,12 @@ inline ScalarType kernel_dtype(at::ScalarType t) {
   }
 }
 
-// Strides of a (B, H, L, D) tensor, and of the first two dimensions of a (B, L, ...) one.
+// Strides of a (B, H, L, D) tensor, of a (B, H, L) one, and of the first two dimensions of a
+// (B, L, ...) one.
 inline Strides4 strides4(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
+inline Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 inline Strides2 strides2(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
 }  // namespace sinkdlm

@@ -29,5 +29,9 @@ RemaskStepParams make_remask_step_params(const at::Tensor& logits, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_outputs(const at::Tensor& x,
                                                                    RemaskStepParams& p);
 
+// After the kernels ran: raises a ValueError when a position to fill had NaN logits or none above
+// -inf (the kernels mark it with a NaN confidence). Reads one flag on the host (a sync on CUDA).
+void check_defined_distributions(const at::Tensor& confidence);
+
 }  // namespace remask
 }  // namespace sinkdlm

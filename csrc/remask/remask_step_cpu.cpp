@@ -24,28 +24,32 @@ inline float to_float(float value) { return value; }  // next to half.h's bfloat
 
 template <typename T>
 __attribute__((always_inline)) inline float convert_and_max_impl(const T* src, int64_t n,
-                                                                 float* out) {
+                                                                 float* out, int* has_nan) {
   float max = -kInf;
-#pragma omp simd reduction(max : max)
+  int nan = 0;
+#pragma omp simd reduction(max : max) reduction(| : nan)
   for (int64_t i = 0; i < n; ++i) {
     out[i] = to_float(src[i]);
     max = out[i] > max ? out[i] : max;
+    nan |= out[i] != out[i];
   }
+  *has_nan |= nan;
   return max;
 }
 
-// Converts a chunk to float32 into `out` and returns its max.
+// Converts a chunk to float32 into `out` and returns its max (NaN entries skipped; `has_nan`
+// set when there is one).
 SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
-float convert_and_max(const float* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+float convert_and_max(const float* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
 SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
-float convert_and_max(const float16* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+float convert_and_max(const float16* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
 SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
-float convert_and_max(const bfloat16* src, int64_t n, float* out) {
-  return convert_and_max_impl(src, n, out);
+float convert_and_max(const bfloat16* src, int64_t n, float* out, int* nan) {
+  return convert_and_max_impl(src, n, out, nan);
 }
 
 SINKDLM_TARGET_CLONES(SINKDLM_ISAS_NO_FMA)
@@ -192,11 +196,17 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
   // running_max).
   float running_max = -kInf;
   double sum = 0.0, weighted = 0.0;
+  // Non-finite logits (the rule the reference follows too): a NaN, or no logit above -inf,
+  // leaves the distribution undefined (confidence NaN: the op raises); +inf logits share all
+  // the probability (n_inf of them, 1 / n_inf each).
+  int has_nan = 0;
+  int64_t n_inf = 0;
 
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const T* src = row + start;
-    const float chunk_max = convert_and_max(src, n, logits);
+    const float chunk_max = convert_and_max(src, n, logits, &has_nan);
+    if (chunk_max == kInf) n_inf += std::count(logits, logits + n, kInf);
 
     const float* candidate_scores = logits;
     float score_max = chunk_max;
@@ -227,7 +237,8 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
       }
     }
 
-    if (need_softmax && chunk_max > -kInf) {  // an all -inf chunk adds nothing
+    // An all -inf chunk adds nothing; once a +inf is seen the sums are not needed.
+    if (need_softmax && n_inf == 0 && chunk_max > -kInf) {
       if (chunk_max > running_max) {
         if (sum > 0.0) {
           const double shift = static_cast<double>(running_max) - chunk_max;
@@ -248,21 +259,30 @@ PositionResult scan_position(const T* row, int64_t vocab, const PositionConfig& 
   }
 
   double confidence = 0.0;
-  switch (config.strategy) {
-    case Strategy::kLowConfidence:
-      confidence = std::exp(static_cast<double>(best_logit) - running_max) / sum;
-      break;
-    case Strategy::kMargin:
-      confidence = (std::exp(static_cast<double>(top1) - running_max) -
-                    std::exp(static_cast<double>(top2) - running_max)) /
-                   sum;
-      break;
-    case Strategy::kEntropy:
-      confidence = weighted / sum - std::log(sum);
-      break;
-    case Strategy::kRandom:
-      confidence = philox::position_uniform(config.seed, config.offset, b, l);
-      break;
+  if (has_nan || best_logit == -kInf) {
+    confidence = std::numeric_limits<double>::quiet_NaN();
+  } else if (n_inf > 0 && config.strategy != Strategy::kRandom) {
+    const double share = 1.0 / static_cast<double>(n_inf);
+    confidence = config.strategy == Strategy::kLowConfidence ? (best_logit == kInf ? share : 0.0)
+                 : config.strategy == Strategy::kMargin      ? (n_inf == 1 ? 1.0 : 0.0)
+                                                             : std::log(share);
+  } else {
+    switch (config.strategy) {
+      case Strategy::kLowConfidence:
+        confidence = std::exp(static_cast<double>(best_logit) - running_max) / sum;
+        break;
+      case Strategy::kMargin:
+        confidence = (std::exp(static_cast<double>(top1) - running_max) -
+                      std::exp(static_cast<double>(top2) - running_max)) /
+                     sum;
+        break;
+      case Strategy::kEntropy:
+        confidence = weighted / sum - std::log(sum);
+        break;
+      case Strategy::kRandom:
+        confidence = philox::position_uniform(config.seed, config.offset, b, l);
+        break;
+    }
   }
   return PositionResult{best_index, static_cast<float>(confidence)};
 }

@@ -59,6 +59,10 @@ RemaskStepParams make_remask_step_params(const at::Tensor& logits, const at::Ten
                     "remask_step: mask_id must be in [0, V = ", vocab, "), got ", mask_id);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
                     "remask_step: temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature == 0.0 || std::isfinite(static_cast<float>(1.0 / temperature)),
+                    "remask_step: temperature must be 0 or at least 1 / FLT_MAX (its inverse is "
+                    "taken in float32), got ",
+                    temperature);
   TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold),
                     "remask_step: threshold must be a number, got nan");
   TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<uint32_t>::max(),
@@ -114,6 +118,17 @@ RemaskStepParams make_remask_step_params(const at::Tensor& logits, const at::Ten
   return params;
 }
 
+void check_defined_distributions(const at::Tensor& confidence) {
+  const at::Tensor undefined = confidence.isnan();
+  if (!undefined.any().item<bool>()) return;
+  const at::Tensor where = undefined.nonzero().cpu();
+  TORCH_CHECK_VALUE(false,
+                    "remask_step: logits must be free of NaN and have an entry above -inf at "
+                    "every position to fill; position (b=",
+                    where[0][0].item<int64_t>(), ", l=", where[0][1].item<int64_t>(),
+                    ") has a NaN or only -inf (", where.size(0), " such positions)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_outputs(const at::Tensor& x,
                                                                    RemaskStepParams& p) {
   at::Tensor x_new = at::empty(x.sizes(), x.options());
@@ -136,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cpu_impl(
                                                temperature, threshold, seed, offset, keep);
   auto outputs = remask_step_outputs(x, p);
   if (x.numel() > 0) remask_step_cpu(p, torch_cpu_context());
+  check_defined_distributions(std::get<2>(outputs));
   return outputs;
 }
 

@@ -24,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remask_step_cuda_impl(
   auto outputs = remask_step_outputs(x, p);
   const cudaError_t err = remask_step_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "remask_step: CUDA launch failed: ", cudaGetErrorString(err));
+  check_defined_distributions(std::get<2>(outputs));
   return outputs;
 }
 

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "common/half.h"
+#include "common/torch_interop.h"
 #include "sink_attention/sink_merge_params.h"
 
 namespace sinkdlm::composed {
@@ -86,44 +87,39 @@ T* data_of(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-template <int N>
-void strides_of(const at::Tensor& t, int64_t (&out)[N]) {
-  for (int i = 0; i < N; ++i) out[i] = t.stride(i);
-}
-
 template <typename T, typename A>
-SinkMergeParams<T, A> merge_fwd_params(const MergeFwdArgs& a) {
+SinkMergeParams<T, A> make_sink_merge_params(const MergeFwdArgs& a) {
   SinkMergeParams<T, A> p{};
-  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seqlen = a.q.size(2), p.head_dim = a.q.size(3);
+  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seq_len = a.q.size(2), p.head_dim = a.q.size(3);
   p.kv_heads = a.kv_heads;
   p.scale = static_cast<A>(a.scale);
-  p.q = data_of<const T>(a.q), strides_of(a.q, p.q_stride);
-  p.attn_out = data_of<const T>(a.attn_out), strides_of(a.attn_out, p.attn_out_stride);
-  p.attn_lse = data_of<const A>(a.attn_lse), strides_of(a.attn_lse, p.attn_lse_stride);
+  p.q = data_of<const T>(a.q), p.q_stride = strides4(a.q);
+  p.attn_out = data_of<const T>(a.attn_out), p.attn_out_stride = strides4(a.attn_out);
+  p.attn_lse = data_of<const A>(a.attn_lse), p.attn_lse_stride = strides3(a.attn_lse);
   p.sink_k = data_of<const A>(a.sink_k), p.sink_v = data_of<const A>(a.sink_v);
   p.sink_batch_stride = a.sink_k.defined() && a.sink_k.dim() == 3 ? a.sink_k.stride(0) : 0;
   p.sink_logit = data_of<const A>(a.sink_logit);
   p.row_mask = data_of<const bool>(a.row_mask);
-  p.out = data_of<T>(a.out), strides_of(a.out, p.out_stride);
+  p.out = data_of<T>(a.out), p.out_stride = strides4(a.out);
   p.lse = data_of<A>(a.lse);
   return p;
 }
 
 template <typename T, typename A>
-SinkGradParams<T, A> merge_bwd_params(const MergeBwdArgs& a) {
-  SinkGradParams<T, A> p{};
-  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seqlen = a.q.size(2), p.head_dim = a.q.size(3);
+SinkMergeBwdParams<T, A> make_sink_merge_bwd_params(const MergeBwdArgs& a) {
+  SinkMergeBwdParams<T, A> p{};
+  p.batch = a.q.size(0), p.heads = a.q.size(1), p.seq_len = a.q.size(2), p.head_dim = a.q.size(3);
   p.kv_heads = a.kv_heads;
   p.scale = static_cast<A>(a.scale);
-  p.q = data_of<const T>(a.q), strides_of(a.q, p.q_stride);
-  p.dout = data_of<const T>(a.dout), strides_of(a.dout, p.dout_stride);
-  p.out = data_of<const T>(a.out), strides_of(a.out, p.out_stride);
+  p.q = data_of<const T>(a.q), p.q_stride = strides4(a.q);
+  p.dout = data_of<const T>(a.dout), p.dout_stride = strides4(a.dout);
+  p.out = data_of<const T>(a.out), p.out_stride = strides4(a.out);
   p.lse = data_of<const A>(a.lse), p.dlse = data_of<const A>(a.dlse);
   p.sink_k = data_of<const A>(a.sink_k), p.sink_v = data_of<const A>(a.sink_v);
   p.sink_batch_stride = a.sink_k.defined() && a.sink_k.dim() == 3 ? a.sink_k.stride(0) : 0;
   p.sink_logit = data_of<const A>(a.sink_logit);
   p.row_mask = data_of<const bool>(a.row_mask);
-  p.dq = data_of<T>(a.dq), strides_of(a.dq, p.dq_stride);
+  p.dq = data_of<T>(a.dq), p.dq_stride = strides4(a.dq);
   p.dsink_k = data_of<A>(a.dsink_k), p.dsink_v = data_of<A>(a.dsink_v);
   p.dsink_logit = data_of<A>(a.dsink_logit);
   return p;

@@ -11,7 +11,7 @@
 namespace sinkdlm {
 
 struct SinkAttentionDims {
-  int64_t batch, heads, kv_heads, seqlen, head_dim;
+  int64_t batch, heads, kv_heads, seq_len, head_dim;
 };
 
 inline void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
@@ -34,7 +34,7 @@ inline SinkAttentionDims check_sink_attention_args(
   const SinkAttentionDims d{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
   TORCH_CHECK(k.sizes() == v.sizes(), "sink_attention: k and v must have the same shape, got ",
               k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == d.batch && k.size(2) == d.seqlen && k.size(3) == d.head_dim &&
+  TORCH_CHECK(k.size(0) == d.batch && k.size(2) == d.seq_len && k.size(3) == d.head_dim &&
                   d.kv_heads > 0 && d.heads % d.kv_heads == 0,
               "sink_attention: k must be (B, Hkv, L, D) with H % Hkv == 0 for q ", q.sizes(),
               ", got ", k.sizes());
@@ -61,12 +61,12 @@ inline SinkAttentionDims check_sink_attention_args(
                 q.device(), ", got ", sink_logit->scalar_type(), sink_logit->sizes());
   }
   if (key_padding_mask) {
-    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                    key_padding_mask->size(0) == d.batch && key_padding_mask->size(1) == d.seqlen &&
-                    key_padding_mask->device() == q.device(),
-                "sink_attention: key_padding_mask must be bool (B, L) = (", d.batch, ", ", d.seqlen,
-                ") on ", q.device(), ", got ", key_padding_mask->scalar_type(),
-                key_padding_mask->sizes());
+    TORCH_CHECK(
+        key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+            key_padding_mask->size(0) == d.batch && key_padding_mask->size(1) == d.seq_len &&
+            key_padding_mask->device() == q.device(),
+        "sink_attention: key_padding_mask must be bool (B, L) = (", d.batch, ", ", d.seq_len,
+        ") on ", q.device(), ", got ", key_padding_mask->scalar_type(), key_padding_mask->sizes());
   }
   return d;
 }
@@ -80,7 +80,7 @@ inline void check_sink_attention_bwd_args(const SinkAttentionDims& d, const at::
   check_like_q(grad_out, q, "grad_out");
   check_like_q(out, q, "out");
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.batch && lse.size(1) == d.heads &&
-                  lse.size(2) == d.seqlen && lse.device() == q.device(),
+                  lse.size(2) == d.seq_len && lse.device() == q.device(),
               "sink_attention_bwd: lse must be (B, H, L) on ", q.device(), ", got ", lse.sizes());
   if (grad_lse) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(),

@@ -38,9 +38,9 @@
 #include <limits>
 
 #include "common/cpu_context.h"
+#include "common/torch_interop.h"
 #include "sink_attention/sink_attention_composed.h"
 #include "sink_attention/sink_attention_composed_args.h"
-#include "common/torch_interop.h"
 #include "sink_attention/sink_merge_cpu.h"
 
 namespace sinkdlm::composed {
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
   // viewed as heads) gives an out whose transpose(1, 2).reshape(B, L, H * D) is free, and the
   // merge runs in place over the backend's out whenever the layouts agree.
   at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({d.batch, d.heads, d.seqlen}, q.options().dtype(acc));
+  at::Tensor lse = at::empty({d.batch, d.heads, d.seq_len}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
 
   const int64_t width = backend_width(q, false);
@@ -361,13 +361,13 @@ namespace {
 
 void merge_fwd_cpu(const MergeFwdArgs& a) {
   dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
-    sink_merge_fwd_cpu(merge_fwd_params<T, A>(a), torch_cpu_context());
+    sink_merge_fwd_cpu(make_sink_merge_params<T, A>(a), torch_cpu_context());
   });
 }
 
 void merge_bwd_cpu(const MergeBwdArgs& a) {
   dispatch_storage_type(a.q.scalar_type(), [&]<typename T, typename A>() {
-    sink_merge_bwd_cpu(merge_bwd_params<T, A>(a), torch_cpu_context());
+    sink_merge_bwd_cpu(make_sink_merge_bwd_params<T, A>(a), torch_cpu_context());
   });
 }
 

@@ -113,7 +113,9 @@ void fwd(const SinkAttentionParams& p, const CpuContext& ctx) {
           l[r] = 1;
           std::copy(sv, sv + D, acc_r);
         }
-        if (sink_logit) {
+        // A -inf logit sink (a float16 -7e4 rounds to it) adds e^-inf = 0: skipped, since with
+        // no sink token m is -inf too and exp(lam - m) would be NaN.
+        if (sink_logit && sink_logit[h] > kNegInf<A>) {
           const A lam = sink_logit[h];
           if (lam > m[r]) {
             const A alpha = std::exp(m[r] - lam);  // 0 when there is no sink token

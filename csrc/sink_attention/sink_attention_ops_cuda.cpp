@@ -34,7 +34,7 @@ void merge_fwd_cuda(const MergeFwdArgs& a) {
   check_head_dim(a.q.size(3));
   const c10::cuda::CUDAGuard guard(a.q.device());
   dispatch_cuda_type(a.q.scalar_type(), [&]<typename T>() {
-    C10_CUDA_CHECK(launch_sink_merge_fwd<T>(merge_fwd_params<T, float>(a),
+    C10_CUDA_CHECK(launch_sink_merge_fwd<T>(make_sink_merge_params<T, float>(a),
                                             c10::cuda::getCurrentCUDAStream().stream()));
   });
 }
@@ -47,7 +47,8 @@ void merge_bwd_cuda(const MergeBwdArgs& a) {
   const at::Tensor workspace =
       at::empty({static_cast<int64_t>(bytes)}, a.q.options().dtype(at::kByte));
   dispatch_cuda_type(a.q.scalar_type(), [&]<typename T>() {
-    C10_CUDA_CHECK(launch_sink_merge_bwd<T>(merge_bwd_params<T, float>(a), workspace.data_ptr(),
+    C10_CUDA_CHECK(launch_sink_merge_bwd<T>(make_sink_merge_bwd_params<T, float>(a),
+                                            workspace.data_ptr(),
                                             c10::cuda::getCurrentCUDAStream().stream()));
   });
 }

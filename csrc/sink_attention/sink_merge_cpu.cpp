@@ -21,21 +21,22 @@ A log_add_exp3(A a, A b, A c) {
   return m + std::log(std::exp(a - m) + std::exp(b - m) + std::exp(c - m));
 }
 
+// Row (b, h, i) of a (B, H, L, D) tensor.
 template <typename T>
-const T* row_ptr(const T* x, const int64_t* st, int64_t b, int64_t h, int64_t i) {
-  return x + b * st[0] + h * st[1] + i * st[2];
+T* row_ptr(T* x, const Strides4& st, int64_t b, int64_t h, int64_t i) {
+  return x + b * st.b + h * st.h + i * st.l;
 }
 
 }  // namespace
 
 template <typename T, typename A>
 void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx) {
-  const int64_t H = p.heads, L = p.seqlen, D = p.head_dim, group = p.heads / p.kv_heads;
+  const int64_t H = p.heads, L = p.seq_len, D = p.head_dim, group = p.heads / p.kv_heads;
   ctx.parallel_for(p.batch * H * L, /*grain=*/64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
-      T* o = p.out + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-      const int64_t os = p.out_stride[3];
+      T* o = row_ptr(p.out, p.out_stride, b, h, i);
+      const int64_t os = p.out_stride.d;
       if (p.row_mask != nullptr && !p.row_mask[b * L + i]) {
         for (int64_t d = 0; d < D; ++d) o[d * os] = store<T>(A(0));
         p.lse[r] = 0;
@@ -48,18 +49,18 @@ void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx) {
       A s = kNegInf<A>;
       if (sk != nullptr) {
         A dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += load<A>(qi[d * p.q_stride[3]]) * sk[d];
+        for (int64_t d = 0; d < D; ++d) dot += load<A>(qi[d * p.q_stride.d]) * sk[d];
         s = p.scale * dot;
       }
       const A lam = p.sink_logit ? p.sink_logit[h] : kNegInf<A>;
-      const A lse_tok = p.attn_lse[b * p.attn_lse_stride[0] + h * p.attn_lse_stride[1] +
-                                   i * p.attn_lse_stride[2]];
+      const A lse_tok =
+          p.attn_lse[b * p.attn_lse_stride.b + h * p.attn_lse_stride.h + i * p.attn_lse_stride.l];
       const A lse = log_add_exp3(lse_tok, s, lam);
       const A w_tok = std::exp(lse_tok - lse);
       const A w_sink = sk != nullptr ? std::exp(s - lse) : A(0);
       const T* ai = row_ptr(p.attn_out, p.attn_out_stride, b, h, i);
       for (int64_t d = 0; d < D; ++d) {
-        const A tok = load<A>(ai[d * p.attn_out_stride[3]]) * w_tok;
+        const A tok = load<A>(ai[d * p.attn_out_stride.d]) * w_tok;
         o[d * os] = store<T>(sv != nullptr ? tok + w_sink * sv[d] : tok);
       }
       p.lse[r] = lse;
@@ -68,8 +69,8 @@ void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx) {
 }
 
 template <typename T, typename A>
-void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
-  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seqlen, D = p.head_dim;
+void sink_merge_bwd_cpu(const SinkMergeBwdParams<T, A>& p, const CpuContext& ctx) {
+  const int64_t B = p.batch, H = p.heads, Hkv = p.kv_heads, L = p.seq_len, D = p.head_dim;
   const int64_t group = H / Hkv;
   const bool token = p.sink_k != nullptr, logit = p.sink_logit != nullptr;
   if (!token && !logit) return;
@@ -94,21 +95,21 @@ void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
         const A g = p.dlse != nullptr ? p.dlse[bh * L + i] : A(0);
         A delta = 0, do_sv = 0, q_sk = 0;
         for (int64_t d = 0; d < D; ++d) {
-          const A dod = load<A>(doi[d * p.dout_stride[3]]);
-          delta += dod * load<A>(oi[d * p.out_stride[3]]);
+          const A dod = load<A>(doi[d * p.dout_stride.d]);
+          delta += dod * load<A>(oi[d * p.out_stride.d]);
           if (token) {
             do_sv += dod * sv[d];
-            q_sk += load<A>(qi[d * p.q_stride[3]]) * sk[d];
+            q_sk += load<A>(qi[d * p.q_stride.d]) * sk[d];
           }
         }
         if (token) {
           const A prob = std::exp(p.scale * q_sk - lse);
           const A ds = prob * (do_sv - delta + g);
-          T* dqi = p.dq + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2];
+          T* dqi = row_ptr(p.dq, p.dq_stride, b, h, i);
           for (int64_t d = 0; d < D; ++d) {
-            pv[d] += prob * load<A>(doi[d * p.dout_stride[3]]);
-            pk[d] += p.scale * ds * load<A>(qi[d * p.q_stride[3]]);
-            T& dq = dqi[d * p.dq_stride[3]];
+            pv[d] += prob * load<A>(doi[d * p.dout_stride.d]);
+            pk[d] += p.scale * ds * load<A>(qi[d * p.q_stride.d]);
+            T& dq = dqi[d * p.dq_stride.d];
             dq = store<T>(load<A>(dq) + p.scale * ds * sk[d]);
           }
         }
@@ -147,7 +148,7 @@ void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx) {
 
 #define SINKDLM_INSTANTIATE_SINK_MERGE(T, A)                                               \
   template void sink_merge_fwd_cpu<T, A>(const SinkMergeParams<T, A>&, const CpuContext&); \
-  template void sink_merge_bwd_cpu<T, A>(const SinkGradParams<T, A>&, const CpuContext&);
+  template void sink_merge_bwd_cpu<T, A>(const SinkMergeBwdParams<T, A>&, const CpuContext&);
 SINKDLM_INSTANTIATE_SINK_MERGE(float, float)
 SINKDLM_INSTANTIATE_SINK_MERGE(double, double)
 SINKDLM_INSTANTIATE_SINK_MERGE(float16, float)

@@ -15,6 +15,6 @@ void sink_merge_fwd_cpu(const SinkMergeParams<T, A>& p, const CpuContext& ctx);
 
 // Adds the sink's part to p.dq and writes the sink gradients; deterministic (fixed order).
 template <typename T, typename A>
-void sink_merge_bwd_cpu(const SinkGradParams<T, A>& p, const CpuContext& ctx);
+void sink_merge_bwd_cpu(const SinkMergeBwdParams<T, A>& p, const CpuContext& ctx);
 
 }  // namespace sinkdlm

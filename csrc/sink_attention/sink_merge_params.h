@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "../common/kernel_types.h"  // relative: cuda/ builds without csrc/ on its path
+
 namespace sinkdlm {
 
 // T: element type of q, out and dO (float, double, float16, bfloat16). A: accumulation type of
@@ -25,48 +27,48 @@ namespace sinkdlm {
 // of q, attn_out, dout and out may have any stride on the CPU, must be unit on CUDA.
 template <typename T, typename A>
 struct SinkMergeParams {
-  int64_t batch, heads, kv_heads, seqlen, head_dim;
-  A scale;
-  const T* q;  // (B, H, L, D)
-  int64_t q_stride[4];
-  const T* attn_out;  // attention over the real keys only (B, H, L, D)
-  int64_t attn_out_stride[4];
-  const A* attn_lse;  // its log-sum-exp (B, H, L)
-  int64_t attn_lse_stride[3];
+  int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;  // H % Hkv == 0
+  A scale = 1;
+  const T* q = nullptr;  // (B, H, L, D)
+  Strides4 q_stride;
+  const T* attn_out = nullptr;  // attention over the real keys only (B, H, L, D)
+  Strides4 attn_out_stride;
+  const A* attn_lse = nullptr;  // its log-sum-exp (B, H, L)
+  Strides3 attn_lse_stride;
   // Sink token (B or 1, Hkv, D) contiguous; sink_batch_stride is 0 for one sink shared by the
   // batch. Null: no sink token.
-  const A* sink_k;
-  const A* sink_v;
-  int64_t sink_batch_stride;
-  const A* sink_logit;   // (H,); null: no logit sink
-  const bool* row_mask;  // (B, L) contiguous, true = real row; null: all real
-  T* out;                // (B, H, L, D); padded rows get 0
-  int64_t out_stride[4];
-  A* lse;  // (B, H, L) contiguous; padded rows get 0
+  const A* sink_k = nullptr;
+  const A* sink_v = nullptr;
+  int64_t sink_batch_stride = 0;
+  const A* sink_logit = nullptr;   // (H,); null: no logit sink
+  const bool* row_mask = nullptr;  // (B, L) contiguous, true = real row; null: all real
+  T* out = nullptr;                // (B, H, L, D); padded rows get 0
+  Strides4 out_stride;
+  A* lse = nullptr;  // (B, H, L) contiguous; padded rows get 0
 };
 
 template <typename T, typename A>
-struct SinkGradParams {
-  int64_t batch, heads, kv_heads, seqlen, head_dim;
-  A scale;
-  const T* q;  // (B, H, L, D)
-  int64_t q_stride[4];
-  const T* dout;  // (B, H, L, D)
-  int64_t dout_stride[4];
-  const T* out;  // the merged out' (B, H, L, D)
-  int64_t out_stride[4];
-  const A* lse;   // the merged lse' (B, H, L) contiguous
-  const A* dlse;  // (B, H, L) contiguous; null: no gradient through lse
-  const A* sink_k;
-  const A* sink_v;
-  int64_t sink_batch_stride;
-  const A* sink_logit;
-  const bool* row_mask;
-  T* dq;  // (B, H, L, D), updated in place: dq += scale * ds * sink_k (only with a sink token)
-  int64_t dq_stride[4];
-  A* dsink_k;      // like sink_k (B or 1, Hkv, D) contiguous; null without a sink token
-  A* dsink_v;      // like sink_v
-  A* dsink_logit;  // (H,); null without a logit sink
+struct SinkMergeBwdParams {
+  int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;  // H % Hkv == 0
+  A scale = 1;
+  const T* q = nullptr;  // (B, H, L, D)
+  Strides4 q_stride;
+  const T* dout = nullptr;  // (B, H, L, D)
+  Strides4 dout_stride;
+  const T* out = nullptr;  // the merged out' (B, H, L, D)
+  Strides4 out_stride;
+  const A* lse = nullptr;   // the merged lse' (B, H, L) contiguous
+  const A* dlse = nullptr;  // (B, H, L) contiguous; null: no gradient through lse
+  const A* sink_k = nullptr;
+  const A* sink_v = nullptr;
+  int64_t sink_batch_stride = 0;
+  const A* sink_logit = nullptr;
+  const bool* row_mask = nullptr;
+  T* dq = nullptr;  // (B, H, L, D), updated in place: dq += scale * ds * sink_k (with a sink token)
+  Strides4 dq_stride;
+  A* dsink_k = nullptr;      // like sink_k (B or 1, Hkv, D) contiguous; null without a sink token
+  A* dsink_v = nullptr;      // like sink_v
+  A* dsink_logit = nullptr;  // (H,); null without a logit sink
 };
 
 }  // namespace sinkdlm

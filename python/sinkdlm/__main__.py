@@ -1,4 +1,4 @@
-"""Command line: ``sinkdlm demo`` / ``python -m sinkdlm demo`` (see sinkdlm.demo)."""
+"""Command line: ``sinkdlm demo`` / ``python3 -m sinkdlm demo`` (see sinkdlm.demo)."""
 
 from __future__ import annotations
 

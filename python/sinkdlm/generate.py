@@ -5,8 +5,19 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import _checks
 from .ops import remask_step
 from .protocol import inference_cache
+
+
+def _check_schedule_args(fn: str, num_masked, steps) -> int:
+    if not isinstance(num_masked, torch.Tensor) or num_masked.dtype != torch.int64:
+        _checks.fail(
+            fn, "num_masked", "an int64 (B,) tensor", _checks.describe(num_masked), TypeError
+        )
+    if num_masked.dim() != 1:
+        _checks.fail(fn, "num_masked", "(B,)", f"shape {tuple(num_masked.shape)}")
+    return _checks.integer(fn, "steps", steps, minimum=1)
 
 
 def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -15,6 +26,7 @@ def llada_transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tenso
 
     Args: num_masked (B,) int64; steps >= 1. Returns (B, steps) int64 counts summing to num_masked.
     """
+    steps = _check_schedule_args("llada_transfer_schedule", num_masked, steps)
     base = num_masked // steps
     remainder = num_masked % steps
     step_index = torch.arange(steps, device=num_masked.device)
@@ -27,8 +39,11 @@ def dream_transfer_schedule(
     """Dream's schedule: timesteps ``linspace(1, eps, steps + 1)`` (float32); the step from t to s
     fills ``int(n · (1 - s / t))`` of the n positions still masked, and the last step the rest.
 
-    Args: num_masked (B,) int64; steps >= 1. Returns (B, steps) int64 counts summing to num_masked.
+    Args: num_masked (B,) int64; steps >= 1; 0 < eps < 1 (the last timestep). Returns (B, steps)
+    int64 counts summing to num_masked, each >= 0.
     """
+    steps = _check_schedule_args("dream_transfer_schedule", num_masked, steps)
+    eps = _checks.real("dream_transfer_schedule", "eps", eps, 0, 1, low_open=True, high_open=True)
     timesteps = torch.linspace(1.0, eps, steps + 1, dtype=torch.float32)
     remaining = num_masked.clone()
     counts = []
@@ -41,6 +56,39 @@ def dream_transfer_schedule(
         counts.append(count)
         remaining = remaining - count
     return torch.stack(counts, dim=1)
+
+
+def _check_generate_args(
+    model, input_ids, attention_mask, gen_length, steps, block_length, mask_id
+) -> int:
+    """Types and ranges generate's loop relies on; returns mask_id as an int. Where the model
+    declares its vocabulary (``model.config.vocab_size``), mask_id and the prompt's ids must lie
+    in it (else the model's embedding fails with a bare index error)."""
+    if not callable(model):
+        _checks.fail("generate", "model", "a callable returning logits", _checks.describe(model))
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64:
+        _checks.fail(
+            "generate", "input_ids", "a (B, P) int64 tensor", _checks.describe(input_ids), TypeError
+        )
+    if input_ids.dim() != 2:
+        _checks.fail("generate", "input_ids", "(B, P)", f"shape {tuple(input_ids.shape)}")
+    vocab_size = _checks.vocab_size_of(model)
+    _checks.token_ids("generate", "input_ids", input_ids, vocab_size)
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point()
+    ):
+        _checks.fail(
+            "generate",
+            "attention_mask",
+            "a bool or 0/1 integer tensor",
+            _checks.describe(attention_mask),
+            TypeError,
+        )
+    for name, value in (("gen_length", gen_length), ("steps", steps)):
+        _checks.integer("generate", name, value)
+    if block_length is not None:
+        _checks.integer("generate", "block_length", block_length)
+    return _checks.mask_id("generate", mask_id, vocab_size)
 
 
 def _model_logits(model, tokens, attention_mask):
@@ -91,6 +139,7 @@ def generate(
         progress: show a tqdm bar over steps.
         schedule: ``"llada"`` (:func:`llada_transfer_schedule`) or ``"dream"``
             (:func:`dream_transfer_schedule`, with ``eps``), applied within each block.
+        eps: Dream's last timestep, 0 < eps < 1.
 
     Returns:
         (B, P + gen_length) int64: the prompts followed by the generated tokens.
@@ -99,11 +148,12 @@ def generate(
     once for the whole call (``sinkdlm.hf.sink_kv_cache``, entered through
     ``sinkdlm.protocol.inference_cache``), not once per step.
     """
-    if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-        raise ValueError(
-            f"generate: input_ids must be (B, P) int64, got shape {tuple(input_ids.shape)} "
-            f"dtype {input_ids.dtype}"
-        )
+    mask_id = _check_generate_args(
+        model, input_ids, attention_mask, gen_length, steps, block_length, mask_id
+    )
+    _checks.real("generate", "cfg_scale", cfg_scale, low=0)
+    _checks.real("generate", "eps", eps, 0, 1, low_open=True, high_open=True)
+    _checks.generator("generate", generator)
     block_length = gen_length if block_length is None else block_length
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
         raise ValueError(

@@ -7,18 +7,42 @@ same forward with the pieces an evaluation sums (sinkdlm.models.evaluate_masked_
 import torch
 import torch.nn.functional as F
 
+from . import _checks
+
+
+def _check_draw_args(fn, input_ids, eps, attention_mask, prompt_mask, generator) -> float:
+    """input_ids a (B, L) integer tensor, the masks bool or 0/1 of its shape, 0 < eps < 1 (else
+    the noise level t leaves (0, 1] and the weight 1/t changes the objective), the generator a
+    torch.Generator; returns eps as a float."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        _checks.fail(fn, "input_ids", "a (B, L) tensor of token ids", _checks.describe(input_ids))
+    _checks.token_ids(fn, "input_ids", input_ids, None)
+    for name, mask in (("attention_mask", attention_mask), ("prompt_mask", prompt_mask)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.is_floating_point():
+            _checks.fail(
+                fn, name, "a bool or 0/1 integer tensor", _checks.describe(mask), TypeError
+            )
+        if mask.shape != input_ids.shape:
+            _checks.fail(fn, name, f"input_ids' shape {tuple(input_ids.shape)}", tuple(mask.shape))
+    _checks.generator(fn, generator)
+    return _checks.real(fn, "eps", eps, 0, 1, low_open=True, high_open=True)
+
+
+def _check_loss_args(fn, model, input_ids, mask_id, eps, attention_mask, prompt_mask, generator):
+    """The draw's checks, and token ids and mask_id inside ``model.config.vocab_size`` where the
+    model declares it (else its embedding fails with a bare index error); returns
+    ``(mask_id, eps)`` as int and float."""
+    eps = _check_draw_args(fn, input_ids, eps, attention_mask, prompt_mask, generator)
+    vocab_size = _checks.vocab_size_of(model)
+    _checks.token_ids(fn, "input_ids", input_ids, vocab_size)
+    return _checks.mask_id(fn, mask_id, vocab_size), eps
+
 
 def _loss_eligible(input_ids, attention_mask, prompt_mask):
     """(B, L) bool: the tokens that may be masked and scored (real, not prompt)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
     eligible = torch.ones_like(input_ids, dtype=torch.bool)
-    for name, mask in (("attention_mask", attention_mask), ("prompt_mask", prompt_mask)):
-        if mask is not None and mask.shape != input_ids.shape:
-            raise ValueError(
-                f"{name} must have input_ids' shape {tuple(input_ids.shape)}, "
-                f"got {tuple(mask.shape)}"
-            )
     if attention_mask is not None:
         eligible &= attention_mask.to(torch.bool)
     if prompt_mask is not None:
@@ -45,6 +69,7 @@ def draw_masks(input_ids, *, eps=1e-3, attention_mask=None, prompt_mask=None, ge
     Returns:
         ``masked`` bool (B, L) and ``t`` float32 (B, 1).
     """
+    eps = _check_draw_args("draw_masks", input_ids, eps, attention_mask, prompt_mask, generator)
     return _draw(_loss_eligible(input_ids, attention_mask, prompt_mask), eps, generator)
 
 
@@ -58,6 +83,15 @@ def masked_diffusion_terms(
     ``n_tokens`` (masked and loss-eligible token counts), and ``masked_logits`` (N, V) float32
     with their ``targets`` (N,) for the N masked positions.
     """
+    fn = "masked_diffusion_terms"
+    return _terms(fn, model, input_ids, mask_id, attention_mask, prompt_mask, eps, generator)
+
+
+def _terms(fn, model, input_ids, mask_id, attention_mask, prompt_mask, eps, generator):
+    """masked_diffusion_terms, its checks' messages naming ``fn``."""
+    mask_id, eps = _check_loss_args(
+        fn, model, input_ids, mask_id, eps, attention_mask, prompt_mask, generator
+    )
     eligible = _loss_eligible(input_ids, attention_mask, prompt_mask)
     masked, t = _draw(eligible, eps, generator)
     noisy_ids = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
@@ -103,18 +137,12 @@ def masked_diffusion_loss(
         attention_mask: optional (B, L) 0/1 or bool, 1 = real token. Padding is never masked, never
             scored, and passed on to the model.
         prompt_mask: optional (B, L) bool, True = prompt token: never masked and never scored (SFT).
-        eps: smallest noise level, so that 1/t stays bounded.
+        eps: smallest noise level, 0 < eps < 1, so that 1/t stays bounded.
         generator: optional torch.Generator (on input_ids' device) for t and the masks.
 
     Returns:
         scalar float32 loss tensor (differentiable w.r.t. the model's parameters).
     """
-    return masked_diffusion_terms(
-        model,
-        input_ids,
-        mask_id=mask_id,
-        attention_mask=attention_mask,
-        prompt_mask=prompt_mask,
-        eps=eps,
-        generator=generator,
-    )["loss"]
+    fn = "masked_diffusion_loss"
+    terms = _terms(fn, model, input_ids, mask_id, attention_mask, prompt_mask, eps, generator)
+    return terms["loss"]

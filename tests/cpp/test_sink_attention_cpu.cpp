@@ -251,30 +251,62 @@ TEST_P(SinkAttentionCpu, Float16MatchesNaive) {
   run<float16>(GetParam(), ScalarType::kFloat16, 5e-3);
 }
 
-// L = 1, L not a multiple of the 64 x 256 tiles, L spanning several key tiles; GQA and MQA;
-// every sink form; padding; transposed (B, L, H, D) inputs; an odd head dim.
-INSTANTIATE_TEST_SUITE_P(Grid, SinkAttentionCpu,
-                         ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
-                                           Config{2, 4, 2, 7, 16, true, false, true, true, false},
-                                           Config{1, 2, 1, 65, 32, false, false, true, false, true},
-                                           Config{3, 4, 4, 33, 80, true, true, true, true, true},
-                                           Config{2, 8, 2, 300, 64, true, false, false, true,
-                                                  false},
-                                           Config{1, 2, 2, 257, 8, false, false, false, true, true},
-                                           Config{2, 4, 1, 70, 24, true, true, true, false, false},
-                                           Config{1, 2, 1, 37, 5, true, false, true, true, true}),
-                         [](const ::testing::TestParamInfo<Config>& info) {
-                           const Config& c = info.param;
-                           std::string name = "B" + std::to_string(c.B) + "_H" +
-                                              std::to_string(c.H) + "_Hkv" + std::to_string(c.Hkv) +
-                                              "_L" + std::to_string(c.L) + "_D" +
-                                              std::to_string(c.D);
-                           if (c.sink_token) name += c.shared_sink ? "_sharedsink" : "_batchsink";
-                           if (c.sink_logit) name += "_logit";
-                           if (c.padding) name += "_pad";
-                           if (c.transposed) name += "_strided";
-                           return name;
-                         });
+// L = 1, L not a multiple of the 64- and 256-row query tiles, L past the 512-key tile (513: a
+// second tile of one key; 1100: three tiles), padded keys in every tile (the mask's period 3 is
+// no divisor of 512, so a mask read without the tile offset shows); GQA and MQA; every sink
+// form; padding; transposed (B, L, H, D) inputs; an odd head dim.
+INSTANTIATE_TEST_SUITE_P(
+    Grid, SinkAttentionCpu,
+    ::testing::Values(Config{1, 1, 1, 1, 16, true, true, false, false, false},
+                      Config{2, 4, 2, 7, 16, true, false, true, true, false},
+                      Config{1, 2, 1, 65, 32, false, false, true, false, true},
+                      Config{3, 4, 4, 33, 80, true, true, true, true, true},
+                      Config{2, 8, 2, 300, 64, true, false, false, true, false},
+                      Config{1, 2, 2, 257, 8, false, false, false, true, true},
+                      Config{2, 4, 1, 70, 24, true, true, true, false, false},
+                      Config{1, 2, 1, 37, 5, true, false, true, true, true},
+                      Config{2, 4, 2, 513, 16, true, false, true, true, false},
+                      Config{1, 2, 1, 1100, 16, false, false, false, true, true},
+                      Config{1, 2, 2, 1100, 8, true, true, true, true, false}),
+    [](const ::testing::TestParamInfo<Config>& info) {
+      const Config& c = info.param;
+      std::string name = "B" + std::to_string(c.B) + "_H" + std::to_string(c.H) + "_Hkv" +
+                         std::to_string(c.Hkv) + "_L" + std::to_string(c.L) + "_D" +
+                         std::to_string(c.D);
+      if (c.sink_token) name += c.shared_sink ? "_sharedsink" : "_batchsink";
+      if (c.sink_logit) name += "_logit";
+      if (c.padding) name += "_pad";
+      if (c.transposed) name += "_strided";
+      return name;
+    });
+
+// A -inf logit sink (a float16 logit of -7e4 rounds to it) adds nothing: with no sink token the
+// result is plain attention, finite, lse included (it was NaN in every row of the head).
+TEST(SinkAttentionCpuEdge, MinusInfinityLogitSinkAddsNothing) {
+  const int64_t L = 5, D = 4;
+  std::vector<float> q(L * D), k(L * D), v(L * D);
+  for (int64_t i = 0; i < L * D; ++i) {
+    q[i] = std::sin(0.7f * i), k[i] = std::cos(0.3f * i), v[i] = 0.1f * (i % 7) - 0.2f;
+  }
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  const Strides4 dense{L * D, L * D, D, 1};
+  SinkAttentionParams p;
+  p.dtype = ScalarType::kFloat32;
+  p.batch = 1, p.heads = 1, p.kv_heads = 1, p.seq_len = L, p.head_dim = D, p.scale = 0.5;
+  p.q = q.data(), p.q_stride = dense;
+  p.k = k.data(), p.k_stride = dense;
+  p.v = v.data(), p.v_stride = dense;
+  p.out_stride = dense;
+  const CpuContext ctx = make_cpu_context(serial_for);
+  std::vector<float> plain(L * D), plain_lse(L), out(L * D, NAN), lse(L, NAN);
+  p.out = plain.data(), p.lse = plain_lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  p.sink_logit = &minus_inf;
+  p.out = out.data(), p.lse = lse.data();
+  sink_attention_fwd_cpu(p, ctx);
+  for (int64_t i = 0; i < L * D; ++i) ASSERT_EQ(out[i], plain[i]) << "out at " << i;
+  for (int64_t i = 0; i < L; ++i) ASSERT_EQ(lse[i], plain_lse[i]) << "lse at " << i;
+}
 
 TEST(HalfConversion, RoundTripsAndRounds) {
   for (float x : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f, 3.14159f}) {

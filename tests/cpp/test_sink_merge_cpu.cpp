@@ -33,10 +33,12 @@ CpuContext serial_context() {
   return ctx;
 }
 
-// Calls fn on single items, last first: another split than serial_for, for the determinism test.
+// Calls fn on single items, last first, whatever the grain: another split than serial_for, for the
+// determinism test.
 CpuContext reversed_context() {
   CpuContext ctx;
-  ctx.parallel_for = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  ctx.parallel_for = [](int64_t n, int64_t /*grain*/,
+                        const std::function<void(int64_t, int64_t)>& fn) {
     for (int64_t i = n - 1; i >= 0; --i) fn(i, i + 1);
   };
   return ctx;
@@ -108,8 +110,8 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
   return in;
 }
 
-void contiguous_strides(int64_t (&st)[4], int64_t H, int64_t L, int64_t D) {
-  st[0] = H * L * D, st[1] = L * D, st[2] = D, st[3] = 1;
+sinkdlm::Strides4 contiguous_strides(int64_t H, int64_t L, int64_t D) {
+  return {H * L * D, L * D, D, 1};
 }
 
 template <typename T, typename A>
@@ -120,19 +122,19 @@ sinkdlm::SinkMergeParams<T, A> fwd_params(const Case& c, const std::vector<T>& q
                                           const bool* mask, std::vector<T>& out,
                                           std::vector<A>& lse) {
   sinkdlm::SinkMergeParams<T, A> p{};
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = c.L, p.head_dim = c.D;
   p.scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(c.D)));
-  p.q = q.data(), contiguous_strides(p.q_stride, c.H, c.L, c.D);
-  p.attn_out = attn_out.data(), contiguous_strides(p.attn_out_stride, c.H, c.L, c.D);
+  p.q = q.data(), p.q_stride = contiguous_strides(c.H, c.L, c.D);
+  p.attn_out = attn_out.data(), p.attn_out_stride = contiguous_strides(c.H, c.L, c.D);
   p.attn_lse = attn_lse.data();
-  p.attn_lse_stride[0] = c.H * c.L, p.attn_lse_stride[1] = c.L, p.attn_lse_stride[2] = 1;
+  p.attn_lse_stride = {c.H * c.L, c.L, 1};
   if (c.token) p.sink_k = sk.data(), p.sink_v = sv.data();
   p.sink_batch_stride = c.per_batch ? c.Hkv * c.D : 0;
   if (c.logit) p.sink_logit = lam.data();
   p.row_mask = c.padding ? mask : nullptr;
   out.assign(c.B * c.H * c.L * c.D, T(-7));  // poisoned
   lse.assign(c.B * c.H * c.L, A(-7));
-  p.out = out.data(), contiguous_strides(p.out_stride, c.H, c.L, c.D);
+  p.out = out.data(), p.out_stride = contiguous_strides(c.H, c.L, c.D);
   p.lse = lse.data();
   return p;
 }
@@ -199,18 +201,18 @@ Grads run_bwd(const Case& c, const Inputs& in, const std::vector<double>& dout,
   Grads g;
   g.dq.assign(in.q.size(), 0.0);
   g.dsk.assign(in.sk.size(), -7.0), g.dsv.assign(in.sv.size(), -7.0), g.dlam.assign(c.H, -7.0);
-  sinkdlm::SinkGradParams<double, double> p{};
-  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seqlen = c.L, p.head_dim = c.D;
+  sinkdlm::SinkMergeBwdParams<double, double> p{};
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = c.L, p.head_dim = c.D;
   p.scale = 1.0 / std::sqrt(static_cast<double>(c.D));
-  p.q = in.q.data(), contiguous_strides(p.q_stride, c.H, c.L, c.D);
-  p.dout = dout.data(), contiguous_strides(p.dout_stride, c.H, c.L, c.D);
-  p.out = out.data(), contiguous_strides(p.out_stride, c.H, c.L, c.D);
+  p.q = in.q.data(), p.q_stride = contiguous_strides(c.H, c.L, c.D);
+  p.dout = dout.data(), p.dout_stride = contiguous_strides(c.H, c.L, c.D);
+  p.out = out.data(), p.out_stride = contiguous_strides(c.H, c.L, c.D);
   p.lse = lse.data(), p.dlse = dlse.data();
   if (c.token) p.sink_k = in.sk.data(), p.sink_v = in.sv.data();
   p.sink_batch_stride = c.per_batch ? c.Hkv * c.D : 0;
   if (c.logit) p.sink_logit = in.lam.data();
   p.row_mask = c.padding ? in.mask.get() : nullptr;
-  p.dq = g.dq.data(), contiguous_strides(p.dq_stride, c.H, c.L, c.D);
+  p.dq = g.dq.data(), p.dq_stride = contiguous_strides(c.H, c.L, c.D);
   if (c.token) p.dsink_k = g.dsk.data(), p.dsink_v = g.dsv.data();
   if (c.logit) p.dsink_logit = g.dlam.data();
   sink_merge_bwd_cpu(p, ctx);

@@ -12,6 +12,9 @@ import math
 
 import torch
 
+from .. import _checks
+from .recorder import SinkTrace
+
 METHODS = ("ratio", "zscore")
 
 
@@ -21,6 +24,32 @@ def detect_sinks(mass, *, method="ratio", epsilon=3.0, k=2.0, key_padding_mask=N
     never sinks and do not enter the statistics. Returns bool (..., L)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(mass, torch.Tensor) or not mass.is_floating_point() or mass.dim() < 1:
+        _checks.fail(
+            "detect_sinks", "mass", "a floating (..., L) tensor", _checks.describe(mass), TypeError
+        )
+    _checks.real("detect_sinks", "epsilon", epsilon)
+    _checks.real("detect_sinks", "k", k)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            _checks.fail(
+                "detect_sinks",
+                "key_padding_mask",
+                "a bool tensor",
+                _checks.describe(key_padding_mask),
+                TypeError,
+            )
+        try:
+            fits = torch.broadcast_shapes(key_padding_mask.shape, mass.shape) == mass.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            _checks.fail(
+                "detect_sinks",
+                "key_padding_mask",
+                f"broadcastable to mass's shape {tuple(mass.shape)}",
+                f"shape {tuple(key_padding_mask.shape)}",
+            )
     mass = mass.double()
     real = (
         torch.ones_like(mass, dtype=torch.bool)
@@ -75,6 +104,14 @@ def moving_sink_stats(trace, *, method="ratio", epsilon=3.0, k=2.0):
       value_norm_sink / value_norm_other   mean value-vector L2 norm of flagged keys vs the rest
       value_norm_sink_token                mean value norm of the designated sink token(s)
     """
+    if not isinstance(trace, SinkTrace):
+        _checks.fail(
+            "moving_sink_stats",
+            "trace",
+            "a SinkTrace (AttentionRecorder.trace())",
+            _checks.describe(trace),
+            TypeError,
+        )
     mass = trace.mass  # (T, NL, B, H, L)
     t_steps, n_layers, b, h, _ = mass.shape
     real = trace.key_padding_mask[:, None, :, None, :]  # (T, 1, B, 1, L)

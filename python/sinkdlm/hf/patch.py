@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from .. import _checks
 from .checkpoint import SINK_MODULE, saved_sink_weight
 from .registry import backend_for
 
@@ -83,7 +84,7 @@ def _host(model):
 
 
 def _state(model):
-    return _host(_unwrap(model)).__dict__.get(_STATE)
+    return getattr(_host(_unwrap(model)), "__dict__", {}).get(_STATE)
 
 
 def has_sink_token(model) -> bool:
@@ -144,7 +145,11 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
     if has_sink_token(model):
         return model
     inner = _unwrap(model)
+    if not isinstance(inner, torch.nn.Module):
+        expected = "a transformers model (a torch.nn.Module)"
+        _checks.fail("add_sink_token", "model", expected, _checks.describe(model), TypeError)
     host = _host(inner)
+    backend = backend_for(inner, host)  # first: it names what is supported when this is not
     recorded = getattr(inner.config, "sinkdlm", None)
     saved = None
     if isinstance(recorded, dict):
@@ -161,9 +166,7 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
                 f"checkpoint; initialising it with init={init!r}",
                 stacklevel=2,
             )
-    if not isinstance(sink_position, int):
-        raise ValueError(f"sink_position must be an int, got {sink_position!r}")
-    backend = backend_for(inner, host)
+    sink_position = _checks.integer("add_sink_token", "sink_position", sink_position)
     weight = _initial_weight(inner, init)
     if saved is not None:
         if saved.shape != weight.shape:

@@ -37,7 +37,7 @@ def attention_mass(q, k, lse, sink_k=None, *, sink_logit=None, key_padding_mask=
         (key sink plus logit sink). Rows of a softmax sum to 1, so mass.sum(-1) + sink_mass = 1
         for a sequence with real tokens.
     """
-    check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask)
+    check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask, scale)
     dtype = accumulation_dtype(q.dtype)
     scale = softmax_scale(scale, q.shape[-1])
     args = [
@@ -86,3 +86,14 @@ def _attention_mass_chunked(q, k, lse, sink_k, sink_logit, key_padding_mask, sca
 def _attention_mass_fake(q, k, lse, sink_k, sink_logit, key_padding_mask, scale):
     b, h, n, _ = q.shape
     return q.new_empty(b, h, n), q.new_empty(b, h)
+
+
+def _attention_mass_backward(ctx, *grads):
+    raise NotImplementedError(
+        "attention_mass is not differentiable (an analysis of a forward's attention): detach "
+        "q, k, lse and the sinks, or call it under torch.no_grad()"
+    )
+
+
+# Without an autograd kernel, PyTorch would backpropagate zeros with only a warning.
+torch.library.register_autograd(_OP, _attention_mass_backward)

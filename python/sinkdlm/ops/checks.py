@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .. import _checks
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 STRATEGIES = ("low_confidence", "margin", "entropy", "random")
 
@@ -94,57 +96,78 @@ def check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_m
             _fail("key_padding_mask", f"(B, L) = ({B}, {L})", f"shape {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             _fail("key_padding_mask", f"on {q.device} like q", key_padding_mask.device)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        _fail("scale", "a finite float", scale, TypeError)
+    _checks.softmax_scale("sink_attention", scale, q.dtype)
 
 
 # ---- attention_mass ---------------------------------------------------------------------------
 
 
-def check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask):
+def check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask, scale):
     """The arguments of :func:`sinkdlm.analysis.attention_mass` (see its docstring)."""
+
+    def fail(name, expected, got, exc=ValueError):
+        _checks.fail("attention_mass", name, expected, got, exc)
+
+    tensors = (("q", q), ("k", k), ("lse", lse), ("sink_k", sink_k), ("sink_logit", sink_logit))
+    for name, t in tensors:
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            fail(name, "a floating-point tensor", _checks.describe(t), TypeError)
     if q.dim() != 4:
-        raise ValueError(f"q must be (B,H,L,D), got shape {_shape(q)}")
+        fail("q", "(B,H,L,D)", f"shape {_shape(q)}")
     b, h, n, d = q.shape
-    if k.dim() != 4 or k.shape[0] != b or k.shape[2:] != (n, d) or h % max(k.shape[1], 1):
-        raise ValueError(
-            f"k must be (B,Hkv,L,D) with H % Hkv == 0 for q {_shape(q)}, got {_shape(k)}"
-        )
+    if k.dim() != 4 or k.shape[0] != b or k.shape[2:] != (n, d) or not k.shape[1] or h % k.shape[1]:
+        fail("k", f"(B,Hkv,L,D) with Hkv >= 1 dividing H for q {_shape(q)}", _shape(k))
     if lse.shape != (b, h, n):
-        raise ValueError(f"lse must be (B,H,L) = {(b, h, n)}, got {_shape(lse)}")
+        fail("lse", f"(B,H,L) = {(b, h, n)}", _shape(lse))
     if sink_k is not None and sink_k.shape not in ((k.shape[1], d), (b, k.shape[1], d)):
-        raise ValueError(
-            f"sink_k must be (Hkv,D) or (B,Hkv,D) = {(k.shape[1], d)} or "
-            f"{(b, k.shape[1], d)}, got {_shape(sink_k)}"
-        )
+        expected = f"(Hkv,D) or (B,Hkv,D) = {(k.shape[1], d)} or {(b, k.shape[1], d)}"
+        fail("sink_k", expected, _shape(sink_k))
     if sink_logit is not None and sink_logit.shape != (h,):
-        raise ValueError(f"sink_logit must be (H,) = ({h},), got {_shape(sink_logit)}")
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, n)
-    ):
-        raise ValueError(
-            f"key_padding_mask must be bool (B,L) = {(b, n)}, got "
-            f"{key_padding_mask.dtype} {_shape(key_padding_mask)}"
-        )
-    for name, t in (
-        ("k", k),
-        ("lse", lse),
-        ("sink_k", sink_k),
-        ("sink_logit", sink_logit),
-        ("key_padding_mask", key_padding_mask),
-    ):
+        fail("sink_logit", f"(H,) = ({h},)", _shape(sink_logit))
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            fail("key_padding_mask", "a bool tensor", _checks.describe(key_padding_mask), TypeError)
+        if key_padding_mask.shape != (b, n):
+            fail("key_padding_mask", f"(B,L) = {(b, n)}", _shape(key_padding_mask))
+    _checks.softmax_scale("attention_mass", scale, q.dtype)
+    for name, t in (*tensors[1:], ("key_padding_mask", key_padding_mask)):
         if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            fail(name, f"on q's device {q.device}", t.device)
 
 
 # ---- remask_step ------------------------------------------------------------------------------
 
 
-def as_num_transfer(num_transfer, batch: int, device: torch.device) -> torch.Tensor:
-    """``num_transfer`` as the (B,) int64 tensor the op takes (an int means every row)."""
-    if isinstance(num_transfer, int):
-        return torch.full((batch,), num_transfer, dtype=torch.int64, device=device)
-    return num_transfer
+def normalize_remask_step_args(
+    fn, logits, x, mask_id, num_transfer, window, temperature, threshold, generator
+):
+    """The Python-level arguments of :func:`sinkdlm.remask_step` and its reference as the op
+    takes them: ``(mask_id, num_transfer, temperature, threshold)``, with ``num_transfer`` a
+    (B,) int64 tensor (a Python or NumPy int means every row). Checks what the op cannot (types
+    of Python scalars, the generator) or cannot everywhere (devices: meta logits would send a
+    CPU x to the fake kernel); shapes, dtypes and values of the tensors are the op's to check
+    (:func:`check_remask_step_args` for the composite)."""
+    for name, t in (("logits", logits), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            _checks.fail(fn, name, "a torch.Tensor", _checks.describe(t), TypeError)
+    if logits.dim() != 3:
+        _checks.fail(fn, "logits", "(B, L, V)", f"shape {_shape(logits)}")
+    batch, _, vocab = logits.shape
+    mask_id = _checks.integer(fn, "mask_id", mask_id, 0, vocab - 1)
+    if not isinstance(num_transfer, torch.Tensor):
+        expected = "an int or a (B,) int64 tensor"
+        count = _checks.integer(fn, "num_transfer", num_transfer, 0, expected=expected)
+        num_transfer = torch.full((batch,), count, dtype=torch.int64, device=logits.device)
+    for name, t in (("x", x), ("num_transfer", num_transfer), ("window", window)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            _checks.fail(fn, name, "a torch.Tensor", _checks.describe(t), TypeError)
+        if t is not None and t.device != logits.device:
+            _checks.fail(fn, name, f"on the logits' device {logits.device}", t.device)
+    temperature = _checks.real(fn, "temperature", temperature, low=0)
+    if threshold is not None:
+        threshold = _checks.real(fn, "threshold", threshold, allow_infinite=True)
+    _checks.generator(fn, generator)
+    return mask_id, num_transfer, temperature, threshold
 
 
 def check_remask_step_args(

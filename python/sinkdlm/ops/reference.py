@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import STRATEGIES, as_num_transfer, check_sink_attention_args
+from .checks import STRATEGIES, check_sink_attention_args, normalize_remask_step_args
 from .common import accumulation_dtype, expand_sink, softmax_scale
 from .remask_noise import needs_noise, remask_step_noise, remask_step_seed
 
@@ -150,6 +150,9 @@ def dense_sink_attention(
     if mask is not None:
         mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        # A row that sees no key (a padded query of an all-padding sequence, no sink token) is
+        # zeroed below; finite scores keep the NaN of an all -inf softmax out of the gradients.
+        scores = scores.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
     if sink_logit is not None:
         logit = sink_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, scores.shape[2], 1)
         scores = torch.cat([scores, logit], dim=-1)
@@ -190,8 +193,11 @@ def remask_step_reference(
         raise ValueError(
             f"remask_step_reference: strategy must be one of {STRATEGIES}, got {strategy!r}"
         )
+    fn = "remask_step_reference"
+    mask_id, num_transfer, temperature, threshold = normalize_remask_step_args(
+        fn, logits, x, mask_id, num_transfer, window, temperature, threshold, generator
+    )
     seed = remask_step_seed(generator) if needs_noise(strategy, temperature) else 0
-    num_transfer = as_num_transfer(num_transfer, logits.shape[0], logits.device)
     return dense_remask_step(
         logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed
     )
@@ -204,6 +210,20 @@ def dense_remask_step(
     tensor, the noise rebuilt from ``seed`` (offset 0) where the step needs it."""
     batch, length, vocab = logits.shape
     device = logits.device
+    positions = torch.arange(length, device=device)
+    eligible = x == mask_id
+    if window is not None:
+        eligible &= (positions >= window[:, :1]) & (positions < window[:, 1:])
+    # Non-finite logits, the kernels' rule: a NaN, or no entry above -inf, leaves a position's
+    # distribution undefined (raise); +inf entries share all the probability.
+    undefined = eligible & (logits.isnan().any(-1) | (logits == float("-inf")).all(-1))
+    if undefined.any():
+        b, pos = undefined.nonzero()[0].tolist()
+        raise ValueError(
+            "remask_step: logits must be free of NaN and have an entry above -inf at every "
+            f"position to fill; position (b={b}, l={pos}) has a NaN or only -inf "
+            f"({int(undefined.sum())} such positions)"
+        )
     gumbel = uniform = None
     if needs_noise(strategy, temperature):
         gumbel, uniform = remask_step_noise(seed, 0, batch, length, vocab)
@@ -217,7 +237,10 @@ def dense_remask_step(
         scores = logits32
     candidate = scores.argmax(dim=-1)
 
-    probs = torch.softmax(logits.double(), dim=-1)
+    logits64 = logits.double()
+    infinite = logits64 == float("inf")
+    n_inf = infinite.sum(dim=-1, keepdim=True)
+    probs = torch.where(n_inf > 0, infinite / n_inf.clamp_min(1), torch.softmax(logits64, dim=-1))
     if strategy == "low_confidence":
         confidence = torch.gather(probs, -1, candidate.unsqueeze(-1)).squeeze(-1)
     elif strategy == "margin":
@@ -228,10 +251,6 @@ def dense_remask_step(
     else:
         confidence = uniform.double()
 
-    positions = torch.arange(length, device=device)
-    eligible = x == mask_id
-    if window is not None:
-        eligible &= (positions >= window[:, :1]) & (positions < window[:, 1:])
     confidence = torch.where(eligible, confidence, float("-inf"))
 
     order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
@@ -242,7 +261,9 @@ def dense_remask_step(
         count = torch.where(num_eligible > 0, count.clamp_min(1), 0)
     transferred = eligible & (rank < count.unsqueeze(1))
     if threshold is not None:
-        transferred |= eligible & (confidence >= threshold)
+        # In float32, as the kernels compare (their confidence is float32, the threshold too).
+        threshold32 = torch.tensor(threshold, dtype=torch.float32, device=device)
+        transferred |= eligible & (confidence.float() >= threshold32)
     x_new = torch.where(transferred, candidate, x)
     return x_new, transferred, confidence.float()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import STRATEGIES, as_num_transfer, check_remask_step_args
+from .checks import STRATEGIES, check_remask_step_args, normalize_remask_step_args
 from .common import has_native_kernel
 from .reference import dense_remask_step
 from .remask_noise import needs_noise, remask_step_noise, remask_step_seed
@@ -68,11 +68,17 @@ def remask_step(
         the picked positions; ``confidence`` (B, L) float32: the confidence of every masked
         position in its window, -inf elsewhere. Ranking ties go to the lower position, argmax ties
         to the lower token id.
+
+    Non-finite logits: ``-inf`` entries get probability 0; ``+inf`` entries share all the
+    probability (n of them: 1/n each, so ``low_confidence`` is 1/n for the chosen token, which
+    is the lowest-id one, ``margin`` 1 for n = 1 and 0 otherwise, ``entropy`` -log n). A position
+    to fill whose logits hold a NaN, or only -inf, raises ValueError (its distribution is
+    undefined); on CUDA that check reads one flag back (a sync).
     """
+    mask_id, num_transfer, temperature, threshold = normalize_remask_step_args(
+        "remask_step", logits, x, mask_id, num_transfer, window, temperature, threshold, generator
+    )
     seed = remask_step_seed(generator) if needs_noise(strategy, temperature) else 0
-    num_transfer = as_num_transfer(num_transfer, logits.shape[0], logits.device)
-    mask_id, temperature = int(mask_id), float(temperature)
-    threshold = None if threshold is None else float(threshold)
     if has_native_kernel(_OP, logits.device.type):
         return torch.ops.sinkdlm.remask_step(
             logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed, 0
@@ -100,9 +106,26 @@ def _remask_step_composite(
 def _remask_step_fake(
     logits, x, mask_id, num_transfer, window, strategy, temperature, threshold, seed, offset
 ):
+    for name, t in (("x", x), ("num_transfer", num_transfer), ("window", window)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"remask_step: {name} must be on the logits' device {logits.device}, got {t.device}"
+            )
     shape = x.shape
     return (
         x.new_empty(shape),
         x.new_empty(shape, dtype=torch.bool),
         x.new_empty(shape, dtype=torch.float32),
     )
+
+
+def _remask_step_backward(ctx, *grads):
+    raise NotImplementedError(
+        "remask_step is not differentiable: its confidence ranks positions and is not meant to "
+        "carry gradients; compute it from detached logits (or under torch.no_grad())"
+    )
+
+
+# Without an autograd kernel, PyTorch would backpropagate zeros through the confidence with only
+# a warning; this makes that an error.
+torch.library.register_autograd(_OP, _remask_step_backward)

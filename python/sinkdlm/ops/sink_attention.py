@@ -26,6 +26,7 @@ import torch
 
 from .checks import check_sink_attention_args
 from .common import accumulation_dtype, has_native_kernel, softmax_scale
+from .reference import dense_sink_attention
 from .sink_attention_composite import sink_attention_composite
 
 __all__ = ["sink_attention"]
@@ -99,7 +100,9 @@ def sink_attention(
         SDPA's flash kernel does: for a q that is a ``(B, L, H, D)`` projection viewed as heads,
         ``out.transpose(1, 2).reshape(B, L, H * D)`` is then free.
 
-    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse).
+    Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse),
+    twice too: under ``create_graph=True`` the backward runs through the dense form's PyTorch
+    ops (O(L^2) memory) so that its result can be differentiated again.
     """
     check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale)
     _check_backend(backend)
@@ -168,9 +171,34 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _differentiable_backward(ctx, inputs, key_padding_mask, grad_out, grad_lse):
+    """The backward for ``create_graph=True`` (double backward, Hessian-vector products): the
+    gradients of the dense form in the accumulation dtype, taken with a graph so that they can
+    be differentiated again. O(L^2) memory; the first-order backward stays the kernel's."""
+    dtype = accumulation_dtype(inputs[0].dtype)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    acc = [t.to(dtype) if t is not None else None for t in inputs]
+    out, lse = dense_sink_attention(*acc, key_padding_mask, ctx.scale)
+    outputs, cotangents = [], []
+    for y, dy in ((out, grad_out), (lse, grad_lse)):
+        if dy is not None:
+            outputs.append(y)
+            cotangents.append(dy.to(y.dtype))
+    grads = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], cotangents, create_graph=True, allow_unused=True
+    )
+    result = [None] * 8
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = None if g is None else g.to(inputs[i].dtype)
+    return tuple(result)
+
+
 def _autograd(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+            inputs = (q, k, v, sink_k, sink_v, sink_logit)
+            return _differentiable_backward(ctx, inputs, key_padding_mask, grad_out, grad_lse)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dsink_k, dsink_v, dsink_logit = bwd_op(
