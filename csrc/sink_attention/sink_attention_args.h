@@ -22,4 +22,9 @@ SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& key_padding_mask,
                                                double scale, std::vector<at::Tensor>& keep);
 
+// Checks the backward's own inputs against the forward's params p (from the call above).
+void check_sink_attention_bwd_args(const SinkAttentionParams& p, const at::Tensor& grad_out,
+                                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                   const at::Tensor& out, const at::Tensor& lse);
+
 }  // namespace sinkdlm
