@@ -25,4 +25,20 @@ SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& query_padding_mask,
                                                double scale, std::vector<at::Tensor>& keep);
 
+// Checks the backward's own inputs against the forward's params p (from the call above).
+void check_sink_attention_bwd_args(const SinkAttentionParams& p, const at::Tensor& grad_out,
+                                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                   const at::Tensor& out, const at::Tensor& lse);
+
+// The query padding in force, as a tensor (for routes that take masks as tensors rather than
+// p's pointers): the given mask, else the key mask when the queries are the keys' tokens
+// (Lq == Lk), else none (undefined).
+inline at::Tensor query_padding_in_force(const SinkAttentionParams& p,
+                                         const std::optional<at::Tensor>& key_padding_mask,
+                                         const std::optional<at::Tensor>& query_padding_mask) {
+  if (query_padding_mask) return query_padding_mask->contiguous();
+  if (key_padding_mask && p.seq_len == p.kv_seq_len) return key_padding_mask->contiguous();
+  return at::Tensor();
+}
+
 }  // namespace sinkdlm

@@ -36,11 +36,12 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 
 #include "common/cpu_context.h"
 #include "common/torch_interop.h"
+#include "sink_attention/sink_attention_args.h"
 #include "sink_attention/sink_attention_composed.h"
-#include "sink_attention/sink_attention_composed_args.h"
 #include "sink_attention/sink_merge_cpu.h"
 
 namespace sinkdlm::composed {
@@ -255,8 +256,9 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, double scale,
     const MergeKernels& kernels) {
-  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
-                                                        key_padding_mask, query_padding_mask);
+  std::vector<at::Tensor> keep;  // the native op's checks (its params only give the sizes here)
+  const SinkAttentionParams d = make_sink_attention_params(
+      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep);
   TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
   // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
@@ -297,8 +299,9 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& query_padding_mask,
                             const at::Tensor& out, const at::Tensor& lse, double scale,
                             const MergeKernels& kernels) {
-  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
-                                                        key_padding_mask, query_padding_mask);
+  std::vector<at::Tensor> keep;  // the native op's checks (its params only give the sizes here)
+  const SinkAttentionParams d = make_sink_attention_params(
+      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep);
   check_sink_attention_bwd_args(d, grad_out, grad_lse, q, out, lse);
   TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());

@@ -101,6 +101,23 @@ SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Te
   return p;
 }
 
+void check_sink_attention_bwd_args(const SinkAttentionParams& p, const at::Tensor& grad_out,
+                                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                   const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  check_same(grad_out, q, "grad_out");
+  check_same(out, q, "out");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
+                  lse.size(2) == p.seq_len && lse.device() == q.device(),
+              "sink_attention_bwd: lse must be (B, H, L) on ", q.device(), ", got ", lse.sizes());
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(),
+                "sink_attention_bwd: grad_lse must be ", lse.sizes(), " on ", q.device(), ", got ",
+                grad_lse->sizes());
+  }
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_impl(
@@ -133,20 +150,9 @@ sink_attention_bwd_cpu_impl(const at::Tensor& grad_out, const std::optional<at::
   SinkAttentionBwdParams p{make_sink_attention_params(
       q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep)};
   const at::ScalarType acc = acc_type(q.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
-  check_same(grad_out, q, "grad_out");
-  check_same(out, q, "out");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
-                  lse.size(2) == p.seq_len,
-              "sink_attention_bwd: lse must be (B, H, Lq), got ", lse.sizes());
+  check_sink_attention_bwd_args(p, grad_out, grad_lse, q, out, lse);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  at::Tensor dlse_acc;
-  if (grad_lse) {
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "sink_attention_bwd: grad_lse must be ",
-                lse.sizes(), ", got ", grad_lse->sizes());
-    dlse_acc = grad_lse->to(acc).contiguous();
-  }
+  const at::Tensor dlse_acc = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
