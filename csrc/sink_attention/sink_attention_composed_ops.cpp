@@ -21,8 +21,8 @@
 // Packed rows (segment_ids): on the CPU a dense (B, 1, L, L) bias instead of the key bias (the
 // CPU flash kernel has no varlen form; O(B L^2) memory, fine for a reference path: the native
 // kernel is the CPU's fast one); on CUDA flash attention's varlen form (at::_flash_attention_
-// forward / _backward with cumulative sequence starts), one sequence per document, float16 and
-// bfloat16 only.
+// forward / _backward with cumulative sequence starts), one sequence per document, in float16 and
+// bfloat16; float32 there takes the dense bias too.
 #include <ATen/Parallel.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/ops/_flash_attention_backward.h>
@@ -99,25 +99,35 @@ at::Tensor key_bias(const at::Tensor& key_padding_mask, at::ScalarType dtype, bo
 }
 
 // Key padding and segments (packed rows) as a dense (B, 1, L, L) bias: 0 where query i may see
-// key j (same segment, real key), -inf elsewhere. For the CPU's fused kernel, which has no varlen
-// form: O(B L^2) memory.
+// key j (same segment, real key), -inf elsewhere. For the fused kernels without a varlen form
+// (the CPU's flash; float32 on CUDA): O(B L^2) memory. Rows 16-element aligned on CUDA.
 at::Tensor segment_bias(const at::Tensor& segment_ids,
-                        const std::optional<at::Tensor>& key_padding_mask, at::ScalarType dtype) {
+                        const std::optional<at::Tensor>& key_padding_mask, at::ScalarType dtype,
+                        bool cuda) {
   const at::Tensor ids = segment_ids.to(at::kLong);
+  const int64_t B = ids.size(0), L = ids.size(1);
   at::Tensor visible = ids.unsqueeze(2).eq(ids.unsqueeze(1));
   if (key_padding_mask) visible = visible.logical_and(key_padding_mask->unsqueeze(1));
-  return at::zeros(visible.sizes(), ids.options().dtype(dtype))
-      .masked_fill_(visible.logical_not(), -kInf)
-      .unsqueeze(1);
+  at::Tensor bias =
+      at::zeros({B, 1, L, cuda ? round_up(L, 16) : L}, ids.options().dtype(dtype)).narrow(3, 0, L);
+  return bias.masked_fill_(visible.logical_not().unsqueeze(1), -kInf);
 }
 
-// What masks the fused attention on the CPU, or on CUDA without segments: the key padding bias,
-// or the dense segment bias. Undefined: nothing to mask.
+// What masks the fused attention when it is not the varlen form: the key padding bias, or the
+// dense segment bias. Undefined: nothing to mask.
 at::Tensor attention_bias(const at::Tensor& q, const std::optional<at::Tensor>& key_padding_mask,
                           const std::optional<at::Tensor>& segment_ids) {
-  if (segment_ids) return segment_bias(*segment_ids, key_padding_mask, q.scalar_type());
+  if (segment_ids)
+    return segment_bias(*segment_ids, key_padding_mask, q.scalar_type(), q.is_cuda());
   return key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda())
                           : at::Tensor();
+}
+
+// Packed rows take flash attention's varlen form on CUDA in the dtypes flash takes (float16,
+// bfloat16); float32 takes the dense bias through the memory-efficient kernel.
+bool use_varlen(const at::Tensor& q, const std::optional<at::Tensor>& segment_ids) {
+  return segment_ids && q.is_cuda() &&
+         (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
 }
 
 // Packed rows on CUDA: flash attention's varlen form over the tokens laid out token-major,
@@ -164,18 +174,10 @@ at::Tensor varlen_keys(const Varlen& vl, const at::Tensor& x) {
   return vl.key_index.defined() ? t.index_select(0, vl.key_index) : t;
 }
 
-void check_varlen_dtype(const at::Tensor& q) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "sink_attention: segment_ids on CUDA run flash attention's varlen form, which "
-                   "takes float16 or bfloat16, got ",
-                   q.scalar_type());
-}
-
 // Attention over each segment's real keys: out (B, H, L, W) and its lse as a (B, H, L) view.
 std::tuple<at::Tensor, at::Tensor> varlen_forward(const Varlen& vl, const at::Tensor& q,
                                                   const at::Tensor& k, const at::Tensor& v,
                                                   double scale) {
-  check_varlen_dtype(q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), W = q.size(3);
   auto r = at::_flash_attention_forward(tokens(q), varlen_keys(vl, k), varlen_keys(vl, v), vl.cu_q,
                                         vl.cu_k, vl.max_q, vl.max_k, 0.0, false, false, scale);
@@ -191,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward(const Varlen& vl, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     const Varlen& vl, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale) {
-  check_varlen_dtype(q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), W = q.size(3), Hkv = k.size(1);
   const at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kUInt64));  // dropout is 0
   const at::Tensor unused = at::empty({0}, q.options());
@@ -391,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
   const int64_t width = backend_width(q, false);
   const at::Tensor qw = widen(q, width), kw = widen(k, width), vw = widen(v, width);
   at::Tensor attn_out, attn_lse;
-  if (segment_ids && q.is_cuda()) {
+  if (use_varlen(q, segment_ids)) {
     std::tie(attn_out, attn_lse) =
         varlen_forward(make_varlen(*segment_ids, key_padding_mask), qw, kw, vw, scale);
   } else {
@@ -461,7 +462,7 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
   const at::Tensor dout_w = widen(grad_out, width, grad_lse ? dlse.to(q.scalar_type()) : dlse);
   const at::Tensor out_w = widen(out, width);
   at::Tensor dq, dk, dv;
-  if (segment_ids && q.is_cuda()) {
+  if (use_varlen(q, segment_ids)) {
     std::tie(dq, dk, dv) = varlen_backward(make_varlen(*segment_ids, key_padding_mask), dout_w, qw,
                                            kw, vw, out_w, lse_acc, scale);
   } else {

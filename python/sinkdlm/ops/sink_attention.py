@@ -101,8 +101,8 @@ def sink_attention(
             document; checked, a host sync); needs Lq == Lk. A batch flattened to one row with
             ``cu_seqlens`` converts with :func:`sinkdlm.packing.segment_ids_from_cu_seqlens`.
             The native CPU kernel skips the key tiles outside a query tile's documents; the
-            composed path runs flash attention's varlen form on CUDA (float16/bfloat16) and a
-            dense ``(B, 1, L, L)`` bias on the CPU.
+            composed path runs flash attention's varlen form on CUDA for float16/bfloat16, and
+            a dense ``(B, 1, L, L)`` bias elsewhere (CPU, float32 on CUDA).
         scale: score scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of each row's scores.
         backend: ``"auto"`` (default), ``"native"`` (sinkdlm's CPU kernel) or ``"composed"``
