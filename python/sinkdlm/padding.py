@@ -113,7 +113,8 @@ def segment_ids_from_packing(
 
     Raises ValueError where it cannot tell documents apart: the two cu_seq_lens differ or do
     not cover the row, restarting positions over a KV cache (Lq != Lk), position_ids of another
-    shape.
+    shape. Under torch.compile (no host sync) the ids from position_ids are returned whether or
+    not they restart, and None under a KV cache.
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
         if cu_seq_lens_q is None or cu_seq_lens_k is None:
@@ -146,6 +147,10 @@ def segment_ids_from_packing(
             f"expected (B, Lq) = ({batch}, {q_len}) or (1, {q_len})"
         )
     segments = segment_ids_from_position_ids(position_ids)
+    if torch.compiler.is_compiling():
+        # No host sync inside a graph: the ids go in as they are (one segment per row gives the
+        # unsegmented result); a KV cache's block positions are taken to be consecutive.
+        return segments.expand(batch, -1) if q_len == k_len else None
     if q_len == 0 or not bool((segments[:, -1] > 0).any()):
         return None  # consecutive positions: one sequence per row
     if q_len != k_len:
