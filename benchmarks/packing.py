@@ -152,7 +152,7 @@ def main():
         "benchmark": "packing",
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
-        "load_average_1min_at_end": None,  # filled below: the machine may be shared
+        "load_average_1min_at_end": os.getloadavg()[0],  # the machine may be shared
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "code_path": "sinkdlm.hf native attention -> sink_attention backend='auto' (CPU: native "
@@ -167,7 +167,6 @@ def main():
         "repeats": args.repeats,
         "layouts": rows,
     }
-    result["load_average_1min_at_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
