@@ -8,6 +8,12 @@ and FSDP come from the launcher, bf16 / checkpoints / progress from TrainingArgu
     torchrun --nproc_per_node 8 examples/finetune.py --model /ckpt/LLaDA-8B-Base \\
         --trust_remote_code --mask_id 126336 --train_files data/*.txt --bf16 --output_dir out/llada
     accelerate launch --config_file fsdp.yaml examples/finetune.py --model ... (FSDP)
+    python3 examples/finetune.py --packing --output_dir out/packed   # padding-free batches
+
+``--packing`` trains on documents (the text files cut at blank lines, each at most --seq_len
+tokens) packed into one row per step with transformers' DataCollatorWithFlattening: no padding;
+restarting position_ids and its cu_seq_lens_q/k keep the documents apart in the sink attention,
+and each document draws its own noise level.
 
 The final save reloads with ``sinkdlm.hf.from_pretrained(output_dir)``. Other Trainer-based DLM
 trainers (for example dLLM) are patched the same way: call add_sink_token on the model before
@@ -45,7 +51,14 @@ def parse_args():
     )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--mask_id", type=int, help="mask token id; default: the tokenizer's")
-    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument(
+        "--seq_len", type=int, default=64, help="block length; with --packing, documents' maximum"
+    )
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="padding-free batches: --batch_size documents packed into one row per device",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="per device")
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -115,6 +128,32 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[index]}
 
 
+class TextDocuments(torch.utils.data.Dataset):
+    """The text files' documents (cut at blank lines), each tokenised and cut to seq_len: the
+    mixed-length examples --packing packs."""
+
+    def __init__(self, files, tokenizer, seq_len):
+        text = "\n\n".join(open(f, encoding="utf-8").read() for f in files)
+        pieces = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if tokenizer is None:
+            docs = [list(p.encode("utf-8")) for p in pieces]
+        else:
+            docs = tokenizer(pieces)["input_ids"]
+        self.docs = [d[:seq_len] for d in docs if d]
+        if not self.docs:
+            raise ValueError("the training files hold no text")
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.docs[index]}
+
+
+# What DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds for the model.
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 class MaskedDiffusionTrainer(transformers.Trainer):
     """Trainer whose loss is the masked diffusion objective (labels are the inputs themselves)."""
 
@@ -129,6 +168,8 @@ class MaskedDiffusionTrainer(transformers.Trainer):
             mask_id=self.mask_id,
             attention_mask=inputs.get("attention_mask"),
             prompt_mask=inputs.get("prompt_mask"),
+            position_ids=inputs.get("position_ids"),  # packed rows: restarting at each document
+            model_kwargs={k: inputs[k] for k in PACKING_KWARGS if k in inputs},
         )
         return (loss, None) if return_outputs else loss
 
@@ -147,7 +188,11 @@ def main():
     )
 
     files = sorted({f for pattern in args.train_files for f in glob.glob(pattern)})
-    dataset = TokenBlocks(files, tokenizer, args.seq_len)
+    if args.packing:
+        dataset = TextDocuments(files, tokenizer, args.seq_len)
+        collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    else:
+        dataset, collator = TokenBlocks(files, tokenizer, args.seq_len), None
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing
     fields = transformers.TrainingArguments.__dataclass_fields__
     checkpointing = (
@@ -176,7 +221,11 @@ def main():
         dataloader_drop_last=True,
     )
     trainer = MaskedDiffusionTrainer(
-        model=model, args=training_args, train_dataset=dataset, mask_id=mask_id
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        mask_id=mask_id,
     )
     trainer.train()
     trainer.save_model(args.output_dir)

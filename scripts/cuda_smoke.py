@@ -197,6 +197,40 @@ def sink_attention_composed_bf16(device):
     return _composed_case(device, [(2, 4, 4, 130, 128, False, torch.bfloat16)])
 
 
+@case("sinkdlm::sink_attention_fwd", "sinkdlm::sink_attention_bwd", rtol=3e-2, atol=3e-2)
+def sink_attention_packed(device):
+    # Packed rows (segment_ids): flash attention's varlen form on the GPU (bfloat16), the dense
+    # bias through the memory-efficient kernel (float32). GQA 4/2, head dim 20 (padded to 24),
+    # rows of documents 5, 1, 30, 5 and 41 (padded holes in the first, its last document without
+    # a real key); gradients through out and lse.
+    return tuple(
+        t for dtype in (torch.bfloat16, torch.float32) for t in _packed_case(device, dtype)
+    )
+
+
+def _packed_case(device, dtype):
+    b, h, hkv, n, d = 2, 4, 2, 41, 20
+    leaves = [randn(b, h, n, d), randn(b, hkv, n, d), randn(b, hkv, n, d)]
+    leaves += [randn(hkv, d), randn(hkv, d), randn(h)]
+    leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
+    lengths = [[5, 1, 30, 5], [41]]
+    segment_ids = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]
+    )
+    kpm = torch.ones(b, n, dtype=torch.bool)
+    kpm[0, 7:9] = False
+    kpm[0, 36:] = False  # the last document of row 0 has no real key
+    q, k, v, sink_k, sink_v, sink_logit = leaves
+    out, lse = sinkdlm.sink_attention(
+        q, k, v, sink_k, sink_v, sink_logit=sink_logit, key_padding_mask=kpm.to(device),
+        segment_ids=segment_ids.to(device), return_lse=True,
+    )  # fmt: skip
+    grad_out = randn(*out.shape).to(device, dtype)
+    grad_lse = randn(*lse.shape).to(device)
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    return tuple(t.float() for t in (out, lse, *(t.grad for t in leaves)))
+
+
 # ---- driver -------------------------------------------------------------------------------------
 
 

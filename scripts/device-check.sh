@@ -171,7 +171,7 @@ bench() {  # bench NAME SCRIPT ARGS...
 }
 bench remask benchmarks/remask.py --devices cuda --repeats 3
 # A slice of the README grid that fits the step's time (the whole grid: run it on its own).
-bench attention_cuda benchmarks/attention_cuda.py --lengths 2048 8192 --head-dims 128 --reps 5
+bench attention_cuda benchmarks/attention_cuda.py --lengths 4096 --head-dims 128 --reps 5
 
 # ---- summary --------------------------------------------------------------------------------
 "$PY" - "$DIR" <<'EOF' || say "could not write summary.json"

@@ -55,3 +55,36 @@ def test_finetune_trains_the_sink_and_saves_a_reloadable_model(tmp_path, monkeyp
     ids = torch.randint(0, example.BYTE_VOCAB - 1, (2, 16))
     with torch.no_grad():
         assert reloaded(input_ids=ids).logits.shape == (2, 16, example.BYTE_VOCAB)
+
+
+def test_finetune_packing_trains_on_packed_documents(tmp_path, monkeypatch):
+    """--packing: DataCollatorWithFlattening rows (no padding) reach the loss with restarting
+    position_ids and the collator's cu_seq_lens, and the sink trains."""
+    spec = importlib.util.spec_from_file_location("finetune_example_packing", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    seen = []
+    real_loss = example.masked_diffusion_loss
+
+    def spy(model, input_ids, **kwargs):
+        seen.append((input_ids.shape, kwargs["position_ids"], kwargs["model_kwargs"]))
+        return real_loss(model, input_ids, **kwargs)
+
+    monkeypatch.setattr(example, "masked_diffusion_loss", spy)
+    out = tmp_path / "out"
+    argv = [str(EXAMPLE), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "3"]
+    argv += ["--seq_len", "48", "--lr", "1e-2", "--save_steps", "1000", "--use_cpu"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--train_only_sink", "--packing"])
+    example.main()
+
+    assert len(seen) == 2
+    for shape, positions, model_kwargs in seen:
+        assert shape[0] == 1  # one packed row of three documents
+        cu = model_kwargs["cu_seq_lens_q"].tolist()
+        assert len(cu) == 4 and cu[-1] == shape[1]
+        starts = (positions[0] == 0).nonzero().flatten().tolist()
+        assert starts == cu[:-1]  # positions restart where each document starts
+    reloaded = sinkdlm.hf.from_pretrained(out).eval()
+    initial = example.tiny_byte_model(seed=0)
+    mean_init = initial.get_input_embeddings().weight.mean(0)
+    assert not torch.allclose(reloaded.model.sink_embedding.weight, mean_init)

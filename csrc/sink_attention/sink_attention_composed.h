@@ -45,12 +45,16 @@ struct MergeKernels {
 };
 
 // Same arguments and results as sinkdlm::sink_attention_fwd / _bwd. out, dq, dk and dv have the
-// strides of empty_like(q / q / k / v): the inputs' own layout where it is dense.
+// strides of empty_like(q / q / k / v): the inputs' own layout where it is dense. With segment_ids
+// (packed rows) the CPU's fused kernel takes a dense (B, 1, L, L) bias (O(L^2) memory: ATen's CPU
+// flash has no varlen form) and CUDA runs flash attention's varlen form (float16/bfloat16; float32
+// the dense bias too).
 std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale, const MergeKernels& kernels);
+    const std::optional<at::Tensor>& query_padding_mask, double scale,
+    const std::optional<at::Tensor>& segment_ids, const MergeKernels& kernels);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
@@ -61,6 +65,7 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& query_padding_mask,
                             const at::Tensor& out, const at::Tensor& lse, double scale,
+                            const std::optional<at::Tensor>& segment_ids,
                             const MergeKernels& kernels);
 
 // ---- helpers for a device's merge kernels ------------------------------------------------

@@ -18,8 +18,15 @@
 // P_ij * dlse_i, which is what a value column of ones and a dO column equal to dlse give (with
 // that column of out set to 0, rowsum(dO * out) is unchanged). So the backward runs once at head
 // dim D + 1 (rounded up to 8 on CUDA): exact, at the cost of the wider copies.
+// Packed rows (segment_ids): on the CPU a dense (B, 1, L, L) bias instead of the key bias (the
+// CPU flash kernel has no varlen form; O(B L^2) memory, fine for a reference path: the native
+// kernel is the CPU's fast one); on CUDA flash attention's varlen form (at::_flash_attention_
+// forward / _backward with cumulative sequence starts), one sequence per document, in float16 and
+// bfloat16; float32 there takes the dense bias too.
 #include <ATen/Parallel.h>
 #include <ATen/SDPBackend.h>
+#include <ATen/ops/_flash_attention_backward.h>
+#include <ATen/ops/_flash_attention_forward.h>
 #include <ATen/ops/_fused_sdp_choice.h>
 #include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
 #include <ATen/ops/_scaled_dot_product_cudnn_attention_backward.h>
@@ -29,18 +36,22 @@
 #include <ATen/ops/_scaled_dot_product_flash_attention_backward.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <ATen/ops/bincount.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 
 #include "common/cpu_context.h"
 #include "common/torch_interop.h"
+#include "sink_attention/sink_attention_args.h"
 #include "sink_attention/sink_attention_composed.h"
-#include "sink_attention/sink_attention_composed_args.h"
 #include "sink_attention/sink_merge_cpu.h"
 
 namespace sinkdlm::composed {
@@ -85,6 +96,116 @@ at::Tensor key_bias(const at::Tensor& key_padding_mask, at::ScalarType dtype, bo
           .narrow(3, 0, L);
   bias.masked_fill_(key_padding_mask.logical_not().view({B, 1, 1, L}), -kInf);
   return bias;
+}
+
+// Key padding and segments (packed rows) as a dense (B, 1, L, L) bias: 0 where query i may see
+// key j (same segment, real key), -inf elsewhere. For the fused kernels without a varlen form
+// (the CPU's flash; float32 on CUDA): O(B L^2) memory. Rows 16-element aligned on CUDA.
+at::Tensor segment_bias(const at::Tensor& segment_ids,
+                        const std::optional<at::Tensor>& key_padding_mask, at::ScalarType dtype,
+                        bool cuda) {
+  const at::Tensor ids = segment_ids.to(at::kLong);
+  const int64_t B = ids.size(0), L = ids.size(1);
+  at::Tensor visible = ids.unsqueeze(2).eq(ids.unsqueeze(1));
+  if (key_padding_mask) visible = visible.logical_and(key_padding_mask->unsqueeze(1));
+  at::Tensor bias =
+      at::zeros({B, 1, L, cuda ? round_up(L, 16) : L}, ids.options().dtype(dtype)).narrow(3, 0, L);
+  return bias.masked_fill_(visible.logical_not().unsqueeze(1), -kInf);
+}
+
+// What masks the fused attention when it is not the varlen form: the key padding bias, or the
+// dense segment bias. Undefined: nothing to mask.
+at::Tensor attention_bias(const at::Tensor& q, const std::optional<at::Tensor>& key_padding_mask,
+                          const std::optional<at::Tensor>& segment_ids) {
+  if (segment_ids)
+    return segment_bias(*segment_ids, key_padding_mask, q.scalar_type(), q.is_cuda());
+  return key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda())
+                          : at::Tensor();
+}
+
+// Packed rows take flash attention's varlen form on CUDA in the dtypes flash takes (float16,
+// bfloat16); float32 takes the dense bias through the memory-efficient kernel.
+bool use_varlen(const at::Tensor& q, const std::optional<at::Tensor>& segment_ids) {
+  return segment_ids && q.is_cuda() &&
+         (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+}
+
+// Packed rows on CUDA: flash attention's varlen form over the tokens laid out token-major,
+// ((B L), H, W), one sequence per (row, segment); the keys gathered down to the real ones, so
+// that key padding needs no mask.
+struct Varlen {
+  at::Tensor cu_q, cu_k;  // int32 (sequences + 1,): where each sequence starts
+  int64_t max_q = 0, max_k = 0;
+  at::Tensor key_index;  // int64: the real keys among the B L tokens; undefined without padding
+};
+
+Varlen make_varlen(const at::Tensor& segment_ids,
+                   const std::optional<at::Tensor>& key_padding_mask) {
+  const int64_t B = segment_ids.size(0), L = segment_ids.size(1);
+  const at::Tensor ids = segment_ids.to(at::kLong);
+  // A sequence starts at each row's first token and wherever the id changes.
+  at::Tensor starts = at::ones({B, L}, ids.options().dtype(at::kBool));
+  if (L > 1) starts.narrow(1, 1, L - 1).copy_(ids.narrow(1, 1, L - 1).ne(ids.narrow(1, 0, L - 1)));
+  const at::Tensor sequence = starts.flatten().cumsum(0).sub_(1);  // each token's
+  const int64_t sequences = sequence.select(0, -1).item<int64_t>() + 1;
+  const auto starts_of = [&](const at::Tensor& token_sequence, int64_t& longest) {
+    const at::Tensor lengths = at::bincount(token_sequence, {}, sequences);
+    longest = lengths.max().item<int64_t>();
+    return at::cat({at::zeros({1}, lengths.options()), lengths.cumsum(0)}).to(at::kInt);
+  };
+  Varlen vl;
+  vl.cu_q = starts_of(sequence, vl.max_q);
+  if (key_padding_mask) {
+    vl.key_index = key_padding_mask->flatten().nonzero().squeeze(1);
+    vl.cu_k = starts_of(sequence.index_select(0, vl.key_index), vl.max_k);
+  } else {
+    vl.cu_k = vl.cu_q, vl.max_k = vl.max_q;
+  }
+  return vl;
+}
+
+// (B, H, L, W) -> the token-major ((B L), H, W) flash's varlen form takes.
+at::Tensor tokens(const at::Tensor& x) {
+  return x.transpose(1, 2).reshape({x.size(0) * x.size(2), x.size(1), x.size(3)});
+}
+
+at::Tensor varlen_keys(const Varlen& vl, const at::Tensor& x) {
+  const at::Tensor t = tokens(x);
+  return vl.key_index.defined() ? t.index_select(0, vl.key_index) : t;
+}
+
+// Attention over each segment's real keys: out (B, H, L, W) and its lse as a (B, H, L) view.
+std::tuple<at::Tensor, at::Tensor> varlen_forward(const Varlen& vl, const at::Tensor& q,
+                                                  const at::Tensor& k, const at::Tensor& v,
+                                                  double scale) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), W = q.size(3);
+  auto r = at::_flash_attention_forward(tokens(q), varlen_keys(vl, k), varlen_keys(vl, v), vl.cu_q,
+                                        vl.cu_k, vl.max_q, vl.max_k, 0.0, false, false, scale);
+  // out ((B L), H, W); lse (H, (B L)), +inf for a sequence without keys (flash's convention; the
+  // merge takes -inf: nothing seen).
+  at::Tensor lse = std::get<1>(r);
+  lse.masked_fill_(lse.eq(kInf), -kInf);
+  return {std::get<0>(r).view({B, L, H, W}).transpose(1, 2),
+          lse.view({H, B, L}).permute({1, 0, 2})};
+}
+
+// Its backward fed out and lse ((B, H, L)): dq, dk, dv at width W, the padded keys' dk, dv 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
+    const Varlen& vl, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), W = q.size(3), Hkv = k.size(1);
+  const at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kUInt64));  // dropout is 0
+  const at::Tensor unused = at::empty({0}, q.options());
+  auto [dq, dk, dv] = at::_flash_attention_backward(
+      tokens(dout), tokens(q), varlen_keys(vl, k), varlen_keys(vl, v), tokens(out),
+      lse.permute({1, 0, 2}).reshape({H, B * L}).contiguous(), vl.cu_q, vl.cu_k, vl.max_q, vl.max_k,
+      0.0, false, rng_state, unused, scale);
+  const auto per_token = [&](const at::Tensor& g) {
+    if (!vl.key_index.defined()) return g;
+    return at::zeros({B * L, Hkv, W}, g.options()).index_copy_(0, vl.key_index, g);
+  };
+  return {dq.view({B, L, H, W}).transpose(1, 2), per_token(dk).view({B, L, Hkv, W}).transpose(1, 2),
+          per_token(dv).view({B, L, Hkv, W}).transpose(1, 2)};
 }
 
 std::optional<at::Tensor> optional(const at::Tensor& t) {
@@ -254,9 +375,11 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, double scale,
-    const MergeKernels& kernels) {
-  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
-                                                        key_padding_mask, query_padding_mask);
+    const std::optional<at::Tensor>& segment_ids, const MergeKernels& kernels) {
+  std::vector<at::Tensor> keep;  // the native op's checks (its params only give the sizes here)
+  const SinkAttentionParams d =
+      make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                 query_padding_mask, segment_ids, scale, keep);
   TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
   // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
@@ -268,10 +391,15 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
 
   const int64_t width = backend_width(q, false);
   const at::Tensor qw = widen(q, width), kw = widen(k, width), vw = widen(v, width);
-  const at::Tensor bias =
-      key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
-  const Plan plan = make_plan(qw, kw, vw, bias, scale);
-  auto [attn_out, attn_lse] = fused_forward(plan, qw, kw, vw, bias, scale);
+  at::Tensor attn_out, attn_lse;
+  if (use_varlen(q, segment_ids)) {
+    std::tie(attn_out, attn_lse) =
+        varlen_forward(make_varlen(*segment_ids, key_padding_mask), qw, kw, vw, scale);
+  } else {
+    const at::Tensor bias = attention_bias(q, key_padding_mask, segment_ids);
+    const Plan plan = make_plan(qw, kw, vw, bias, scale);
+    std::tie(attn_out, attn_lse) = fused_forward(plan, qw, kw, vw, bias, scale);
+  }
   attn_out = attn_out.narrow(3, 0, d.head_dim);
 
   MergeFwdArgs a;
@@ -296,9 +424,12 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& query_padding_mask,
                             const at::Tensor& out, const at::Tensor& lse, double scale,
+                            const std::optional<at::Tensor>& segment_ids,
                             const MergeKernels& kernels) {
-  const SinkAttentionDims d = check_sink_attention_args(q, k, v, sink_k, sink_v, sink_logit,
-                                                        key_padding_mask, query_padding_mask);
+  std::vector<at::Tensor> keep;  // the native op's checks (its params only give the sizes here)
+  const SinkAttentionParams d =
+      make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                 query_padding_mask, segment_ids, scale, keep);
   check_sink_attention_bwd_args(d, grad_out, grad_lse, q, out, lse);
   TORCH_CHECK(d.head_dim > 0, "sink_attention: q must have a non-empty head dim, got ", q.sizes());
   const at::ScalarType acc = acc_type(q.scalar_type());
@@ -330,10 +461,15 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
   const at::Tensor vw = widen(v, width, {}, grad_lse.has_value());
   const at::Tensor dout_w = widen(grad_out, width, grad_lse ? dlse.to(q.scalar_type()) : dlse);
   const at::Tensor out_w = widen(out, width);
-  const at::Tensor bias =
-      key_padding_mask ? key_bias(*key_padding_mask, q.scalar_type(), q.is_cuda()) : at::Tensor();
-  const Plan plan = make_plan(qw, kw, vw, bias, scale);
-  auto [dq, dk, dv] = fused_backward(plan, dout_w, qw, kw, vw, out_w, lse_acc, bias, scale);
+  at::Tensor dq, dk, dv;
+  if (use_varlen(q, segment_ids)) {
+    std::tie(dq, dk, dv) = varlen_backward(make_varlen(*segment_ids, key_padding_mask), dout_w, qw,
+                                           kw, vw, out_w, lse_acc, scale);
+  } else {
+    const at::Tensor bias = attention_bias(q, key_padding_mask, segment_ids);
+    const Plan plan = make_plan(qw, kw, vw, bias, scale);
+    std::tie(dq, dk, dv) = fused_backward(plan, dout_w, qw, kw, vw, out_w, lse_acc, bias, scale);
+  }
   dq = dq.narrow(3, 0, d.head_dim);
 
   if (sink_k || sink_logit) {
@@ -379,9 +515,10 @@ std::tuple<at::Tensor, at::Tensor> composed_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale,
+    const std::optional<at::Tensor>& segment_ids) {
   return sink_attention_composed_fwd(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
-                                     query_padding_mask, scale, kCpuKernels);
+                                     query_padding_mask, scale, segment_ids, kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composed_bwd_cpu(
@@ -390,10 +527,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& sink_v, const std::optional<at::Tensor>& sink_logit,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
+    const at::Tensor& lse, double scale, const std::optional<at::Tensor>& segment_ids) {
   return sink_attention_composed_bwd(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
                                      key_padding_mask, query_padding_mask, out, lse, scale,
-                                     kCpuKernels);
+                                     segment_ids, kCpuKernels);
 }
 
 }  // namespace
@@ -401,13 +538,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
   m.def(
       "sink_attention_composed_fwd(Tensor q, Tensor k, Tensor v, Tensor? sink_k, Tensor? sink_v, "
-      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale) -> "
-      "(Tensor out, Tensor lse)");
+      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale, "
+      "Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sink_attention_composed_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
       "Tensor v, Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, "
-      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, "
-      "Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
+      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale, Tensor? segment_ids=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
 }
 
 TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {

@@ -1,6 +1,7 @@
 // The tiled forward and backward of the CPU sink attention, written once for every dtype and
 // GEMM policy (sink_attention_gemms_cpu.h): online softmax over key tiles, the sink opening each
-// row. Included by sink_attention_cpu.cpp only.
+// row; with segments (packed documents) a query tile visits only the key tiles of its own
+// segments. Included by sink_attention_cpu.cpp only.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "common/cpu_context.h"
+#include "common/gemm_bf16_cpu.h"
 #include "common/half.h"
 #include "common/row_ops.h"
 #include "sink_attention/sink_attention_gemms_cpu.h"
@@ -41,6 +43,35 @@ void mask_padded_keys(const bool* key_mask, int64_t j0, int64_t nk, A* s, int64_
       for (int64_t r = 0; r < n; ++r) s[r * ld + c] = kNegInf<A>;
 }
 
+// Keys [begin, end) of one query tile: with segments, the keys of the segments its queries
+// belong to (the only ones any of them sees), the ends moved out to panel edges (the bf16 GEMMs'
+// K/V panels start there; end may also be Lk). Without segments, every key.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+KeyRange visible_keys(const int64_t* segments, int64_t i0, int64_t nq, int64_t Lk) {
+  if (segments == nullptr) return {0, Lk};
+  constexpr int64_t align = bf16::kPanel;
+  const int64_t begin = std::lower_bound(segments, segments + Lk, segments[i0]) - segments;
+  const int64_t end = std::upper_bound(segments, segments + Lk, segments[i0 + nq - 1]) - segments;
+  return {begin / align * align, std::min(Lk, (end + align - 1) / align * align)};
+}
+
+// Masks, in an nq x nk score tile (row stride ld) of queries from i0 and keys from j0, the
+// keys outside each query's segment; a tile wholly inside one segment is left as it is.
+template <typename A>
+void mask_other_segments(const int64_t* segments, int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                         A* s, int64_t ld) {
+  if (segments == nullptr) return;
+  const int64_t* sq = segments + i0;
+  const int64_t* sk = segments + j0;
+  if (sq[0] == sq[nq - 1] && sk[0] == sq[0] && sk[nk - 1] == sq[0]) return;
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t c = 0; c < nk; ++c)
+      if (sk[c] != sq[r]) s[r * ld + c] = kNegInf<A>;
+}
+
 // What the forward and the backward share: sizes and the sink of each (batch, kv head) in
 // the accumulation type.
 template <typename T>
@@ -67,6 +98,10 @@ struct Setup {
   }
   const bool* query_mask(int64_t b) const {
     return p.query_padding_mask ? p.query_padding_mask + b * Lq : nullptr;
+  }
+  // Null without segments (Lq == Lk with them).
+  const int64_t* segments(int64_t b) const {
+    return p.segment_ids ? p.segment_ids + b * Lq : nullptr;
   }
 
   const SinkAttentionParams& p;
@@ -102,6 +137,8 @@ void fwd(const SinkAttentionParams& p, const CpuContext& ctx) {
       const int64_t i0 = (item % q_tiles) * bq, nq = std::min(bq, Lq - i0);
       const bool* key_mask = st.key_mask(b);
       const bool* query_mask = st.query_mask(b);
+      const int64_t* segments = st.segments(b);
+      const KeyRange keys = visible_keys(segments, i0, nq, Lk);
       load_tile(static_cast<const T*>(p.q), p.q_stride, b, h, i0, nq, D, scale, qs.data());
       t.head(b, hk);
       t.set_q(p, b, h, i0, nq, qs.data());
@@ -134,10 +171,11 @@ void fwd(const SinkAttentionParams& p, const CpuContext& ctx) {
         }
       }
 
-      for (int64_t j0 = 0; j0 < Lk; j0 += bk) {
-        const int64_t nk = std::min(bk, Lk - j0);
+      for (int64_t j0 = keys.begin; j0 < keys.end; j0 += bk) {
+        const int64_t nk = std::min(bk, keys.end - j0);
         t.scores(j0, nk, s.data());
         mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
+        mask_other_segments(segments, i0, nq, j0, nk, s.data(), bk);
         for (int64_t r = 0; r < nq; ++r) {
           A* s_r = s.data() + r * bk;
           const A m_new = std::max(m[r], row::max(s_r, nk));
@@ -202,6 +240,7 @@ void bwd(const SinkAttentionBwdParams& p, const CpuContext& ctx) {
       t.head(b, hk);
       const bool* key_mask = st.key_mask(b);
       const bool* query_mask = st.query_mask(b);
+      const int64_t* segments = st.segments(b);
       A* dkp = dk_part.data() + bh * Lk * D;
       A* dvp = dv_part.data() + bh * Lk * D;
       const A* sk = st.sink_k(b, hk);
@@ -240,10 +279,12 @@ void bwd(const SinkAttentionBwdParams& p, const CpuContext& ctx) {
         }
         t.set_dout(dout.data());  // padded rows zeroed above
 
-        for (int64_t j0 = 0; j0 < Lk; j0 += bk) {
-          const int64_t nk = std::min(bk, Lk - j0);
+        const KeyRange keys = visible_keys(segments, i0, nq, Lk);
+        for (int64_t j0 = keys.begin; j0 < keys.end; j0 += bk) {
+          const int64_t nk = std::min(bk, keys.end - j0);
           t.scores(j0, nk, s.data());
           mask_padded_keys(key_mask, j0, nk, s.data(), nq, bk);
+          mask_other_segments(segments, i0, nq, j0, nk, s.data(), bk);
           for (int64_t r = 0; r < nq; ++r) row::exp_sub(s.data() + r * bk, nk, lse_t[r]);
           // s now holds P; dp gets dP, then dS = P (dP - delta).
           t.acc_dv(s.data(), j0, nk, dvp + j0 * D);

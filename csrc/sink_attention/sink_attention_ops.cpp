@@ -25,14 +25,12 @@ void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
 
 }  // namespace
 
-SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& v,
-                                               const std::optional<at::Tensor>& sink_k,
-                                               const std::optional<at::Tensor>& sink_v,
-                                               const std::optional<at::Tensor>& sink_logit,
-                                               const std::optional<at::Tensor>& key_padding_mask,
-                                               const std::optional<at::Tensor>& query_padding_mask,
-                                               double scale, std::vector<at::Tensor>& keep) {
+SinkAttentionParams make_sink_attention_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
+    const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_padding_mask,
+    const std::optional<at::Tensor>& segment_ids, double scale, std::vector<at::Tensor>& keep) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "sink_attention: q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ", k.sizes(),
               ", ", v.sizes());
@@ -98,7 +96,41 @@ SinkAttentionParams make_sink_attention_params(const at::Tensor& q, const at::Te
   p.query_padding_mask = query_padding_mask ? padding(query_padding_mask, Lq, "query_padding_mask")
                          : Lq == Lk         ? p.key_padding_mask
                                             : nullptr;
+  if (segment_ids) {
+    const at::Tensor& seg = *segment_ids;
+    TORCH_CHECK_TYPE(seg.scalar_type() == at::kLong || seg.scalar_type() == at::kInt,
+                     "sink_attention: segment_ids must be int32 or int64, got ", seg.scalar_type());
+    TORCH_CHECK(Lq == Lk, "sink_attention: segment_ids needs as many queries as keys (the same ",
+                "tokens), got Lq = ", Lq, " and Lk = ", Lk);
+    TORCH_CHECK(
+        seg.dim() == 2 && seg.size(0) == B && seg.size(1) == Lq && seg.device() == q.device(),
+        "sink_attention: segment_ids must be (B, L) = (", B, ", ", Lq, ") on ", q.device(),
+        ", got ", seg.sizes(), " on ", seg.device());
+    keep.push_back(seg.to(at::kLong).contiguous());
+    const at::Tensor& ids = keep.back();
+    TORCH_CHECK(Lq < 2 || !ids.narrow(1, 1, Lq - 1).lt(ids.narrow(1, 0, Lq - 1)).any().item<bool>(),
+                "sink_attention: segment_ids must be non-decreasing along each row (one run of ",
+                "equal ids per document)");
+    p.segment_ids = ids.data_ptr<int64_t>();
+  }
   return p;
+}
+
+void check_sink_attention_bwd_args(const SinkAttentionParams& p, const at::Tensor& grad_out,
+                                   const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                   const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  check_same(grad_out, q, "grad_out");
+  check_same(out, q, "out");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
+                  lse.size(2) == p.seq_len && lse.device() == q.device(),
+              "sink_attention_bwd: lse must be (B, H, L) on ", q.device(), ", got ", lse.sizes());
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->device() == q.device(),
+                "sink_attention_bwd: grad_lse must be ", lse.sizes(), " on ", q.device(), ", got ",
+                grad_lse->sizes());
+  }
 }
 
 namespace {
@@ -107,10 +139,12 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale,
+    const std::optional<at::Tensor>& segment_ids) {
   std::vector<at::Tensor> keep;
-  SinkAttentionParams p = make_sink_attention_params(
-      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep);
+  SinkAttentionParams p =
+      make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
+                                 query_padding_mask, segment_ids, scale, keep);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse =
       at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(acc_type(q.scalar_type())));
@@ -128,25 +162,16 @@ sink_attention_bwd_cpu_impl(const at::Tensor& grad_out, const std::optional<at::
                             const std::optional<at::Tensor>& sink_logit,
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& query_padding_mask,
-                            const at::Tensor& out, const at::Tensor& lse, double scale) {
+                            const at::Tensor& out, const at::Tensor& lse, double scale,
+                            const std::optional<at::Tensor>& segment_ids) {
   std::vector<at::Tensor> keep;
-  SinkAttentionBwdParams p{make_sink_attention_params(
-      q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale, keep)};
+  SinkAttentionBwdParams p{make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit,
+                                                      key_padding_mask, query_padding_mask,
+                                                      segment_ids, scale, keep)};
   const at::ScalarType acc = acc_type(q.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "sink_attention_bwd: grad_out and out must have q's shape ", q.sizes());
-  check_same(grad_out, q, "grad_out");
-  check_same(out, q, "out");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
-                  lse.size(2) == p.seq_len,
-              "sink_attention_bwd: lse must be (B, H, Lq), got ", lse.sizes());
+  check_sink_attention_bwd_args(p, grad_out, grad_lse, q, out, lse);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  at::Tensor dlse_acc;
-  if (grad_lse) {
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "sink_attention_bwd: grad_lse must be ",
-                lse.sizes(), ", got ", grad_lse->sizes());
-    dlse_acc = grad_lse->to(acc).contiguous();
-  }
+  const at::Tensor dlse_acc = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -181,13 +206,13 @@ sink_attention_bwd_cpu_impl(const at::Tensor& grad_out, const std::optional<at::
 TORCH_LIBRARY_FRAGMENT(sinkdlm, m) {
   m.def(
       "sink_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? sink_k, Tensor? sink_v, "
-      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale) -> "
-      "(Tensor out, Tensor lse)");
+      "Tensor? sink_logit, Tensor? key_padding_mask, Tensor? query_padding_mask, float scale, "
+      "Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sink_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor? sink_k, Tensor? sink_v, Tensor? sink_logit, Tensor? key_padding_mask, "
-      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale) -> (Tensor dq, Tensor dk, "
-      "Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
+      "Tensor? query_padding_mask, Tensor out, Tensor lse, float scale, Tensor? segment_ids=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink_k, Tensor dsink_v, Tensor dsink_logit)");
 }
 
 TORCH_LIBRARY_IMPL(sinkdlm, CPU, m) {

@@ -59,10 +59,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v,
     const std::optional<at::Tensor>& sink_logit, const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& query_padding_mask, double scale) {
+    const std::optional<at::Tensor>& query_padding_mask, double scale,
+    const std::optional<at::Tensor>& segment_ids) {
   const c10::cuda::CUDAGuard guard(q.device());
   return sink_attention_composed_fwd(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
-                                     query_padding_mask, scale, kCudaKernels);
+                                     query_padding_mask, scale, segment_ids, kCudaKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
@@ -71,11 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& sink_v, const std::optional<at::Tensor>& sink_logit,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale) {
+    const at::Tensor& lse, double scale, const std::optional<at::Tensor>& segment_ids) {
   const c10::cuda::CUDAGuard guard(q.device());
   return sink_attention_composed_bwd(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit,
                                      key_padding_mask, query_padding_mask, out, lse, scale,
-                                     kCudaKernels);
+                                     segment_ids, kCudaKernels);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 //   s_ij   = scale * q_i . k_j               (real keys only)
 //   out_i  = (e^{s_sink} sink_v + sum_j e^{s_ij} v_j) / (e^{s_sink} + e^{s_lam} + sum_j e^{s_ij})
 //   lse_i  = log of that denominator.
+// With segment ids (packed documents) the sum over j runs over i's own segment only.
 // Padded query rows, and rows that see no key at all, get out = 0 and lse = 0.
 #pragma once
 
@@ -51,6 +52,10 @@ struct SinkAttentionParams : AttentionScoreParams {
   const void* sink_v = nullptr;
   // (B, Lq) contiguous, true = real query. Null: every query row is real.
   const bool* query_padding_mask = nullptr;
+  // Packed rows: (B, L) contiguous, each row's segment ids non-decreasing (one run of equal ids
+  // per document). A query sees the sink and the keys of its own segment only. Needs Lq == Lk.
+  // Null: one segment per row.
+  const int64_t* segment_ids = nullptr;
   // The forward's outputs, the backward's inputs: out (B, H, Lq, D) in dtype, any strides; lse
   // (B, H, Lq) contiguous in the accumulation type.
   void* out = nullptr;

@@ -109,20 +109,28 @@ def observed_sink_attention(
     sink_logit: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     query_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """:func:`sinkdlm.sink_attention` (same arguments and output; one sink K/V of (Hkv, D)) that
     also reports to ``module.attention_observer`` when one is set (then the op returns the lse
-    too, which the observer needs)."""
+    too, which the observer needs). An observer of packed rows (``segment_ids``) is refused:
+    the attention mass takes no segments."""
     observer = getattr(module, "attention_observer", None)
     kwargs = dict(
         sink_logit=sink_logit,
         key_padding_mask=key_padding_mask,
         query_padding_mask=query_padding_mask,
+        segment_ids=segment_ids,
         scale=scale,
     )
     if observer is None:
         return sink_attention(q, k, v, sink_k, sink_v, **kwargs)
+    if segment_ids is not None:
+        raise NotImplementedError(
+            "recording attention (AttentionRecorder) over packed rows is not supported: the "
+            "attention mass takes no segment ids; record unpacked batches"
+        )
     out, lse = sink_attention(q, k, v, sink_k, sink_v, return_lse=True, **kwargs)
     report_attention(
         observer,

@@ -20,7 +20,25 @@ namespace {
 struct Config {
   int64_t B, H, Hkv, L, D;
   bool sink_token, shared_sink, sink_logit, padding, transposed;
+  bool segments = false;  // packed rows: documents of the lengths kSegmentLengths cycles through
 };
+
+// Document lengths of packed rows (each row starts at a different place in the cycle): lengths 1,
+// boundaries off the 32-key panels and the 64/256-row query tiles, documents longer than a tile.
+constexpr int64_t kSegmentLengths[] = {1, 37, 5, 300, 2, 513, 64};
+
+std::vector<int64_t> segment_ids(const Config& c) {
+  std::vector<int64_t> ids(c.B * c.L);
+  for (int64_t b = 0; b < c.B; ++b) {
+    int64_t doc = b, left = kSegmentLengths[b % 7];
+    for (int64_t i = 0; i < c.L; ++i) {
+      if (left == 0) left = kSegmentLengths[++doc % 7];
+      ids[b * c.L + i] = doc;
+      --left;
+    }
+  }
+  return ids;
+}
 
 struct Naive {
   std::vector<double> out, lse, dq, dk, dv, dsk, dsv, dlam;
@@ -38,7 +56,8 @@ int64_t at(const Strides4& s, int64_t b, int64_t h, int64_t i, int64_t d) {
 Naive naive(const Config& c, const std::vector<double>& q, const std::vector<double>& k,
             const std::vector<double>& v, const std::vector<double>& sk,
             const std::vector<double>& sv, const std::vector<double>& lam,
-            const std::vector<char>& mask, const std::vector<double>& dout, double scale) {
+            const std::vector<char>& mask, const std::vector<int64_t>& seg,
+            const std::vector<double>& dout, double scale) {
   const int64_t group = c.H / c.Hkv;
   const Strides4 sq = layout(c, c.H), skv = layout(c, c.Hkv);
   Naive r;
@@ -62,6 +81,7 @@ Naive naive(const Config& c, const std::vector<double>& q, const std::vector<dou
         std::vector<double> s(n, -INFINITY);
         for (int64_t j = 0; j < c.L; ++j) {
           if (c.padding && !mask[b * c.L + j]) continue;
+          if (c.segments && seg[b * c.L + j] != seg[b * c.L + i]) continue;
           double dot = 0;
           for (int64_t d = 0; d < c.D; ++d) dot += q[at(sq, b, h, i, d)] * k[at(skv, b, hk, j, d)];
           s[j] = dot * scale;
@@ -180,7 +200,8 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   std::unique_ptr<bool[]> mask_arr(new bool[mask.size()]);
   for (size_t i = 0; i < mask.size(); ++i) mask_arr[i] = mask[i];
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
-  const Naive want = naive(c, q, k, v, sk, sv, lam, mask, dout, scale);
+  const std::vector<int64_t> seg = segment_ids(c);
+  const Naive want = naive(c, q, k, v, sk, sv, lam, mask, seg, dout, scale);
 
   const auto qt = cast<T>(q), kt = cast<T>(k), vt = cast<T>(v), dot = cast<T>(dout);
   const auto ska = cast<A>(sk), sva = cast<A>(sv), lama = cast<A>(lam);
@@ -198,6 +219,7 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   }
   if (c.sink_logit) p.sink_logit = lama.data();
   if (c.padding) p.key_padding_mask = p.query_padding_mask = mask_arr.get();  // same tokens
+  if (c.segments) p.segment_ids = seg.data();
 
   const A nan = std::numeric_limits<A>::quiet_NaN();
   std::vector<T> out(nq, store<T>(nan)), dq(nq, store<T>(nan)), dk(nkv, store<T>(nan)),
@@ -268,7 +290,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Config{1, 2, 1, 37, 5, true, false, true, true, true},
                       Config{2, 4, 2, 513, 16, true, false, true, true, false},
                       Config{1, 2, 1, 1100, 16, false, false, false, true, true},
-                      Config{1, 2, 2, 1100, 8, true, true, true, true, false}),
+                      Config{1, 2, 2, 1100, 8, true, true, true, true, false},
+                      // packed rows
+                      Config{1, 1, 1, 1, 16, true, true, false, false, false, true},
+                      Config{2, 4, 2, 300, 16, true, false, true, true, false, true},
+                      Config{2, 4, 1, 70, 24, false, false, false, true, true, true},
+                      Config{2, 2, 2, 1100, 8, true, true, true, true, false, true},
+                      Config{1, 2, 1, 1100, 16, false, false, false, false, true, true}),
     [](const ::testing::TestParamInfo<Config>& info) {
       const Config& c = info.param;
       std::string name = "B" + std::to_string(c.B) + "_H" + std::to_string(c.H) + "_Hkv" +
@@ -278,6 +306,7 @@ INSTANTIATE_TEST_SUITE_P(
       if (c.sink_logit) name += "_logit";
       if (c.padding) name += "_pad";
       if (c.transposed) name += "_strided";
+      if (c.segments) name += "_packed";
       return name;
     });
 

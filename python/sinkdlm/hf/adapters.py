@@ -39,7 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..padding import key_padding_from_model_mask, key_padding_from_sdpa_mask
+from ..padding import (
+    key_padding_from_model_mask,
+    key_padding_from_sdpa_mask,
+    segment_ids_from_packing,
+)
 from ..protocol import observed_sink_attention
 from .layer import SinkKV, autocast_inputs, expand_sink_output
 from .registry import register_patch_path
@@ -373,9 +377,32 @@ def _dream_forward(
             key_padding_mask = sink.key_padding
         else:
             key_padding_mask = _dream_key_padding(attention_mask, batch, length)
-        out = _attend(module, layer_key, sink, q, k, v, key_padding_mask=key_padding_mask)
+        segment_ids = _dream_segments(sink, position_ids, batch, length, k.shape[2])
+        out = _attend(
+            module,
+            layer_key,
+            sink,
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
+        )
         out = out.transpose(1, 2)
     return module.o_proj(out.reshape(batch, length, -1)), None, past_key_value
+
+
+def _dream_segments(sink, position_ids, batch, q_len, k_len):
+    """Packed rows behind Dream's position_ids (restarting at each document), decoded once per
+    forward; None when every row is one sequence."""
+    memo = sink.memo.get("dream_segments")
+    if memo is not None and memo[0] is position_ids:
+        return memo[1]
+    segments = segment_ids_from_packing(
+        position_ids, None, None, batch, q_len, k_len, "Dream sink attention"
+    )
+    sink.memo["dream_segments"] = (position_ids, segments)
+    return segments
 
 
 def _dream_rope(module, q, k, cos, sin):

@@ -10,7 +10,7 @@ plain data flow: torch.compile traces them and gradient checkpointing replays th
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..padding import key_padding_from_model_mask
+from ..padding import key_padding_from_model_mask, segment_ids_from_packing
 from ..protocol import observed_sink_attention
 from .layer import SinkKV, autocast_inputs, expand_sink_output
 from .registry import register_patch_path
@@ -31,6 +31,12 @@ def sinkdlm_attention_forward(
     returns ((B, Lq, H, D) contiguous, None). Lk > Lq under a KV cache (sinkdlm.generate's block
     cache): the queries attend to every key it returns. ``is_causal`` is ignored: DLM attention
     is bidirectional. The sink K/V come from ``kwargs["sinkdlm_sink"]``.
+
+    Packed rows (transformers' DataCollatorWithFlattening): documents are told apart by the
+    ``cu_seq_lens_q/k`` keyword arguments when given, else by ``position_ids`` restarting at
+    each document (:func:`sinkdlm.padding.segment_ids_from_packing`); each attends to its own
+    tokens and the sink. A model path that passes no ``position_ids`` to its attention calls is
+    refused: sinkdlm could not tell whether a row holds several documents.
     """
     sink = kwargs.get(SINK_KWARG)
     if sink is None:
@@ -57,6 +63,7 @@ def sinkdlm_attention_forward(
             "sink attention is full bidirectional attention"
         )
     query, key, value, sink_k, sink_v = autocast_inputs(query, key, value, *sink.kv[layer_key])
+    segment_ids = _packed_segments(sink, kwargs, query.shape[0], query.shape[2], key.shape[2])
     out = observed_sink_attention(
         module,
         layer_key,
@@ -69,8 +76,26 @@ def sinkdlm_attention_forward(
         key_padding_mask=key_padding_from_model_mask(
             attention_mask, query.shape[0], key.shape[2], "sinkdlm attention"
         ),
+        segment_ids=segment_ids,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_segments(sink, kwargs, batch, q_len, k_len):
+    """Segment ids of packed rows (None: one sequence per row), decoded once per forward: every
+    layer receives the same tensors."""
+    signals = tuple(kwargs.get(name) for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k"))
+    if "position_ids" not in kwargs and all(signal is None for signal in signals):
+        raise RuntimeError(
+            "sinkdlm attention received no position_ids from the model, so it cannot tell "
+            "packed documents apart; this model's attention layers do not pass them on"
+        )
+    memo = sink.memo.get("packed_segments")
+    if memo is not None and all(a is b for a, b in zip(memo[0], signals, strict=True)):
+        return memo[1]
+    segments = segment_ids_from_packing(*signals, batch, q_len, k_len, "sinkdlm attention")
+    sink.memo["packed_segments"] = (signals, segments)
+    return segments
 
 
 def sinkdlm_mask(*args, attention_mask=None, **kwargs):

@@ -36,8 +36,51 @@ def _check_padding(name, mask, shape, what, device):
         _fail(name, f"on {device} like q", mask.device)
 
 
+def check_segment_ids(segment_ids, batch, q_len, k_len, device, fn="sink_attention"):
+    """Packed rows' segment ids: int32 / int64 ``(B, L)`` on ``device``, ``Lq == Lk``, and
+    non-decreasing along each row (one run of equal ids per document; a host sync, skipped
+    under torch.compile's tracing)."""
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
+        got = getattr(segment_ids, "dtype", type(segment_ids).__name__)
+        raise TypeError(f"{fn}: segment_ids must be an int32 or int64 tensor, got {got}")
+    if q_len != k_len:
+        raise ValueError(
+            f"{fn}: segment_ids needs as many queries as keys (the same tokens), got Lq = {q_len} "
+            f"and Lk = {k_len}"
+        )
+    if _shape(segment_ids) != (batch, q_len):
+        raise ValueError(
+            f"{fn}: segment_ids must be (B, L) = ({batch}, {q_len}), got shape "
+            f"{_shape(segment_ids)}"
+        )
+    if segment_ids.device != device:
+        raise ValueError(f"{fn}: segment_ids must be on {device} like q, got {segment_ids.device}")
+    if torch.compiler.is_compiling() or q_len < 2:
+        return
+    falls = segment_ids[:, 1:] < segment_ids[:, :-1]
+    if bool(falls.any()):
+        row, col = (int(i) for i in falls.nonzero()[0])
+        raise ValueError(
+            f"{fn}: segment_ids must be non-decreasing along each row (one run of equal ids per "
+            f"document), got {int(segment_ids[row, col])} then {int(segment_ids[row, col + 1])} "
+            f"at row {row}, positions {col} and {col + 1}"
+        )
+
+
 def check_sink_attention_args(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask=None
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    scale,
+    query_padding_mask=None,
+    segment_ids=None,
 ):
     """The arguments of :func:`sinkdlm.sink_attention` (see its docstring)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -100,6 +143,8 @@ def check_sink_attention_args(
         _check_padding("key_padding_mask", key_padding_mask, (B, L), "(B, Lk)", q.device)
     if query_padding_mask is not None:
         _check_padding("query_padding_mask", query_padding_mask, (B, Lq), "(B, Lq)", q.device)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, B, Lq, L, q.device)
     _checks.softmax_scale("sink_attention", scale, q.dtype)
 
 

@@ -105,6 +105,7 @@ def sink_attention_reference(
     sink_logit: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     query_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     sink_position: int = 0,
@@ -114,12 +115,22 @@ def sink_attention_reference(
     A real sink token is inserted into the keys at ``sink_position`` and attention runs with
     the dense mask of :func:`sink_attention_mask`. When Lq == Lk the queries are the same
     sequence, sink included, and the sink's own row is dropped from the result; otherwise they
-    are separate queries (``query_length=Lq``). Same arguments, shapes and return values as
-    :func:`sinkdlm.sink_attention`. Computes in the inputs' dtype: pass float64 tensors for a
-    reference.
+    are separate queries (``query_length=Lq``). With ``segment_ids`` the mask also keeps each
+    token to its own segment (the sink stays visible to all). Same arguments, shapes and return
+    values as :func:`sinkdlm.sink_attention`. Computes in the inputs' dtype: pass float64
+    tensors for a reference.
     """
     check_sink_attention_args(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        scale,
+        query_padding_mask,
+        segment_ids,
     )
     L = k.shape[2]
     if sink_k is not None and not 0 <= sink_position <= L:
@@ -137,6 +148,7 @@ def sink_attention_reference(
         softmax_scale(scale, q.shape[-1]),
         sink_position,
         query_padding_mask,
+        segment_ids,
     )
     return (out, lse) if return_lse else out
 
@@ -152,6 +164,7 @@ def dense_sink_attention(
     scale: float,
     sink_position: int = 0,
     query_padding_mask=None,
+    segment_ids=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The core of :func:`sink_attention_reference` on checked arguments, ``scale`` resolved:
     returns ``(out, lse)``."""
@@ -159,6 +172,8 @@ def dense_sink_attention(
     L = k.shape[2]
     same_tokens = Lq == L
     query_padding_mask = query_padding_in_force(q, k, key_padding_mask, query_padding_mask)
+    # (B, L, L): query i and key j in the same segment (Lq == Lk with segments).
+    same_segment = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None]
     group = H // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -176,8 +191,17 @@ def dense_sink_attention(
             q = insert(q, sk)
         k, v = insert(k, sk), insert(v, sv)
         mask = sink_attention_mask(L, p, key_padding_mask, query_length=None if same_tokens else Lq)
-    elif key_padding_mask is not None:
-        mask = key_padding_mask[:, None, :].expand(B, Lq, L)
+        if same_segment is not None:  # the sink's row and column stay as they are
+            tokens = torch.tensor([i for i in range(L + 1) if i != p], dtype=torch.long)
+            segments = torch.ones(B, L + 1, L + 1, dtype=torch.bool, device=q.device)
+            segments[:, tokens[:, None], tokens] = same_segment
+            mask = mask & segments
+    elif key_padding_mask is not None or same_segment is not None:
+        mask = torch.ones(B, Lq, L, dtype=torch.bool, device=q.device)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, :]
+        if same_segment is not None:
+            mask = mask & same_segment
     else:
         mask = None
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

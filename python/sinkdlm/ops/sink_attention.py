@@ -72,6 +72,7 @@ def sink_attention(
     sink_logit: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     query_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -94,6 +95,14 @@ def sink_attention(
             return zeros (and lse 0), as do rows that see no key at all. Defaults to
             ``key_padding_mask`` when Lq == Lk (queries and keys are then the same tokens), else
             to every query being real.
+        segment_ids: optional int32/int64 ``(B, L)`` for packed rows (several documents in one
+            row, as a padding-free collator makes them): a query sees the sink and the keys
+            with its own id only. Non-decreasing along each row (one run of equal ids per
+            document; checked, a host sync); needs Lq == Lk. A batch flattened to one row with
+            ``cu_seqlens`` converts with :func:`sinkdlm.packing.segment_ids_from_cu_seqlens`.
+            The native CPU kernel skips the key tiles outside a query tile's documents; the
+            composed path runs flash attention's varlen form on CUDA for float16/bfloat16, and
+            a dense ``(B, 1, L, L)`` bias elsewhere (CPU, float32 on CUDA).
         scale: score scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of each row's scores.
         backend: ``"auto"`` (default), ``"native"`` (sinkdlm's CPU kernel) or ``"composed"``
@@ -111,12 +120,32 @@ def sink_attention(
     ops (O(L^2) memory) so that its result can be differentiated again.
     """
     check_sink_attention_args(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, scale, query_padding_mask
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        scale,
+        query_padding_mask,
+        segment_ids,
     )
     _check_backend(backend)
     scale = softmax_scale(scale, q.shape[-1])
     op = _pick_op(backend, q)
-    args = (q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale)
+    args = (
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        query_padding_mask,
+        scale,
+        segment_ids,
+    )
     out, lse = op(*args) if op is not None else sink_attention_composite(*args)
     return (out, lse) if return_lse else out
 
@@ -148,7 +177,16 @@ def _native_on(device_type: str) -> bool:
 
 @torch.library.register_fake(_OP)
 def _sink_attention_fwd_fake(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    query_padding_mask,
+    scale,
+    segment_ids=None,
 ):
     return _fwd_fake(q, composed=not _native_on(q.device.type))
 
@@ -168,13 +206,23 @@ def _sink_attention_bwd_fake(
     out,
     lse,
     scale,
+    segment_ids=None,
 ):
     return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
 
 
 @torch.library.register_fake(_COMPOSED_OP)
 def _composed_fwd_fake(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    query_padding_mask,
+    scale,
+    segment_ids=None,
 ):
     return _fwd_fake(q, composed=True)
 
@@ -194,19 +242,32 @@ def _composed_bwd_fake(
     out,
     lse,
     scale,
+    segment_ids=None,
 ):
     return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed=True)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale = inputs
+    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale = inputs[:9]
+    segment_ids = inputs[9] if len(inputs) > 9 else None
     out, lse = output
     # An unused lse then brings None, not zeros: the backward skips its gradient's work.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_logit,
+        key_padding_mask,
+        query_padding_mask,
+        segment_ids,
+        out,
+        lse,
     )
     ctx.scale = scale
+    ctx.num_inputs = len(inputs)
 
 
 def _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse):
@@ -216,9 +277,13 @@ def _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse):
     dtype = accumulation_dtype(inputs[0].dtype)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     acc = [t.to(dtype) if t is not None else None for t in inputs]
-    key_padding_mask, query_padding_mask = masks
+    key_padding_mask, query_padding_mask, segment_ids = masks
     out, lse = dense_sink_attention(
-        *acc, key_padding_mask, ctx.scale, query_padding_mask=query_padding_mask
+        *acc,
+        key_padding_mask,
+        ctx.scale,
+        query_padding_mask=query_padding_mask,
+        segment_ids=segment_ids,
     )
     outputs, cotangents = [], []
     for y, dy in ((out, grad_out), (lse, grad_lse)):
@@ -228,7 +293,7 @@ def _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse):
     grads = torch.autograd.grad(
         outputs, [inputs[i] for i in wanted], cotangents, create_graph=True, allow_unused=True
     )
-    result = [None] * 9
+    result = [None] * ctx.num_inputs
     for i, g in zip(wanted, grads, strict=True):
         result[i] = None if g is None else g.to(inputs[i].dtype)
     return tuple(result)
@@ -236,10 +301,20 @@ def _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse):
 
 def _autograd(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, out, lse = (
-            ctx.saved_tensors
-        )
-        masks = (key_padding_mask, query_padding_mask)
+        (
+            q,
+            k,
+            v,
+            sink_k,
+            sink_v,
+            sink_logit,
+            key_padding_mask,
+            query_padding_mask,
+            segment_ids,
+            out,
+            lse,
+        ) = ctx.saved_tensors
+        masks = (key_padding_mask, query_padding_mask, segment_ids)
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
             inputs = (q, k, v, sink_k, sink_v, sink_logit)
             return _differentiable_backward(ctx, inputs, masks, grad_out, grad_lse)
@@ -254,22 +329,22 @@ def _autograd(bwd_op):
             sink_k,
             sink_v,
             sink_logit,
-            *masks,
+            key_padding_mask,
+            query_padding_mask,
             out,
             lse,
             ctx.scale,
+            segment_ids,
         )
-        return (
+        grads = (
             dq,
             dk,
             dv,
             dsink_k if sink_k is not None else None,
             dsink_v if sink_v is not None else None,
             dsink_logit if sink_logit is not None else None,
-            None,
-            None,
-            None,
         )
+        return grads + (None,) * (ctx.num_inputs - len(grads))
 
     return backward
 

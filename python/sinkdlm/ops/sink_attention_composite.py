@@ -17,9 +17,10 @@ The attention over the keys is, by device:
   the backward recomputing each block's probabilities from the saved lse.
 
 None of them builds an ``L x L`` matrix: the fused kernels work in tiles, the blocked form holds
-``block x L`` scores at a time. A gradient through lse enters the fused backwards as an extra value
-column of ones whose dO column is dlse (dS gains P * dlse, the gradient of lse); the blocked
-backward adds it directly.
+``block x L`` scores at a time; except with ``segment_ids`` (packed rows), where the fused kernels
+take a dense ``(B, 1, L, L)`` bias (neither has a varlen form here). A gradient through lse
+enters the fused backwards as an extra value column of ones whose dO column is dlse (dS gains
+P * dlse, the gradient of lse); the blocked backward adds it directly.
 """
 
 from __future__ import annotations
@@ -34,14 +35,23 @@ QUERY_BLOCK = 256  # rows per block of the plain-torch attention: block x L scor
 
 
 def sink_attention_composite(
-    q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, query_padding_mask, scale
+    q,
+    k,
+    v,
+    sink_k,
+    sink_v,
+    sink_logit,
+    key_padding_mask,
+    query_padding_mask,
+    scale,
+    segment_ids=None,
 ):
     """``(out, lse)`` of :func:`sinkdlm.sink_attention` on checked arguments (``scale``
     resolved), differentiable in q, k, v, the sinks and through lse. ``out`` has q's layout
     (``torch.empty_like(q)``), like the composed op's. q has Lq rows, k and v Lk."""
     rows = query_padding_in_force(q, k, key_padding_mask, query_padding_mask)
     return _SinkAttentionComposite.apply(
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, scale
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, scale, segment_ids
     )
 
 
@@ -53,15 +63,22 @@ def _attention_kind(q: torch.Tensor) -> str:
     return "blocked"
 
 
-def _key_bias(key_padding_mask, q):
+def _key_bias(key_padding_mask, q, segment_ids=None):
     """Padding as an additive (B, 1, 1, L) bias (None without padding) for the fused kernels to
-    broadcast: O(B L), rows 16-aligned for the CUDA kernel."""
-    if key_padding_mask is None:
+    broadcast: O(B L), rows 16-aligned for the CUDA kernel. With segments a dense (B, 1, L, L)
+    bias: -inf where query i may not see key j (another segment, or a padded key)."""
+    if key_padding_mask is None and segment_ids is None:
         return None
-    B, L = key_padding_mask.shape
+    B, L = (key_padding_mask if key_padding_mask is not None else segment_ids).shape
     width = -(-L // 16) * 16 if q.device.type == "cuda" else L
-    bias = torch.zeros(B, 1, 1, width, dtype=q.dtype, device=q.device)[..., :L]
-    return bias.masked_fill_(~key_padding_mask.view(B, 1, 1, L), float("-inf"))
+    rows = L if segment_ids is not None else 1
+    bias = torch.zeros(B, 1, rows, width, dtype=q.dtype, device=q.device)[..., :L]
+    hidden = torch.zeros(B, 1, rows, L, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        hidden |= ~key_padding_mask.view(B, 1, 1, L)
+    if segment_ids is not None:
+        hidden |= (segment_ids[:, :, None] != segment_ids[:, None, :]).unsqueeze(1)
+    return bias.masked_fill_(hidden, float("-inf"))
 
 
 def _fused_width(kind, head_dim, dlse_column=False):
@@ -146,21 +163,27 @@ def _grouped_rows(x, kv_heads):
     return x.reshape(B, kv_heads, (H // kv_heads) * n, D)
 
 
-def _blocked_scores(q_rows, k, key_padding_mask, scale, acc):
+def _blocked_scores(q_rows, k, key_padding_mask, scale, acc, segment_ids=None, i0=0, i1=0):
+    """Scores of the grouped query rows (:func:`_grouped_rows` of queries [i0, i1))."""
     s = torch.matmul(q_rows.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if key_padding_mask is not None:
         s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if segment_ids is not None:  # a group's rows are its heads' [i0, i1) one after another
+        group = q_rows.shape[2] // (i1 - i0)
+        rows = segment_ids[:, i0:i1].repeat(1, group)
+        s = s.masked_fill((rows[:, :, None] != segment_ids[:, None, :])[:, None], float("-inf"))
     return s
 
 
-def _blocked_forward(q, k, v, key_padding_mask, scale):
+def _blocked_forward(q, k, v, key_padding_mask, scale, segment_ids=None):
     B, H, L, D = q.shape
     Hkv, acc = k.shape[1], accumulation_dtype(q.dtype)
     out = q.new_empty(B, H, L, D)
     lse = q.new_empty(B, H, L, dtype=acc)
     for i0 in range(0, L, QUERY_BLOCK):
         i1 = min(L, i0 + QUERY_BLOCK)
-        s = _blocked_scores(_grouped_rows(q[:, :, i0:i1], Hkv), k, key_padding_mask, scale, acc)
+        q_rows = _grouped_rows(q[:, :, i0:i1], Hkv)
+        s = _blocked_scores(q_rows, k, key_padding_mask, scale, acc, segment_ids, i0, i1)
         m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)  # all-padded rows: no nan
         p = torch.exp(s - m)
         denom = p.sum(-1, keepdim=True)
@@ -169,7 +192,7 @@ def _blocked_forward(q, k, v, key_padding_mask, scale):
     return out, lse
 
 
-def _blocked_backward(dout, q, k, v, out, lse, dlse, key_padding_mask, scale):
+def _blocked_backward(dout, q, k, v, out, lse, dlse, key_padding_mask, scale, segment_ids=None):
     B, H, L, D = q.shape
     Hkv, acc = k.shape[1], accumulation_dtype(q.dtype)
     dq = torch.empty_like(q)
@@ -179,7 +202,7 @@ def _blocked_backward(dout, q, k, v, out, lse, dlse, key_padding_mask, scale):
         i1 = min(L, i0 + QUERY_BLOCK)
         q_rows = _grouped_rows(q[:, :, i0:i1], Hkv).to(acc)
         do_rows = _grouped_rows(dout[:, :, i0:i1], Hkv).to(acc)
-        s = _blocked_scores(q_rows, k, key_padding_mask, scale, acc)
+        s = _blocked_scores(q_rows, k, key_padding_mask, scale, acc, segment_ids, i0, i1)
         rows = _grouped_rows(lse[:, :, i0:i1, None], Hkv)
         p = torch.exp(s - rows)
         delta = (do_rows * _grouped_rows(out[:, :, i0:i1], Hkv).to(acc)).sum(-1, keepdim=True)
@@ -260,10 +283,10 @@ def _sink_grads(q, dout, out, lse, dlse, sink_k, sink_v, sink_logit, key_padding
 
 class _SinkAttentionComposite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, scale):
+    def forward(ctx, q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, scale, segments):
         kind = _attention_kind(q)
         if kind == "blocked":
-            attn_out, attn_lse = _blocked_forward(q, k, v, key_padding_mask, scale)
+            attn_out, attn_lse = _blocked_forward(q, k, v, key_padding_mask, scale, segments)
         else:
             width = _fused_width(kind, q.shape[-1])
             attn_out, attn_lse = _fused_forward(
@@ -271,19 +294,23 @@ class _SinkAttentionComposite(torch.autograd.Function):
                 _widen(q, width),
                 _widen(k, width),
                 _widen(v, width),
-                _key_bias(key_padding_mask, q),
+                _key_bias(key_padding_mask, q, segments),
                 scale,
             )
             attn_out = attn_out[..., : q.shape[-1]]
         out, lse = _merge(q, attn_out, attn_lse, sink_k, sink_v, sink_logit, rows, scale)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, out, lse)
+        ctx.save_for_backward(
+            q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, segments, out, lse
+        )
         ctx.scale = scale
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, out, lse = ctx.saved_tensors
+        q, k, v, sink_k, sink_v, sink_logit, key_padding_mask, rows, segments, out, lse = (
+            ctx.saved_tensors
+        )
         scale = ctx.scale
         if dout is None:
             dout = torch.zeros_like(out)
@@ -291,7 +318,9 @@ class _SinkAttentionComposite(torch.autograd.Function):
             lse = lse.masked_fill(~rows[:, None, :], float("inf"))
         kind = _attention_kind(q)
         if kind == "blocked":
-            dq, dk, dv = _blocked_backward(dout, q, k, v, out, lse, dlse, key_padding_mask, scale)
+            dq, dk, dv = _blocked_backward(
+                dout, q, k, v, out, lse, dlse, key_padding_mask, scale, segments
+            )
         else:
             D = q.shape[-1]
             width = _fused_width(kind, D, dlse_column=dlse is not None)
@@ -304,7 +333,7 @@ class _SinkAttentionComposite(torch.autograd.Function):
                 _widen(v, width, ones),
                 _widen(out, width),
                 lse.contiguous(),
-                _key_bias(key_padding_mask, q),
+                _key_bias(key_padding_mask, q, segments),
                 scale,
             )
             dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
@@ -313,4 +342,4 @@ class _SinkAttentionComposite(torch.autograd.Function):
         )
         if dq_sink is not None:
             dq = (dq.to(dq_sink.dtype) + dq_sink).to(q.dtype)
-        return dq, dk, dv, dsink_k, dsink_v, dsink_logit, None, None, None
+        return dq, dk, dv, dsink_k, dsink_v, dsink_logit, None, None, None, None
