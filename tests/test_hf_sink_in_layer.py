@@ -161,3 +161,54 @@ def test_each_layer_call_runs_one_sink_row_and_deepcopy_rebinds_the_layers(monke
     assert rows == list(copied.model.layers)
     sinkdlm.hf.remove_sink_token(copied)
     assert all("forward" not in layer.__dict__ for layer in copied.model.layers)
+
+
+def _reaches(start, goal):
+    """``goal`` (an autograd node) is ``start`` or among the nodes its backward feeds."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node is goal:
+            return True
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_the_sink_rows_backward_runs_between_its_layers_output_and_input(
+    monkeypatch, checkpointing
+):
+    """What FSDP relies on: a layer's parameters are gathered for backward when the gradient of
+    its call's output arrives, and freed once its call's inputs have theirs. So, in the graph,
+    the call's output must lead to the sink row's output (its backward waits for the output's
+    gradient) and the sink row's input must lead to the call's input (the input's gradient
+    waits for the sink row's backward)."""
+    model = patched(tiny_hf_model("llama", torch.float64, num_hidden_layers=3))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows, calls = {}, {}
+    real_row = patch._sink_row
+
+    def recorded_row(state, layer, call, hidden, channel):
+        out = real_row(state, layer, call, hidden, channel)
+        rows.setdefault(layer, (hidden, out))
+        return out
+
+    monkeypatch.setattr(patch, "_sink_row", recorded_row)
+
+    def recorded_call(layer, args, out):
+        calls.setdefault(layer, (args[0], out))
+
+    for layer in model.model.layers:
+        layer.register_forward_hook(recorded_call)
+    ids, mask = random_inputs()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert set(rows) == set(calls) == set(model.model.layers)
+    for layer in model.model.layers:
+        sink_in, sink_out = rows[layer]
+        batch_in, batch_out = calls[layer]
+        assert _reaches(batch_out.grad_fn, sink_out.grad_fn)
+        assert _reaches(sink_in.grad_fn, batch_in.grad_fn)

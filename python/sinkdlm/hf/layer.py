@@ -81,7 +81,9 @@ class _CarryToNext(torch.autograd.Function):
     def forward(ctx, batch_out, sink_out, carry):
         carry.value = sink_out.detach()
         ctx.carry = carry
-        return batch_out.view_as(batch_out)
+        # A copy, not a view: FSDP2 warns on view outputs, and autograd forbids in-place updates
+        # of a custom Function's views. The input is freed at once (a residual sum nobody saves).
+        return batch_out.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -127,25 +129,25 @@ def sink_layer_call(channel, index, batch_in, embed_sink, run_sink_row, run_batc
 
     The first layer called in a forward takes the sink embedding, each later one the sink output
     of the layer called before it; a call replayed by activation checkpointing reads what the
-    first call read. Under torch.compile the sink's output is passed on as is (no wrapper hooks to
-    respect, and plain data flow for the graph).
+    first call read. Without gradients or under torch.compile the sink's output is passed on as is
+    (no backward to order; plain data flow for the graph).
     """
-    compiling = torch.compiler.is_compiling()
+    direct = torch.compiler.is_compiling() or not torch.is_grad_enabled()
     if index not in channel.sink_from:
         channel.sink_from[index] = channel.last_carry
     source = channel.sink_from[index]
     if source is None:
         sink_in = embed_sink()
-        if not compiling:
+        if not direct:
             sink_in = _SinkFromEmbedding.apply(batch_in, sink_in)
     else:
-        sink_in = source.value if compiling else _SinkFromPrevious.apply(batch_in, source)
+        sink_in = source.value if direct else _SinkFromPrevious.apply(batch_in, source)
     sink_out = run_sink_row(sink_in)
     out = run_batch()
     carry = _Carry()
     channel.last_carry = carry
     hidden = out[0] if isinstance(out, tuple) else out
-    if compiling:
+    if direct:
         carry.value = sink_out
     else:
         hidden = _CarryToNext.apply(hidden, sink_out, carry)

@@ -325,7 +325,7 @@ def _layer_forward(layer, *args, **kwargs):
 def _embed_sink(state):
     """The sink's input to the first decoder layer, (1, 1, hidden_size)."""
     sink = getattr(state.host, SINK_MODULE)
-    ids = torch.zeros(1, 1, dtype=torch.long, device=sink.weight.device)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(sink.parameters()).device)
     return state.backend.sink_input(state, sink(ids))
 
 
