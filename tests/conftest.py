@@ -68,3 +68,34 @@ def realigned(model):
         for param in model.parameters():
             param.data = param.data.clone()
     return model
+
+
+class SinkPasses:
+    """How many forwards ran the sink through the model: the sink rows run, over the layers."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.rows = 0
+
+    def __len__(self):
+        assert self.rows % self.layers == 0, f"{self.rows} sink rows over {self.layers} layers"
+        return self.rows // self.layers
+
+    def clear(self):
+        self.rows = 0
+
+
+def count_sink_passes(monkeypatch, model):
+    """Counts the sink passes of a patched model (every decoder layer runs the sink's row once
+    per pass); ``len()`` of the result is the number so far."""
+    from sinkdlm.hf import patch
+
+    passes = SinkPasses(len(patch._state(model).layers))
+    real_row = patch._sink_row
+
+    def counted(*args):
+        passes.rows += 1
+        return real_row(*args)
+
+    monkeypatch.setattr(patch, "_sink_row", counted)
+    return passes

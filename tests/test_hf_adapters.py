@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import realigned  # noqa: E402
+from conftest import count_sink_passes, realigned  # noqa: E402
 from hf_mirrors.modeling_dream_mirror import DreamConfig, DreamModel  # noqa: E402
 from hf_mirrors.modeling_llada_mirror import (  # noqa: E402
     ActivationCheckpointingStrategy,
@@ -282,9 +282,21 @@ def test_dream_sink_is_rotated_at_the_sink_position_when_the_model_ignores_posit
         want = dream_literal(model, sink, ids, real)  # positions 0..L: the same either way
         got = patched(input_ids=ids, attention_mask=dream_mask(real)).logits
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
-    # without a rotary module on the layers, the wrong position is detected and refused
+    # without a rotary module on the layers, the model's own rotates the sink row (each layer
+    # runs it with the model's tables at the sink position); a model whose rotary module numbers
+    # the positions itself would rotate it at 0, which is detected and refused
     for layer in patched.model.layers:
         del layer.self_attn.rotary_emb
+    with torch.no_grad():
+        got = patched(input_ids=ids, attention_mask=dream_mask(real)).logits
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    rotary = patched.model.rotary_emb
+
+    class Numbering(torch.nn.Module):
+        def forward(self, x, position_ids):
+            return rotary(x, torch.arange(x.shape[1])[None])
+
+    patched.model.rotary_emb = Numbering()
     with pytest.raises(ValueError, match="ignores position_ids"):
         patched(input_ids=ids, attention_mask=dream_mask(real))
 
@@ -443,8 +455,12 @@ def test_check_model_finds_sinkdlm_exact_on_each_variant(family):
 def test_check_model_reports_a_wrong_sink_position(monkeypatch):
     from sinkdlm.hf import adapters
 
-    # the Dream adapter before issue 13: the sink rotated by the model's position_embeddings
-    monkeypatch.setattr(adapters, "_dream_sink_rotation", lambda module, v, pe, position: pe)
+    # the sink rotated at position 0 (the Dream adapter before issue 13, on a model that ignores
+    # position_ids, used the model's tables, made for position 0)
+    def at_zero(module, value, position_embeddings, position):
+        return module.rotary_emb(value, torch.zeros(1, 1, dtype=torch.long))
+
+    monkeypatch.setattr(adapters, "_dream_sink_rotation", at_zero)
     report = sinkdlm.hf.check_model(dream(ignore_position_ids=True))
     assert report.max_abs_diff > 1e-4
 
@@ -459,13 +475,9 @@ def test_check_model_needs_sdpa():
 def test_generate_runs_one_sink_pass_per_call(monkeypatch, make, cfg_scale):
     """Issue 19: a generate that dropped its sink K/V cache (one sink pass per forward) passed
     every test; here each call must run exactly one, whatever the backend and the guidance."""
-    from sinkdlm.hf import patch
-
     model = sinkdlm.hf.add_sink_token(make(dtype=torch.float32))
     model.config.use_cache = False  # LLaDA's remote code reads it (from_pretrained sets it)
-    calls = []
-    real_pass = patch._compute_sink_kv
-    monkeypatch.setattr(patch, "_compute_sink_kv", lambda s: calls.append(1) or real_pass(s))
+    calls = count_sink_passes(monkeypatch, model)
     ids, _ = ids_and_padding(length=4)
     for expected in (1, 2):  # the cache is dropped when the call ends: the next one passes again
         out = sinkdlm.generate(model, ids, gen_length=4, steps=4, mask_id=VOCAB - 1,

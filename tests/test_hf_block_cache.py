@@ -14,10 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import count_sink_passes  # noqa: E402
+
 import sinkdlm  # noqa: E402
 import sinkdlm.hf  # noqa: E402
 from sinkdlm.block_cache import BlockKVCache  # noqa: E402
-from sinkdlm.hf import patch  # noqa: E402
 
 VOCAB, MASK_ID, PAD_ID = 64, 63, 0
 
@@ -196,14 +197,7 @@ def test_batched_equals_one_by_one(mode, sink, lengths):
 def test_sink_pass_runs_once_per_call(monkeypatch):
     model = tiny_llama(True, seed=6)
     _, ids, mask = ragged([4, 4])
-    passes = []
-    compute = patch._compute_sink_kv
-
-    def counted(state):
-        passes.append(1)
-        return compute(state)
-
-    monkeypatch.setattr(patch, "_compute_sink_kv", counted)
+    passes = count_sink_passes(monkeypatch, model)
     sinkdlm.generate(
         model,
         ids,

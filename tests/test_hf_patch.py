@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import (  # noqa: E402
     TINY_HF_CONFIG,
     TINY_HF_FAMILIES,
+    count_sink_passes,
     devices,
     realigned,
     tiny_hf_model,
@@ -194,9 +195,7 @@ def test_save_and_reload_give_identical_logits(tmp_path):
 
 def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
     model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama"))
-    calls = []
-    real_pass = native.run_sink_pass
-    monkeypatch.setattr(native, "run_sink_pass", lambda *a: calls.append(1) or real_pass(*a))
+    calls = count_sink_passes(monkeypatch, model)
     ids, attention = batch()
     with torch.no_grad():
         first = model(input_ids=ids, attention_mask=attention).logits
@@ -224,9 +223,7 @@ def test_sink_kv_cache_computes_once_and_follows_weight_changes(monkeypatch):
 def test_generate_runs_the_sink_pass_once(monkeypatch):
     """sinkdlm.generate enters the sink K/V cache (through sinkdlm.protocol.inference_cache)."""
     model = sinkdlm.hf.add_sink_token(tiny_hf_model("llama"))
-    calls = []
-    real_pass = native.run_sink_pass
-    monkeypatch.setattr(native, "run_sink_pass", lambda *a: calls.append(1) or real_pass(*a))
+    calls = count_sink_passes(monkeypatch, model)
     ids, _ = batch(length=5)
     out = sinkdlm.generate(model, ids, gen_length=6, steps=3, mask_id=VOCAB - 1)
     assert out.shape == (2, 11)

@@ -1,13 +1,17 @@
 """The adapter backend: remote-code DLMs whose attention calls SDPA itself (LLaDA, Dream).
 
 An adapter names the attention module classes it handles, the method it swaps on each instance,
-the replacement and how to run the sink alone through the model. To add an architecture, write
-those two functions for its attention module and call ``register_adapter``::
+the replacement, the decoder layer classes and how to run the sink's row through one of them. To
+add an architecture, write those functions for its modules and call ``register_adapter``::
 
     register_adapter(SinkAdapter(
         name="MyDLM", attention_classes=("MyDLMAttention",), method="forward",
         replacement=my_forward,           # (module, *the method's args) -> what the method returns
-        run_sink_pass=run_my_sink_pass,   # (original_forward, embeds (1,1,d), position_ids (1,1))
+        layer_classes=("MyDLMDecoderLayer",),
+        run_sink_row=run_my_sink_row,     # (layer_forward, hidden (1,1,d), position_ids (1,1),
+                                          #  model) -> the layer's output hidden state (1,1,d)
+        sink_input=None,                  # optional (model, embeds (1,1,d)) -> the first layer's
+                                          # input, when the model transforms its embeddings
         final_norm=lambda model: ...,     # optional, for sinkdlm.generate (below)
         sampler_kwargs=my_sampler_kwargs))
 
@@ -16,12 +20,13 @@ other keyword the original method takes is accepted when it has its default valu
 and refused with NotImplementedError otherwise (Fast-dLLM's ``replace_position=``, for example),
 and a keyword the original does not take raises TypeError, as the original would.
 ``layer_sink(module)`` gives it ``(sink, layer_key, sink_position)``: when ``sink.collect`` is
-set (the sink pass, one token) it stores the layer's sink K (rotated to ``sink_position``) and
-V, each (Hkv, D), under ``sink.kv[layer_key]`` and returns the attention output o = V; otherwise
-it calls
+set (the sink's row, one token, run by ``run_sink_row`` inside each decoder layer's call) it
+stores the layer's sink K (rotated to ``sink_position``) and V, each (Hkv, D), under
+``sink.kv[layer_key]`` and returns the attention output o = V; otherwise it calls
 ``observed_sink_attention(module, layer_key, q, k, v, *sink.kv[layer_key], ...)`` (from
 ``sinkdlm.protocol``: sinkdlm.sink_attention, reporting to AttentionRecorder while it records) on
-the user's tokens (``sink.kv`` has no entry for a model without the sink token).
+the user's tokens (``sink.kv`` has no entry for a model without the sink token). Classes are
+matched by name along each module's class hierarchy (FSDP2's ``fully_shard`` subclasses them).
 
 sinkdlm.generate's block forward (sinkdlm/hf/block_cache.py) needs two more fields:
 ``final_norm(model)``, the module whose output is the LM head's input (generate slices it to the
@@ -45,7 +50,7 @@ from ..padding import (
     segment_ids_from_packing,
 )
 from ..protocol import observed_sink_attention
-from .layer import SinkKV, autocast_inputs, expand_sink_output
+from .layer import autocast_inputs, expand_sink_output
 from .registry import register_patch_path
 
 
@@ -57,7 +62,9 @@ class SinkAdapter:
     attention_classes: tuple
     method: str
     replacement: Callable
-    run_sink_pass: Callable
+    layer_classes: tuple
+    run_sink_row: Callable
+    sink_input: Callable | None = None
     final_norm: Callable | None = None
     sampler_kwargs: Callable | None = None
 
@@ -74,12 +81,18 @@ def register_adapter(adapter):
         register_patch_path(class_name, lambda model, adapter=adapter: AdapterBackend(adapter))
 
 
+def is_instance_of(module, class_names):
+    """``module``'s class or one of its bases is named in ``class_names``."""
+    return any(klass.__name__ in class_names for klass in type(module).__mro__)
+
+
 def adapter_for(model):
     """The adapter of the first attention module of ``model`` that has one, else None."""
     for module in model.modules():
-        adapter = _ADAPTERS.get(type(module).__name__)
-        if adapter is not None:
-            return adapter
+        for klass in type(module).__mro__:
+            adapter = _ADAPTERS.get(klass.__name__)
+            if adapter is not None:
+                return adapter
     return None
 
 
@@ -121,7 +134,7 @@ class AdapterBackend:
 
     def install(self, state):
         modules = [
-            m for m in state.host.modules() if type(m).__name__ in self.adapter.attention_classes
+            m for m in state.host.modules() if is_instance_of(m, self.adapter.attention_classes)
         ]
         method = self.adapter.method
         for layer_key, module in enumerate(modules):
@@ -140,23 +153,50 @@ class AdapterBackend:
                 setattr(module, method, saved)
         self.patched = []
 
-    def sink_pass(self, state, embeds, position_ids):
-        collector = SinkKV(collect=True)
-        state.channel = collector
-        try:
-            self.adapter.run_sink_pass(state.original_forward, embeds, position_ids)
-        finally:
-            state.channel = None
-        return collector.kv
+    def channel(self, state, kwargs):
+        """The running forward's SinkKV (set by ``main``), or None."""
+        return state.channel
 
-    def main(self, state, sink_kv, args, kwargs):
+    def decoder_layers(self, state):
+        """The decoder layers (``adapter.layer_classes``) in model order."""
+        return [m for m in state.host.modules() if is_instance_of(m, self.adapter.layer_classes)]
+
+    def sink_input(self, state, embeds):
+        sink_input = self.adapter.sink_input
+        return embeds if sink_input is None else sink_input(state.model, embeds)
+
+    def run_sink_row(self, state, layer, layer_forward, hidden, position_ids, collector):
+        """The sink's row (1, 1, d) through one decoder layer's forward -> its output (1, 1, d),
+        the attention reading ``collector`` meanwhile.
+
+        Checkpoints inside the layer (LLaDA's fine-grained strategy) are bypassed for the row:
+        one token saves nothing, and their recomputation would run after the channel is back."""
+        running, state.channel = state.channel, collector
+        switched = []
+        for module in layer.modules():
+            if module.__dict__.get("_activation_checkpoint_fn") is not None:
+                switched.append((module, module._activation_checkpoint_fn))
+                module._activation_checkpoint_fn = _call_directly
+        try:
+            return self.adapter.run_sink_row(layer_forward, hidden, position_ids, state.host)
+        finally:
+            state.channel = running
+            for module, function in switched:
+                module._activation_checkpoint_fn = function
+
+    def main(self, state, channel, args, kwargs):
         # Left set after the call: gradient checkpointing re-runs the layers during backward.
-        block, key_padding = getattr(state, "block_cache", None) or (None, None)
-        state.channel = SinkKV(sink_kv, block=block, key_padding=key_padding)
+        channel.block, channel.key_padding = getattr(state, "block_cache", None) or (None, None)
+        state.channel = channel
         return state.original_forward(*args, **kwargs)
 
     def attention_layers(self, state):
         return [module for module, _ in self.patched]
+
+
+def _call_directly(function, *args, **kwargs):
+    """Stands in for a checkpoint function during the sink's row: runs ``function`` as is."""
+    return function(*args, **kwargs)
 
 
 def _guard_extra_arguments(adapter, original):
@@ -294,9 +334,18 @@ def _llada_rotary_from(module, q, k, start):
     return q_.type_as(q), k_.type_as(k)
 
 
-def _llada_sink_pass(original_forward, embeds, position_ids):
+def _llada_sink_row(layer_forward, hidden, position_ids, model):
     # LLaDA derives rotary positions from the length; the adapter rotates the sink K itself.
-    original_forward(input_ids=None, input_embeddings=embeds, use_cache=False)
+    return layer_forward(hidden, attention_bias=None, layer_past=None, use_cache=False)[0]
+
+
+def _llada_sink_input(model, embeds):
+    """What LLaDA's model does to its embeddings before the first block (OLMo's input_emb_norm
+    scaling, the embedding dropout)."""
+    llada = model.model
+    if llada.config.input_emb_norm:
+        embeds = embeds * llada.config.d_model**0.5
+    return llada.transformer.emb_drop(embeds)
 
 
 def _llada_sampler_kwargs(tokens, attention_mask, positions):
@@ -314,7 +363,9 @@ register_adapter(
         attention_classes=("LLaDALlamaBlock", "LLaDASequentialBlock"),
         method="attention",
         replacement=_llada_attention,
-        run_sink_pass=_llada_sink_pass,
+        layer_classes=("LLaDALlamaBlock", "LLaDASequentialBlock"),
+        run_sink_row=_llada_sink_row,
+        sink_input=_llada_sink_input,
         final_norm=lambda model: model.model.transformer.ln_f,
         sampler_kwargs=_llada_sampler_kwargs,
     )
@@ -436,8 +487,15 @@ def _dream_sink_rotation(module, value, position_embeddings, sink_position):
     return cos, sin
 
 
-def _dream_sink_pass(original_forward, embeds, position_ids):
-    original_forward(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+def _dream_sink_row(layer_forward, hidden, position_ids, model):
+    # The model's rotary tables at the sink position, as its forward makes them from position_ids;
+    # the attention prefers its own rotary module (see _dream_sink_rotation).
+    rotary_emb = getattr(model, "rotary_emb", None)
+    rotary = None if rotary_emb is None else rotary_emb(hidden, position_ids)
+    out = layer_forward(
+        hidden, position_ids=position_ids, position_embeddings=rotary, use_cache=False
+    )
+    return out[0]
 
 
 def _dream_sampler_kwargs(tokens, attention_mask, positions):
@@ -453,7 +511,8 @@ register_adapter(
         attention_classes=("DreamAttention", "DreamSdpaAttention"),
         method="forward",
         replacement=_dream_forward,
-        run_sink_pass=_dream_sink_pass,
+        layer_classes=("DreamDecoderLayer",),
+        run_sink_row=_dream_sink_row,
         final_norm=lambda model: model.model.norm,
         sampler_kwargs=_dream_sampler_kwargs,
     )

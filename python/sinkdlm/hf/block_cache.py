@@ -97,13 +97,11 @@ class NativeBlockForward:
 
 
 @contextlib.contextmanager
-def _kept_head_input(norm, keep, state):
-    """While active, ``norm``'s output is cut to the ``keep`` positions (dim 1), except in the
-    sink pass of a model with the sink token (``state``), which runs through it too."""
+def _kept_head_input(norm, keep):
+    """While active, ``norm``'s output is cut to the ``keep`` positions (dim 1)."""
 
     def cut(module, args, output):
-        in_sink_pass = state is not None and state.channel is not None and state.channel.collect
-        return output if in_sink_pass else output[:, keep]
+        return output[:, keep]
 
     handle = norm.register_forward_hook(cut)
     try:
@@ -163,7 +161,7 @@ class AdapterBlockForward:
         if cache is not None:
             key_padding = None if attention_mask is None else attention_mask.bool()
             through = _through_cache(self.model, self.adapter, cache, key_padding)
-        with through, _kept_head_input(self.final_norm, keep, _state(self.model)):
+        with through, _kept_head_input(self.final_norm, keep):
             return self.model(**kwargs).logits
 
 

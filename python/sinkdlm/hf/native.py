@@ -2,9 +2,11 @@
 
 Models whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, and
 the DLMs built on them) switch to the "sinkdlm" implementation with ``set_attn_implementation``.
-The per-layer sink K/V travel to the attention function as the keyword argument ``sinkdlm_sink``
-(transformers forwards a model's extra keyword arguments down to every attention call), so they are
-plain data flow: torch.compile traces them and gradient checkpointing replays them.
+The per-forward channel (hf/layer.py's SinkKV) travels to the decoder layers and the attention
+function as the keyword argument ``sinkdlm_sink`` (transformers forwards a model's extra keyword
+arguments down to every layer and attention call), so torch.compile traces it and gradient
+checkpointing replays it. A decoder layer runs the sink's row through its own forward with the
+model's rotary tables at the sink position and no mask or cache.
 """
 
 from transformers import AttentionInterface
@@ -12,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..padding import key_padding_from_model_mask, segment_ids_from_packing
 from ..protocol import observed_sink_attention
-from .layer import SinkKV, autocast_inputs, expand_sink_output
+from .layer import autocast_inputs, expand_sink_output
 from .registry import register_patch_path
 
 ATTN_IMPLEMENTATION = "sinkdlm"
@@ -113,15 +115,6 @@ def register():
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sinkdlm_mask)
 
 
-def run_sink_pass(original_forward, embeds, position_ids):
-    """Runs the sink alone (batch 1, length 1) through the model; returns {layer_idx: (K, V)}."""
-    collector = SinkKV(collect=True)
-    original_forward(
-        inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **{SINK_KWARG: collector}
-    )
-    return collector.kv
-
-
 class NativeBackend:
     """transformers-native models: AttentionInterface "sinkdlm", sink K/V passed as a kwarg."""
 
@@ -141,12 +134,45 @@ class NativeBackend:
     def uninstall(self, state):
         state.model.set_attn_implementation(state.original_attn)
 
-    def sink_pass(self, state, embeds, position_ids):
-        return run_sink_pass(state.original_forward, embeds, position_ids)
+    def channel(self, state, kwargs):
+        """The running forward's SinkKV, as a decoder layer's call received it (or None)."""
+        return kwargs.get(SINK_KWARG)
 
-    def main(self, state, sink_kv, args, kwargs):
-        """The user's forward, with the per-layer sink K/V handed to every attention call."""
-        return state.original_forward(*args, **kwargs, **{SINK_KWARG: SinkKV(sink_kv)})
+    def decoder_layers(self, state):
+        """The modules holding each attention layer (the decoder layers), in layer order."""
+        parents = {}
+        for module in state.host.modules():
+            for child in module.children():
+                parents[id(child)] = module
+        return [parents[id(attention)] for attention in self.attention_layers(state)]
+
+    def sink_input(self, state, embeds):
+        return embeds  # the native families feed their embeddings to the first layer unscaled
+
+    def run_sink_row(self, state, layer, layer_forward, hidden, position_ids, collector):
+        """The sink's row (1, 1, d) through one decoder layer's forward -> its output (1, 1, d)."""
+        rotary = collector.memo.get("sink_rotary")
+        if rotary is None:
+            rotary_emb = getattr(state.host, "rotary_emb", None)
+            if rotary_emb is None:
+                raise NotImplementedError(
+                    f"{type(state.host).__name__} has no rotary_emb module: sinkdlm cannot "
+                    "place the sink at its rotary position"
+                )
+            rotary = collector.memo["sink_rotary"] = rotary_emb(hidden, position_ids)
+        out = layer_forward(
+            hidden,
+            attention_mask=None,
+            position_ids=position_ids,
+            position_embeddings=rotary,
+            use_cache=False,
+            **{SINK_KWARG: collector},
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def main(self, state, channel, args, kwargs):
+        """The user's forward, the channel handed to every decoder layer and attention call."""
+        return state.original_forward(*args, **kwargs, **{SINK_KWARG: channel})
 
     def attention_layers(self, state):
         modules = [

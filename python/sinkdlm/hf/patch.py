@@ -1,16 +1,20 @@
 """add_sink_token / remove_sink_token: one learned sink token for a Hugging Face DLM.
 
 How it works. The sink attends only to itself, so its hidden state in every layer depends on its
-embedding alone. Each forward of the patched model therefore first runs the sink embedding alone
-(batch 1, length 1, rotary position ``sink_position``) through the model's own layers with the
-attention in "sink mode" (o = V, K/V recorded per layer), then runs the user's sequence unchanged,
-every attention layer calling ``sinkdlm.sink_attention`` with that layer's sink K/V. Both passes
-are one autograd graph, so gradients reach the sink embedding; under ``sink_kv_cache`` inference
-forwards reuse the sink K/V while the weights are unchanged.
+embedding alone. Each decoder layer's call of the patched model therefore first runs the sink's
+single row (batch 1, length 1, rotary position ``sink_position``) through that layer with the
+attention in "sink mode" (o = V, the layer's sink K/V recorded), then the user's batch, whose
+attention calls ``sinkdlm.sink_attention`` with that layer's sink K/V. The sink's output goes on
+to the next layer's call. One module call per layer and forward, as without the sink: sharded
+data parallel (FSDP2, FSDP1) gathers each layer's parameters once for the forward and once for
+the backward (hf/layer.py says how the sink's path stays inside each call's hooks). It is one
+autograd graph, so gradients reach the sink embedding; under ``sink_kv_cache`` inference forwards
+reuse the sink K/V while the weights are unchanged and run no sink row.
 
 How the attention layers are reached depends on the architecture: hf/registry.py picks the native
 backend (hf/native.py) or a remote-code adapter (hf/adapters.py). This module does the rest, the
-same for both: the sink embedding, the wrapped forward, the cache and the checkpointing guards.
+same for both: the sink embedding, the wrapped model and layer forwards, the cache and the
+checkpointing guards.
 """
 
 import contextlib
@@ -21,6 +25,7 @@ import torch
 
 from .. import _checks
 from .checkpoint import SINK_MODULE, saved_sink_weight
+from .layer import SinkKV, sink_layer_call
 from .registry import backend_for
 
 _STATE = "_sinkdlm_state"
@@ -58,6 +63,21 @@ class _SinkState:
         self.cache_key = None
         self.cache_kv = None
         self.original_attn = None  # native backend: the attention implementation to restore
+        self.layers = []  # the decoder layers whose forward runs the sink row (in model order)
+
+
+LAYER_CALL = "_sinkdlm_layer_call"
+
+
+class _LayerCall:
+    """Stored in a patched decoder layer's ``__dict__`` (so ``copy.deepcopy`` rebinds it): the
+    model's state, the layer's place in the model, and the forward it had before."""
+
+    def __init__(self, state, index, layer):
+        self.state = state
+        self.index = index
+        self.had_instance_forward = "forward" in layer.__dict__
+        self.original = layer.forward
 
 
 def _unwrap(model):
@@ -107,8 +127,14 @@ def attention_layers(model) -> list:
     return state.backend.attention_layers(state)
 
 
+def _full(tensor):
+    """A DTensor (a parameter sharded by FSDP2) gathered whole on every rank; else ``tensor``."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return tensor if full_tensor is None else full_tensor()
+
+
 def _initial_weight(model, init):
-    table = model.get_input_embeddings().weight
+    table = _full(model.get_input_embeddings().weight.detach())
     if init == "mean":
         return table.detach().float().mean(dim=0).to(table.dtype)
     if init == "zeros":
@@ -176,9 +202,20 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
             )
         weight = saved.to(device=weight.device, dtype=weight.dtype)
     state = _SinkState(inner, host, backend, sink_position)
+    _refuse_fsdp1_wrapped_first(model, inner)
+    layers = backend.decoder_layers(state)
+    if not layers:
+        raise ValueError(
+            f"sinkdlm found no decoder layers in {type(inner).__name__} to run the sink row through"
+        )
     backend.install(state)  # first: if it refuses the model, nothing has changed yet
     host.add_module(SINK_MODULE, SinkEmbedding(weight))
+    _shard_like_the_model(inner, getattr(host, SINK_MODULE))
     host.__dict__[_STATE] = state
+    for index, layer in enumerate(layers):
+        layer.__dict__[LAYER_CALL] = _LayerCall(state, index, layer)
+        layer.forward = types.MethodType(_layer_forward, layer)
+    state.layers = layers
     # A method bound to the host, its state in the host's __dict__: copy.deepcopy of the model
     # rebinds both to the copy.
     host.forward = types.MethodType(_patched_forward, host)
@@ -202,6 +239,11 @@ def remove_sink_token(model):
         return model
     host = state.host
     state.backend.uninstall(state)
+    for layer in state.layers:
+        call = layer.__dict__.pop(LAYER_CALL)
+        del layer.forward
+        if call.had_instance_forward:
+            layer.forward = call.original
     del host.forward
     if state.had_instance_forward:
         host.forward = state.original_forward
@@ -220,8 +262,9 @@ def _reentrant(func):
 
 
 def _reject_reentrant_checkpointing(host):
-    """Reentrant checkpoints replay each layer's backward separately, and each replay would walk
-    the shared sink pass again; only non-reentrant checkpointing composes with the sink.
+    """A reentrant checkpoint runs its layer without gradients and replays the layer's backward
+    on its own, outside the graph that links one layer's sink row to the next (hf/layer.py); only
+    non-reentrant checkpointing composes with the sink.
 
     OLMo-style models (LLaDA) checkpoint through their own ``_activation_checkpoint_fn``; the
     ``_gradient_checkpointing_func`` transformers stores on them is never called."""
@@ -242,69 +285,98 @@ def _reject_reentrant_checkpointing(host):
 
 def _patched_forward(host, *args, **kwargs):
     state = host.__dict__[_STATE]
-    if host.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    grad = torch.is_grad_enabled()
+    compiling = torch.compiler.is_compiling()
+    if host.training and grad and not compiling:
         _reject_reentrant_checkpointing(host)
-    return state.backend.main(state, _sink_kv(state), args, kwargs)
+    # Inside sink_kv_cache, a forward without gradients reuses the K/V of the last one that ran
+    # with the same weights.
+    caching = state.cache_depth > 0 and not grad and not compiling
+    key = _weights_key(state) if caching else None
+    if caching and state.cache_key == key:
+        channel = SinkKV(state.cache_kv, given=True)
+    else:
+        channel = SinkKV()
+    out = state.backend.main(state, channel, args, kwargs)
+    if caching and not channel.given:
+        state.cache_kv, state.cache_key = channel.kv, key
+    return out
 
 
-def _call_directly(function, *args, **kwargs):
-    """Stands in for a checkpoint function during the sink pass: runs ``function`` as is."""
-    return function(*args, **kwargs)
+def _layer_forward(layer, *args, **kwargs):
+    """A patched decoder layer's forward: the sink row, then the layer's own forward on the batch
+    (hf/layer.py); as before when the forward carries no sink (the K/V given, a sink row)."""
+    call = layer.__dict__[LAYER_CALL]
+    state = call.state
+    channel = state.backend.channel(state, kwargs)
+    if channel is None or channel.collect or channel.given:
+        return call.original(*args, **kwargs)
+    batch_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    return sink_layer_call(
+        channel,
+        call.index,
+        batch_in,
+        lambda: _embed_sink(state),
+        lambda hidden: _sink_row(state, layer, call, hidden, channel),
+        lambda: call.original(*args, **kwargs),
+    )
 
 
-@contextlib.contextmanager
-def _no_activation_checkpointing(host):
-    """The sink pass is one token: checkpointing it saves nothing, and a reentrant checkpoint
-    would run it without grad, cutting the sink embedding off from the loss.
-
-    transformers' flag is switched off; OLMo-style checkpoint functions (LLaDA's, per block and
-    per model) are replaced by a direct call, since models call them whenever a strategy is set."""
-    switched = []
-    for module in host.modules():
-        if module.__dict__.get("gradient_checkpointing") is True:
-            switched.append((module, "gradient_checkpointing", True))
-            module.gradient_checkpointing = False
-        if module.__dict__.get("_activation_checkpoint_fn") is not None:
-            switched.append((module, "_activation_checkpoint_fn", module._activation_checkpoint_fn))
-            module._activation_checkpoint_fn = _call_directly
-    try:
-        yield
-    finally:
-        for module, name, value in switched:
-            setattr(module, name, value)
-
-
-def _compute_sink_kv(state):
+def _embed_sink(state):
+    """The sink's input to the first decoder layer, (1, 1, hidden_size)."""
     sink = getattr(state.host, SINK_MODULE)
-    device = next(sink.parameters()).device
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    position_ids = torch.full((1, 1), state.sink_position, dtype=torch.long, device=device)
-    with _no_activation_checkpointing(state.host):
-        return state.backend.sink_pass(state, sink(ids), position_ids)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(sink.parameters()).device)
+    return state.backend.sink_input(state, sink(ids))
+
+
+def _sink_row(state, layer, call, hidden, channel):
+    """The sink's row (1, 1, d) through one decoder layer; records its K/V in ``channel.kv``."""
+    collector = SinkKV(channel.kv, collect=True)
+    collector.memo = channel.memo
+    position_ids = torch.full((1, 1), state.sink_position, dtype=torch.long, device=hidden.device)
+    return state.backend.run_sink_row(state, layer, call.original, hidden, position_ids, collector)
+
+
+def _local(param):
+    return getattr(param, "_local_tensor", param)  # a DTensor's shard on this rank
 
 
 def _weights_key(state):
-    params = tuple((p.data_ptr(), p._version) for p in state.host.parameters())
+    params = tuple((_local(p).data_ptr(), p._version) for p in state.host.parameters())
     autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
     return params, autocast, state.host.training
 
 
-def _sink_kv(state):
-    """Per-layer sink K/V; reused inside sink_kv_cache for gradient-free forwards."""
-    if state.cache_depth == 0 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return _compute_sink_kv(state)
-    key = _weights_key(state)
-    if state.cache_key != key:
-        state.cache_kv = _compute_sink_kv(state)
-        state.cache_key = key
-    return state.cache_kv
+def _refuse_fsdp1_wrapped_first(model, inner):
+    """FSDP1 flattens the parameters it wraps: a sink embedding added afterwards would be left out
+    of its sharding and gradient reduction."""
+    wrapped = [model, *inner.modules()]
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in wrapped):
+        raise ValueError(
+            "add_sink_token must run before wrapping the model in FSDP1 "
+            "(FullyShardedDataParallel): patch first, then wrap (FSDP2's fully_shard accepts "
+            "either order)"
+        )
+
+
+def _shard_like_the_model(model, sink_module):
+    """Model already sharded by FSDP2 (its embedding a DTensor): the sink embedding, added after
+    fully_shard, becomes its own FSDP unit on the same mesh (one more, small, all-gather per
+    forward than patching before fully_shard, where it shards with the root's parameters)."""
+    table = model.get_input_embeddings().weight
+    mesh = getattr(table, "device_mesh", None)
+    if mesh is None:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(sink_module, mesh=mesh)
 
 
 @contextlib.contextmanager
 def sink_kv_cache(model):
     """Inside this context, forwards without gradient compute the sink K/V once and reuse them.
 
-    A sampler's many forwards then pay for the sink pass once. The cache is keyed by every
+    A sampler's many forwards then pay for the sink rows once. The cache is keyed by every
     parameter's storage and version counter (so an optimizer step, load_state_dict or .to()
     invalidates it) and dropped when the outermost context exits. Forwards with gradients enabled
     always recompute (their graph must reach the sink embedding). Weights changed through

@@ -9,8 +9,10 @@ between checkpoints, forks and mirrors. A value makes the backend for one model,
 when it cannot patch that model after all.
 
 Backends have ``name`` (recorded in ``config.sinkdlm``) and ``install(state)``,
-``uninstall(state)``, ``sink_pass(state, embeds, position_ids)``,
-``main(state, sink_kv, args, kwargs)`` and ``attention_layers(state)`` (see hf/patch.py).
+``uninstall(state)``, ``decoder_layers(state)``, ``channel(state, layer_kwargs)``,
+``sink_input(state, embeds)``, ``run_sink_row(state, layer_forward, hidden, position_ids,
+collector)``, ``main(state, channel, args, kwargs)`` and ``attention_layers(state)`` (see
+hf/patch.py).
 """
 
 from collections.abc import Callable
@@ -27,7 +29,8 @@ def backend_for(model, host):
     """The backend for ``model`` (``host``: its base model): the first of its attention classes
     in the table, else its model type. Raises ValueError, listing the table, when none fits."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    keys = [type(module).__name__ for module in host.modules()] + [model_type]
+    # Along each class hierarchy: FSDP2's fully_shard subclasses the modules it wraps.
+    keys = [k.__name__ for module in host.modules() for k in type(module).__mro__] + [model_type]
     for key in keys:
         make_backend = PATCH_PATHS.get(key)
         backend = None if make_backend is None else make_backend(model)
