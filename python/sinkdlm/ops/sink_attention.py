@@ -14,16 +14,19 @@ Paths (``backend=``):
   log-sum-exp by a sinkdlm kernel, forward and backward (``csrc/sink_attention/
   sink_attention_composed.h``). The op ``torch.ops.sinkdlm.sink_attention_composed_fwd`` on the
   CPU and CUDA, the same math in plain torch ops (``ops/sink_attention_composite.py``) elsewhere.
-* ``"auto"`` (default): whatever kernel the dispatcher holds for the device under
-  ``sinkdlm::sink_attention_fwd``: the native kernel on the CPU, the composed one on CUDA; on
-  devices without one (MPS, XPU, a CUDA torch built without nvcc, and float64 on CUDA, which
-  ATen's fused kernels lack) the plain-torch composition.
+* ``"auto"`` (default): on the CPU, native or composed by a rule over the CPU's instruction
+  sets and the dtype (``ops/cpu_paths.py``: composed for bfloat16 on AMX CPUs, native else);
+  elsewhere whatever kernel the dispatcher holds for the device under
+  ``sinkdlm::sink_attention_fwd``: the composed one on CUDA; on devices without one (MPS, XPU, a
+  CUDA torch built without nvcc, and float64 on CUDA, which ATen's fused kernels lack) the
+  plain-torch composition.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cpu_paths
 from .checks import check_sink_attention_args
 from .common import accumulation_dtype, has_native_kernel, softmax_scale
 from .reference import dense_sink_attention
@@ -40,6 +43,9 @@ def _pick_op(backend: str, q: torch.Tensor):
     """The op that runs ``backend`` for q, or None for the plain-torch composition."""
     device = q.device.type
     no_fused_kernel = device == "cuda" and q.dtype == torch.float64  # ATen's fused: no float64
+    if backend == "auto" and device == "cpu":  # else auto is sink_attention_fwd's kernel: native
+        if cpu_paths.cpu_auto_backend(cpu_paths.CPU_FEATURES, q.dtype) == "composed":
+            backend = "composed"
     if backend == "native":
         if device not in ("cpu", "meta") or not has_native_kernel(_OP, device):
             raise ValueError(
