@@ -207,7 +207,7 @@ def main(argv=None):
         B, best = bench_config(
             dt, L, D, args.tokens, args.heads, args.reps, mode == "fwd+bwd", args.with_mask
         )
-        auto = cpu_auto_backend(features, dt)
+        auto = cpu_auto_backend(features, dt, needs_grad=mode == "fwd+bwd")
         ours = best[auto]
         rows.append(
             dict(

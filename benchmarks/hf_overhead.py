@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import sinkdlm
+import sinkdlm.hf
 from sinkdlm.ops.cpu_paths import cpu_auto_backend, cpu_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,7 +159,7 @@ def main(argv=None):
                     L=L,
                     mode=mode,
                     params=params,
-                    attention_path=cpu_auto_backend(cpu_features(), dtype),
+                    attention_path=cpu_auto_backend(cpu_features(), dtype, mode == "fwd+bwd"),
                     ms={k: 1e3 * v for k, v in best.items()},
                     ratio=best["patched"] / best["unpatched"],
                 )

@@ -34,8 +34,8 @@ AVX2_ONLY = frozenset({"avx2", "fma"})
         (INTEL_AMX, torch.bfloat16, "composed"),
         (AVX2_ONLY, torch.bfloat16, "native"),
         (INTEL_AMX_FP16, torch.float16, "composed"),
-        (INTEL_AMX, torch.float16, cpu_paths._FLOAT16_AVX512_FP16),
-        (INTEL_NO_AMX, torch.float16, cpu_paths._FLOAT16_AVX512_FP16),
+        (INTEL_AMX, torch.float16, "composed"),
+        (INTEL_NO_AMX, torch.float16, "composed"),
         (AMD_ZEN4, torch.float16, "native"),
         (AVX2_ONLY, torch.float16, "native"),
         (INTEL_AMX_FP16, torch.float32, "native"),
@@ -45,6 +45,28 @@ AVX2_ONLY = frozenset({"avx2", "fma"})
 )
 def test_auto_rule_per_cpu_family(features, dtype, want):
     assert cpu_paths.cpu_auto_backend(features, dtype) == want
+
+
+@pytest.mark.parametrize(
+    ("features", "dtype", "want"),
+    [
+        (INTEL_NO_AMX, torch.float16, "native"),
+        (INTEL_AMX_FP16, torch.float16, "composed"),
+        (INTEL_AMX, torch.bfloat16, "composed"),
+        (AMD_ZEN4, torch.bfloat16, "native"),
+    ],
+)
+def test_auto_rule_with_a_backward(features, dtype, want):
+    assert cpu_paths.cpu_auto_backend(features, dtype, needs_grad=True) == want
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_auto_float16_on_avx512_fp16_follows_the_gradient(requires_grad, monkeypatch):
+    monkeypatch.setattr(cpu_paths, "CPU_FEATURES", INTEL_NO_AMX)
+    q, k, v, sk, sv, _, _ = make_inputs(1, 2, 2, 17, 16, "shared", False, torch.float16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(requires_grad)
+    out = sinkdlm.sink_attention(q, k, v, sk, sv)
+    assert out.is_contiguous() == requires_grad  # native's out is contiguous, composed's q-like
 
 
 def test_features_are_known_flags():
