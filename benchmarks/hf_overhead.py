@@ -93,6 +93,12 @@ def check_unpatched_is_bidirectional(plain, vocab):
         raise SystemExit(f"unpatched model is not plain bidirectional SDPA: {seen.calls[:3]}")
 
 
+def write(path, machine, args, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = {k: v for k, v in vars(args).items() if k != "out"}
+    path.write_text(json.dumps(dict(machine=machine, model=model, rows=rows), indent=1))
+
+
 def step(model, ids, mode):
     if mode == "fwd+bwd":
         model(input_ids=ids, use_cache=False).logits.float().mean().backward()
@@ -170,10 +176,7 @@ def main(argv=None):
                     f"  ({row['attention_path']})",
                     flush=True,
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(dict(machine=machine, model=vars(args) | {"out": None}, rows=rows), indent=1)
-    )
+                write(args.out, machine, args, rows)  # each row: a cut-short run keeps its rows
     print(f"wrote {args.out}")
     return 0
 
