@@ -1,7 +1,12 @@
 // The Python module sinkdlm._C. Loading it runs the TORCH_LIBRARY registrations in
 // csrc/*/*_ops.cpp, which is what exposes torch.ops.sinkdlm.*; the module itself only
-// reports how it was built. This file includes pybind11 alone, not torch, so it compiles fast.
+// reports how it was built and which bf16 GEMMs the CPU kernels pick. This file includes
+// pybind11 alone, not torch, so it compiles fast.
 #include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common/cpu_context.h"
 
 namespace py = pybind11;
 
@@ -18,4 +23,9 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "Which backends this build of sinkdlm._C contains.");
+  m.def(
+      "cpu_bf16_gemm", []() { return std::string(sinkdlm::cpu_bf16_gemm_name()); },
+      "The GEMM kernels sinkdlm's native CPU kernel runs bfloat16 on here: 'avx512_bf16' "
+      "(vdpbf16ps), 'fp32' (sgemm on converted tiles) or 'portable' (cpu_context.h's rule and "
+      "SINKDLM_CPU_BF16_GEMM, which the ops read when they first run).");
 }

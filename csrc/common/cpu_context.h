@@ -48,8 +48,30 @@ template <typename T>
 void reference_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                     const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
+// The facts about the CPU that the choice of bf16 GEMM kernels depends on.
+struct CpuFeatures {
+  bool avx512_bf16 = false;  // avx512f, avx512bw and avx512_bf16: the vdpbf16ps kernels run
+  bool amd = false;          // vendor AuthenticAMD
+};
+CpuFeatures detect_cpu_features();
+
+// The bf16 GEMM kernels for a CPU with `cpu`, or null for float32 GEMMs on converted tiles.
+// Rule (measured with benchmarks/attention_cpu.py): vdpbf16ps where it outruns the float32 FMA,
+// i.e. on AMD CPUs with avx512_bf16 (Zen 4: 2-4x SDPA in bf16); elsewhere sgemm. Intel cores
+// run vdpbf16ps zmm at half the flop rate of vfmadd231ps (measured on a Xeon with avx512_bf16
+// and avx512_fp16: 32 vs 66 GFLOP/s per core), so there bf16 through sgemm is ~2x faster.
+// `override_name` (the SINKDLM_CPU_BF16_GEMM environment variable, for tests and benchmarks)
+// forces one: "avx512_bf16", "fp32" or "portable"; null, "" or "auto" apply the rule. Throws
+// std::invalid_argument for another name or for "avx512_bf16" on a CPU without it.
+const bf16::Kernels* choose_bf16_kernels(const CpuFeatures& cpu, const char* override_name);
+
+// The name of what choose_bf16_kernels picks for this CPU and environment: "avx512_bf16",
+// "portable" or "fp32" (sgemm).
+const char* cpu_bf16_gemm_name();
+
 // A context whose GEMM is the BLAS that the host process has loaded (torch's), falling
-// back to reference_gemm when none is, and the avx512_bf16 kernels when the CPU has them.
+// back to reference_gemm when none is, and the bf16 kernels choose_bf16_kernels picks for this
+// CPU (and SINKDLM_CPU_BF16_GEMM).
 CpuContext make_cpu_context(ParallelFor parallel_for);
 
 // One-thread loop: for tests and tools.

@@ -1,3 +1,8 @@
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #include "common/cpu_context.h"
 #include "common/gemm_bf16_cpu.h"
 
@@ -62,12 +67,51 @@ void dgemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
 
 }  // namespace
 
+CpuFeatures detect_cpu_features() {
+  CpuFeatures cpu;
+  cpu.avx512_bf16 = bf16::avx512_kernels() != nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  cpu.amd = __builtin_cpu_is("amd");
+#endif
+  return cpu;
+}
+
+const bf16::Kernels* choose_bf16_kernels(const CpuFeatures& cpu, const char* override_name) {
+  const std::string name = override_name ? override_name : "";
+  if (name.empty() || name == "auto")
+    return cpu.avx512_bf16 && cpu.amd ? bf16::avx512_kernels() : nullptr;
+  if (name == "fp32") return nullptr;
+  if (name == "portable") return &bf16::portable_kernels();
+  if (name == "avx512_bf16") {
+    if (!cpu.avx512_bf16)
+      throw std::invalid_argument(
+          "SINKDLM_CPU_BF16_GEMM=avx512_bf16, but this CPU lacks avx512f/avx512bw/avx512_bf16");
+    return bf16::avx512_kernels();
+  }
+  throw std::invalid_argument(
+      "SINKDLM_CPU_BF16_GEMM must be auto, avx512_bf16, fp32 or "
+      "portable, got '" +
+      name + "'");
+}
+
+namespace {
+const bf16::Kernels* this_cpu_bf16_kernels() {
+  return choose_bf16_kernels(detect_cpu_features(), std::getenv("SINKDLM_CPU_BF16_GEMM"));
+}
+}  // namespace
+
+const char* cpu_bf16_gemm_name() {
+  const bf16::Kernels* kernels = this_cpu_bf16_kernels();
+  return kernels ? kernels->name : "fp32";
+}
+
 CpuContext make_cpu_context(ParallelFor parallel_for) {
   CpuContext ctx;
   ctx.parallel_for = std::move(parallel_for);
   ctx.sgemm = sgemm_ ? &sgemm_blas : &reference_gemm<float>;
   ctx.dgemm = dgemm_ ? &dgemm_blas : &reference_gemm<double>;
-  ctx.bf16 = bf16::avx512_kernels();
+  ctx.bf16 = this_cpu_bf16_kernels();
   return ctx;
 }
 

@@ -28,8 +28,9 @@ void dispatch(ScalarType t, Args&&... args) {
   }
 }
 
-// bf16 inputs take the bf16 GEMMs where the context has them (the CPU supports avx512_bf16);
-// everything else, and bf16 elsewhere, the BLAS of the accumulation type.
+// bf16 inputs take the bf16 GEMMs where the context has them (cpu_context.h's
+// choose_bf16_kernels: AMD CPUs with avx512_bf16); everything else, and bf16 elsewhere, the BLAS
+// of the accumulation type.
 template <typename T>
 constexpr bool kBf16 = std::is_same_v<T, bfloat16>;
 

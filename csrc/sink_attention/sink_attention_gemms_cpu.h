@@ -70,8 +70,10 @@ class KVRows {
 // The forward and the backward run their GEMMs through one of two operand policies with one
 // interface, so the softmax logic is written once:
 //   BlasGemms<T>  operands in the accumulation type, ctx.gemm (sgemm / dgemm): every dtype.
-//   Bf16Gemms     bf16 operands, fp32 sums, ctx.bf16's kernels: bf16 inputs on CPUs with
-//                 avx512_bf16, ~4x the sgemm rate. Q, dO, K and V are bf16 already, so only P and
+//   Bf16Gemms     bf16 operands, fp32 sums, ctx.bf16's kernels: bf16 inputs where
+//                 choose_bf16_kernels (cpu_context.h) picks them: AMD with avx512_bf16, ~4x the
+//                 sgemm rate there (Intel's vdpbf16ps is slower than its sgemm, so bf16 takes
+//                 BlasGemms<bfloat16> there). Q, dO, K and V are bf16 already, so only P and
 //                 dS get rounded to bf16 (as SDPA's bf16 backward does); softmax math stays fp32.
 // Shared holds K and V of every (batch, kv head), made once per call; a Tile holds one thread's
 // operands of the current query tile (nq rows) and computes, for keys [j0, j0 + nk):

@@ -172,12 +172,13 @@ void expect_close(const std::vector<double>& got, const std::vector<double>& wan
     ASSERT_NEAR(got[i], want[i], tol * (1 + std::abs(want[i]))) << what << " at " << i;
 }
 
-// bf16 GEMM kernels for the context: the CPU's best (the avx512_bf16 ones where present),
-// none (bf16 through sgemm, as on CPUs without avx512_bf16) or the portable ones.
-enum class Bf16Gemm { kBest, kNone, kPortable };
+// bf16 GEMM kernels for the context: what choose_bf16_kernels picks for this CPU, the
+// avx512_bf16 ones (skipped where the CPU lacks them), none (bf16 through sgemm, as on Intel
+// CPUs and CPUs without avx512_bf16) or the portable ones.
+enum class Bf16Gemm { kAuto, kAvx512, kNone, kPortable };
 
 template <typename T>
-void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf16Gemm::kBest) {
+void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf16Gemm::kAuto) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
   std::mt19937 rng(1234 + c.L * 7 + c.D);
   std::normal_distribution<double> normal;
@@ -227,6 +228,10 @@ void run(const Config& c, ScalarType dtype, double tol, Bf16Gemm bf16_gemm = Bf1
   std::vector<A> lse(c.B * c.H * c.L, nan), dsk(ska.size(), nan), dsv(ska.size(), nan),
       dlam(c.H, nan);
   CpuContext ctx = make_cpu_context(serial_for);
+  if (bf16_gemm == Bf16Gemm::kAvx512) {
+    if (bf16::avx512_kernels() == nullptr) GTEST_SKIP() << "this CPU lacks avx512_bf16";
+    ctx.bf16 = bf16::avx512_kernels();
+  }
   if (bf16_gemm == Bf16Gemm::kNone) ctx.bf16 = nullptr;
   if (bf16_gemm == Bf16Gemm::kPortable) ctx.bf16 = &bf16::portable_kernels();
   // Transposed configs also write out as (B, L, H, D), which the backward then reads.
@@ -263,6 +268,9 @@ TEST_P(SinkAttentionCpu, Float32MatchesNaive) {
 }
 TEST_P(SinkAttentionCpu, BFloat16MatchesNaive) {
   run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2);
+}
+TEST_P(SinkAttentionCpu, BFloat16Avx512Bf16GemmMatchesNaive) {
+  run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2, Bf16Gemm::kAvx512);
 }
 TEST_P(SinkAttentionCpu, BFloat16ViaSgemmMatchesNaive) {
   run<bfloat16>(GetParam(), ScalarType::kBFloat16, 3e-2, Bf16Gemm::kNone);

@@ -14,16 +14,20 @@ Paths (``backend=``):
   log-sum-exp by a sinkdlm kernel, forward and backward (``csrc/sink_attention/
   sink_attention_composed.h``). The op ``torch.ops.sinkdlm.sink_attention_composed_fwd`` on the
   CPU and CUDA, the same math in plain torch ops (``ops/sink_attention_composite.py``) elsewhere.
-* ``"auto"`` (default): whatever kernel the dispatcher holds for the device under
-  ``sinkdlm::sink_attention_fwd``: the native kernel on the CPU, the composed one on CUDA; on
-  devices without one (MPS, XPU, a CUDA torch built without nvcc, and float64 on CUDA, which
-  ATen's fused kernels lack) the plain-torch composition.
+* ``"auto"`` (default): on the CPU, native or composed by a rule over the CPU's instruction
+  sets and the dtype (``ops/cpu_paths.py``: composed for bfloat16 on AMX CPUs and for a
+  float16 forward without gradients on avx512_fp16 ones, native else);
+  elsewhere whatever kernel the dispatcher holds for the device under
+  ``sinkdlm::sink_attention_fwd``: the composed one on CUDA; on devices without one (MPS, XPU, a
+  CUDA torch built without nvcc, and float64 on CUDA, which ATen's fused kernels lack) the
+  plain-torch composition.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cpu_paths
 from .checks import check_sink_attention_args
 from .common import accumulation_dtype, has_native_kernel, softmax_scale
 from .reference import dense_sink_attention
@@ -36,10 +40,16 @@ _OP = "sinkdlm::sink_attention_fwd"
 _COMPOSED_OP = "sinkdlm::sink_attention_composed_fwd"
 
 
-def _pick_op(backend: str, q: torch.Tensor):
-    """The op that runs ``backend`` for q, or None for the plain-torch composition."""
+def _pick_op(backend: str, q: torch.Tensor, needs_grad: bool = False, packed: bool = False):
+    """The op that runs ``backend`` for q (``needs_grad``: a backward follows; ``packed``:
+    segment ids given), or None for the plain-torch composition."""
     device = q.device.type
     no_fused_kernel = device == "cuda" and q.dtype == torch.float64  # ATen's fused: no float64
+    # Else auto is sink_attention_fwd's kernel: native. Packed rows stay native on the CPU, where
+    # the composed op needs a dense (B, 1, L, L) bias for them.
+    if backend == "auto" and device == "cpu" and not packed:
+        if cpu_paths.cpu_auto_backend(cpu_paths.CPU_FEATURES, q.dtype, needs_grad) == "composed":
+            backend = "composed"
     if backend == "native":
         if device not in ("cpu", "meta") or not has_native_kernel(_OP, device):
             raise ValueError(
@@ -133,7 +143,6 @@ def sink_attention(
     )
     _check_backend(backend)
     scale = softmax_scale(scale, q.shape[-1])
-    op = _pick_op(backend, q)
     args = (
         q,
         k,
@@ -146,6 +155,10 @@ def sink_attention(
         scale,
         segment_ids,
     )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, sink_k, sink_v, sink_logit)
+    )
+    op = _pick_op(backend, q, needs_grad, segment_ids is not None)
     out, lse = op(*args) if op is not None else sink_attention_composite(*args)
     return (out, lse) if return_lse else out
 
