@@ -23,7 +23,16 @@ TINY = [
     "--val-batches", "1", "--samples", "1", "--prompt-len", "8", "--gen-length", "8",
     "--gen-steps", "4", "--threads", "1",
 ]  # fmt: skip
+
 TINY_EVAL = ["--lambada-examples", "6", "--choice-examples", "5", "--choice-len", "4"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    # --threads sets torch's process-wide thread count: give the later tests theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -169,11 +178,12 @@ def _without_timing(obj):
 @needs_corpus
 @needs_generate
 def test_demo_repeats_bit_for_bit(tmp_path):
-    # Same machine, same flags: the same report numbers and the same weights, to the bit.
+    # Same machine, same flags: the same report numbers and the same weights, to the bit; on two
+    # threads, so that a reduction split across threads in a varying order would show.
     reports, weights = [], []
     for run in ("a", "b"):
         out = tmp_path / run
-        main(["demo", "--out", str(out), *TINY, "--variants", "baseline,sink1"])
+        main(["demo", "--out", str(out), *TINY, "--threads", "2", "--variants", "baseline,sink1"])
         reports.append(_without_timing(json.loads((out / "report.json").read_text())))
         weights.append([(out / f"{v}.safetensors").read_bytes() for v in ("baseline", "sink1")])
     assert reports[0] == reports[1]

@@ -466,7 +466,11 @@ def run_reproduce(args) -> dict:
     if len(todo) < len(variants) * len(seeds):
         print(f"resuming: {len(records)} runs already done in {runs_dir}")
     for name, seed in tqdm(todo, desc="runs", unit="run", dynamic_ncols=True):
-        records[(name, seed)] = run_one(name, seed, data, evals, args, runs_dir)
+        path = runs_dir / f"{name}-seed{seed}.json"
+        if path.is_file():  # finished meanwhile by another call on the same folder
+            records[(name, seed)] = _load_record(path, settings)
+        else:
+            records[(name, seed)] = run_one(name, seed, data, evals, args, runs_dir)
 
     summary = summarize(records, variants, seeds)
     table = format_markdown(summary, variants)
