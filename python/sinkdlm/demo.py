@@ -113,7 +113,8 @@ def _generate(model, prompts, args, mask_id):
 
 
 def run_variant(name, data, args, out_dir):
-    """Train, evaluate, generate with the recorder; return (report dict, SinkTrace, losses)."""
+    """Train, evaluate, generate with the recorder; return (report dict, SinkTrace, losses, the
+    trained model)."""
     torch.manual_seed(args.seed)
     cfg = variant_config(
         name,
@@ -161,7 +162,7 @@ def run_variant(name, data, args, out_dir):
         "recorded_steps": trace.num_steps,
         "samples": samples,
     }
-    return report, trace, losses
+    return report, trace, losses, model
 
 
 TABLE_ROWS = [
@@ -250,7 +251,7 @@ def run_demo(args) -> dict:
 
     reports, traces, curves = {}, {}, {}
     for name in variants:
-        reports[name], traces[name], curves[name] = run_variant(name, data, args, out_dir)
+        reports[name], traces[name], curves[name], _ = run_variant(name, data, args, out_dir)
 
     crit = dict(method=args.sink_method, epsilon=args.sink_epsilon, k=args.sink_k)
     plots = {}
