@@ -304,14 +304,15 @@ def test_meta_tensors_get_shapes_and_layout(backend):
 
 
 def test_layouts_of_the_two_cpu_paths():
-    """Native: contiguous. Composed: q's layout, e.g. (B, L, H, D)-major for a projection viewed
-    as heads, which the backend's out then has too (the merge runs in place)."""
+    """Both paths give out q's layout, e.g. (B, L, H, D)-major for a projection viewed as heads,
+    so that the transpose back to (B, L, H * D) is free (the composed merge runs in place)."""
     q, k, v, sk, sv, _, _ = make_inputs(2, 4, 2, 9, 16, "shared", False, torch.float32)
     q_blhd = q.transpose(1, 2).contiguous().transpose(1, 2)
     for x in (q, q_blhd):
-        assert sinkdlm.sink_attention(x, k, v, sk, sv).is_contiguous()  # auto: native on the CPU
-        out = sinkdlm.sink_attention(x, k, v, sk, sv, backend="composed")
-        assert has_layout_of(out, x)
+        for backend in ("native", "composed"):
+            out = sinkdlm.sink_attention(x, k, v, sk, sv, backend=backend)
+            assert has_layout_of(out, x)
+            torch.testing.assert_close(out, sinkdlm.sink_attention(q, k, v, sk, sv))
     assert not out.is_contiguous()
 
 

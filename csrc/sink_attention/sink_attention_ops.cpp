@@ -3,6 +3,7 @@
 // messages and adds autograd and fake kernels; these checks guard direct callers of the op.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -145,7 +146,9 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_fwd_cpu_impl(
   SinkAttentionParams p =
       make_sink_attention_params(q, k, v, sink_k, sink_v, sink_logit, key_padding_mask,
                                  query_padding_mask, segment_ids, scale, keep);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  // out takes q's layout, as SDPA's does: for a (B, L, H, D) projection viewed as heads the
+  // caller's transpose back to (B, L, H * D) is then free (no second copy kept per layer).
+  at::Tensor out = at::empty_like(q);
   at::Tensor lse =
       at::empty({p.batch, p.heads, p.seq_len}, q.options().dtype(acc_type(q.scalar_type())));
   p.out = out.data_ptr(), p.out_stride = strides4(out);

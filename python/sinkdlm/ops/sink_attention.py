@@ -120,10 +120,10 @@ def sink_attention(
 
     Returns:
         ``out`` ``(B, H, Lq, D)`` in q's dtype, and with ``return_lse`` the ``(B, H, Lq)``
-        log-sum-exp in float32 (float64 for float64 inputs). ``out`` is contiguous from the
-        native kernel and has q's layout (``torch.empty_like(q)``) from the composed path, as
-        SDPA's flash kernel does: for a q that is a ``(B, L, H, D)`` projection viewed as heads,
-        ``out.transpose(1, 2).reshape(B, L, H * D)`` is then free.
+        log-sum-exp in float32 (float64 for float64 inputs). ``out`` has q's layout
+        (``torch.empty_like(q)``) on every path, as SDPA's flash kernel does: for a q that is a
+        ``(B, L, H, D)`` projection viewed as heads, ``out.transpose(1, 2).reshape(B, L, H * D)``
+        is then free.
 
     Differentiable in q, k, v, sink_k, sink_v and sink_logit (and through the returned lse),
     twice too: under ``create_graph=True`` the backward runs through the dense form's PyTorch
@@ -166,12 +166,12 @@ def sink_attention(
 # ---- op registration: fake kernels and autograd -------------------------------------------
 # Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
 # on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
-# return: the native CPU kernel's contiguous tensors, the composed path's empty_like ones.
+# return: out like q on both; the gradients contiguous from the native CPU kernel, empty_like
+# from the composed path.
 
 
-def _fwd_fake(q, composed):
-    out = torch.empty_like(q) if composed else q.new_empty(q.shape)
-    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+def _fwd_fake(q):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
@@ -201,7 +201,7 @@ def _sink_attention_fwd_fake(
     scale,
     segment_ids=None,
 ):
-    return _fwd_fake(q, composed=not _native_on(q.device.type))
+    return _fwd_fake(q)
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
@@ -237,7 +237,7 @@ def _composed_fwd_fake(
     scale,
     segment_ids=None,
 ):
-    return _fwd_fake(q, composed=True)
+    return _fwd_fake(q)
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
