@@ -237,6 +237,10 @@ def main():
             f"sinkdlm.hf.from_pretrained({args.output_dir!r})"
         )
     if torch.distributed.is_initialized():  # a clean gloo / NCCL shutdown under torchrun
+        # Every rank's queued collectives finish before any rank leaves: with gloo, a rank whose
+        # peer has gone can deadlock tearing down DDP's process group (its worker thread waits
+        # for the GIL to free a finished all-gather's tensors while the main thread joins it).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
