@@ -170,10 +170,6 @@ def sink_attention(
 # from the composed path.
 
 
-def _fwd_fake(q):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-
-
 def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
     def like(t):
         if t is None:
@@ -188,7 +184,6 @@ def _native_on(device_type: str) -> bool:
     return device_type in ("cpu", "meta")
 
 
-@torch.library.register_fake(_OP)
 def _sink_attention_fwd_fake(
     q,
     k,
@@ -201,7 +196,12 @@ def _sink_attention_fwd_fake(
     scale,
     segment_ids=None,
 ):
-    return _fwd_fake(q)
+    """Both forward ops: out like q, lse (B, H, Lq) in the accumulation type."""
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+
+
+torch.library.register_fake(_OP)(_sink_attention_fwd_fake)
+torch.library.register_fake(_COMPOSED_OP)(_sink_attention_fwd_fake)
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_bwd")
@@ -222,22 +222,6 @@ def _sink_attention_bwd_fake(
     segment_ids=None,
 ):
     return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
-
-
-@torch.library.register_fake(_COMPOSED_OP)
-def _composed_fwd_fake(
-    q,
-    k,
-    v,
-    sink_k,
-    sink_v,
-    sink_logit,
-    key_padding_mask,
-    query_padding_mask,
-    scale,
-    segment_ids=None,
-):
-    return _fwd_fake(q)
 
 
 @torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
