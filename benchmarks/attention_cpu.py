@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -170,7 +171,26 @@ def machine_info() -> dict:
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         python=platform.python_version(),
+        load_average_at_start=list(os.getloadavg()),
     )
+
+
+def markdown_table(rows) -> str:
+    """The README's table of a run's rows (times in ms, best of the repeats)."""
+    lines = [
+        "| dtype | pass | D | L | B | native ms | composed ms | concat ms | no-sink ms | "
+        "auto's path | vs concat | / no-sink |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['dtype']} | {r['mode']} | {r['D']} | {r['L']} | {r['B']} | "
+            f"{ms['native']:.1f} | {ms['composed']:.1f} | {ms['sdpa_concat']:.1f} | "
+            f"{ms['flash_nosink']:.1f} | {r['path']} | {r['speedup_vs_sdpa_concat']:.2f}x | "
+            f"{r['time_vs_flash_nosink']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -185,7 +205,13 @@ def main(argv=None):
     ap.add_argument("--with-mask", action="store_true", help="also time the dense-mask form")
     ap.add_argument("--out", type=Path, default=RESULTS / "attention_cpu.json")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--table-from", type=Path, help="print the markdown table of an earlier run's JSON only"
+    )
     args = ap.parse_args(argv)
+    if args.table_from:
+        print(markdown_table(json.loads(args.table_from.read_text())["rows"]))
+        return 0
 
     machine = machine_info()
     features = cpu_features()
@@ -241,6 +267,8 @@ def main(argv=None):
             f"{ms['flash_nosink']:>8.1f} {r['auto']:>9} {r['speedup_vs_sdpa_concat']:>8.2f}x "
             f"{r['time_vs_flash_nosink']:>8.2f}x  {r['path']}"
         )
+    machine["load_average_at_end"] = list(os.getloadavg())
+    print("\n" + markdown_table(rows) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
     if not args.no_plot:
