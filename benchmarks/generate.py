@@ -4,14 +4,14 @@ sliced LM head, and threshold decoding with a small trained model.
 Speed: a Llama-shaped transformers model with random weights and sinkdlm's sink token
 (``sinkdlm.hf.add_sink_token``: attention through sinkdlm's CPU kernel, the cache through
 ``sinkdlm.hf.block_cache.BlockCache``), LLaDA's schedule with steps = gen_length (one token per
-step), block 32, float32, prompts of 64 tokens. Each configuration runs ``sinkdlm.generate`` whole,
-``--repeats`` times (the configurations interleaved), and reports the best run's generated tokens
-per second (wall clock), the ratio to no cache (same head) by wall clock and by the process's CPU
-time (on a machine shared with other jobs the CPU time of a 1-thread run is the steadier
-measure), and the time spent outside the model's forwards as a share of the time inside them
-(the forwards timed by a thin wrapper around the model's block forward). "full head" computes
-every position's logits, as generate did before the head was sliced (the wrapper asks for all
-and keeps the block's).
+step), block 32, float32, prompts of 64 tokens (--prompt-lengths). Each configuration runs
+``sinkdlm.generate`` whole, ``--repeats`` times (the configurations interleaved), and reports the
+best run's generated tokens per second (wall clock), the ratio to no cache (same head) by wall
+clock and by the process's CPU time (on a machine shared with other jobs the CPU time of a 1-thread
+run is the steadier measure), and the time spent outside the model's forwards as a share of the
+time inside them (the forwards timed by a thin wrapper around the model's block forward). "full
+head" computes every position's logits, as generate did before the head was sliced (the wrapper
+asks for all and keeps the block's).
 
 In dual mode a cached step feeds only the block, so there the "full head" is the block's
 positions too: it differs from the sliced head only at the refresh forward of each block (all T
@@ -28,12 +28,17 @@ share of generated tokens equal to the passage (copy accuracy) and to the uncach
 (about one token per step at 0.9), which would leave nothing to measure.
 
 Presets: ``small`` (default, minutes on 2 CPU cores: a ~12M-parameter model, batch 1, gen 256 and
-512) and ``issue`` (issue 14's matrix: ~100M parameters, batch 1 and 4, gen 256 and 512; hours on
-2 CPU cores).
+512) and ``issue`` (issue 14's matrix: ~125M parameters, batch 1 and 4, gen 256 and 512; hours on
+2 CPU cores in full, about half an hour with ``--heads sliced --no-cache-calls 64``). With
+``--no-cache-calls N`` the uncached runs are timed over their first N model calls: each is the
+same full forward, so the rate is the whole run's (the cached runs always run whole, since their
+cost changes from block to block). ``--prompt-lengths`` sweeps the prompt: a prefix cache saves
+the prompt's share of every step, so its gain grows with the prompt.
 
 Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [--threads N]
-[--device cpu|cuda]. Writes benchmarks/results/generate_<cpu|cuda>.json and .png and prints the
-table (the CUDA path synchronizes around each timed forward; it has not run yet).
+[--device cpu|cuda] [--prompt-lengths 64 256] [--heads full sliced] [--no-cache-calls N].
+Writes benchmarks/results/generate_<cpu|cuda>[_issue].json and .png and prints the table (the
+CUDA path synchronizes around each timed forward; it has not run yet).
 """
 
 from __future__ import annotations
@@ -88,18 +93,26 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+class StopTiming(Exception):
+    """Raised by Timed after its ``max_calls``-th model call."""
+
+
 class Timed:
     """The model's block forward, timed; ``full_head`` computes every query position's logits
-    and keeps the step's afterwards (the head as it was before slicing)."""
+    and keeps the step's afterwards (the head as it was before slicing). With ``max_calls``
+    the generation stops (StopTiming) after that many model calls."""
 
-    def __init__(self, model, full_head):
+    def __init__(self, model, full_head, max_calls=None):
         self.forward, cacheable = protocol.block_forward(model)
         assert cacheable, f"{type(model).__name__} has no block forward"
         self.full_head = full_head
+        self.max_calls = max_calls
         self.seconds = 0.0
         self.calls = 0
 
     def block_forward(self, tokens, attention_mask, *, cache, keep):
+        if self.calls == self.max_calls:
+            raise StopTiming
         synchronize(tokens.device)
         start = time.perf_counter()
         if self.full_head:
@@ -113,14 +126,17 @@ class Timed:
         return logits
 
 
-def timed_generate(model, prompts, *, full_head, **kwargs):
-    """(output, wall seconds in generate, CPU seconds in generate, wall seconds in the model,
-    model calls)."""
-    timed = Timed(model, full_head)
+def timed_generate(model, prompts, *, full_head, max_calls=None, **kwargs):
+    """(output or None if stopped at ``max_calls``, wall seconds in generate, CPU seconds in
+    generate, wall seconds in the model, model calls)."""
+    timed = Timed(model, full_head, max_calls)
     with protocol.inference_cache(model):  # the sink pass once per call, as for the model
         start, cpu_start = time.perf_counter(), time.process_time()
-        out = sinkdlm.generate(timed, prompts, **kwargs)
-        synchronize(out.device)
+        try:
+            out = sinkdlm.generate(timed, prompts, **kwargs)
+            synchronize(out.device)
+        except StopTiming:
+            out = None
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return out, seconds, cpu_seconds, timed.seconds, timed.calls
 
@@ -149,54 +165,66 @@ def speed(args, preset) -> list[dict]:
     params = sum(p.numel() for p in model.parameters())
     vocab = preset["vocab"]
     configs = [
-        (batch, gen_length, full_head, mode)
+        (batch, prompt_length, gen_length, full_head, mode)
         for batch in preset["batches"]
+        for prompt_length in args.prompt_lengths
         for gen_length in preset["gen_lengths"]
-        for full_head in (True, False)
+        for full_head in [head == "full" for head in args.heads]
         for mode in MODES
     ]
-    best, best_cpu = {}, {}  # per configuration: the fastest run by wall clock; least CPU time
+    # Per configuration: the best run's generated tokens per second by wall clock, and per CPU
+    # second. A step fills one token per row (steps = gen_length), so tokens = batch * calls.
+    best, best_cpu = {}, {}
     for repeat in range(args.repeats):
-        for batch, gen_length, full_head, mode in configs:
+        for batch, prompt_length, gen_length, full_head, mode in configs:
             g = torch.Generator().manual_seed(1)
-            prompts = torch.randint(0, vocab - 1, (batch, args.prompt_length), generator=g)
+            prompts = torch.randint(0, vocab - 1, (batch, prompt_length), generator=g)
             prompts = prompts.to(args.device)
-            _, seconds, cpu_seconds, inside, calls = timed_generate(
+            # Every uncached step is the same full forward (steps = gen_length: one token per
+            # row per step), so its rate over the first calls is the whole generation's.
+            max_calls = args.no_cache_calls if mode is None else None
+            out, seconds, cpu_seconds, inside, calls = timed_generate(
                 model,
                 prompts,
                 full_head=full_head,
+                max_calls=max_calls,
                 gen_length=gen_length,
                 steps=gen_length,
                 block_length=args.block_length,
                 mask_id=vocab - 1,
                 cache=mode,
             )
-            key = (batch, gen_length, full_head, mode)
-            if key not in best or seconds < best[key]["seconds"]:
-                best[key] = dict(seconds=seconds, inside=inside, calls=calls)
-            best_cpu[key] = min(cpu_seconds, best_cpu.get(key, cpu_seconds))
+            assert out is None or calls == gen_length, (calls, gen_length)
+            key = (batch, prompt_length, gen_length, full_head, mode)
+            tokens = batch * calls
+            if key not in best or tokens / seconds > best[key]["rate"]:
+                best[key] = dict(rate=tokens / seconds, seconds=seconds, inside=inside, calls=calls)
+            best_cpu[key] = max(tokens / cpu_seconds, best_cpu.get(key, 0.0))
             print(
-                f"run {repeat + 1}: batch {batch} gen {gen_length} {mode or 'none':>6} "
-                f"{'full' if full_head else 'sliced':>6} head: {batch * gen_length / seconds:7.1f} "
-                f"tok/s (CPU time {cpu_seconds:.1f} s)",
+                f"run {repeat + 1}: batch {batch} prompt {prompt_length} gen {gen_length} "
+                f"{mode or 'none':>6} {'full' if full_head else 'sliced':>6} head, {calls} calls: "
+                f"{tokens / seconds:7.1f} tok/s (CPU time {cpu_seconds:.1f} s)",
                 flush=True,
             )
     rows = []
-    for batch, gen_length, full_head, mode in configs:
-        key, base_key = (batch, gen_length, full_head, mode), (batch, gen_length, full_head, None)
+    for batch, prompt_length, gen_length, full_head, mode in configs:
+        key = (batch, prompt_length, gen_length, full_head, mode)
+        base_key = (batch, prompt_length, gen_length, full_head, None)
         run, base = best[key], best[base_key]
         rows.append(
             dict(
                 batch=batch,
+                prompt_length=prompt_length,
                 gen_length=gen_length,
                 cache=mode or "none",
                 head="full" if full_head else "sliced",
                 seconds=run["seconds"],
-                cpu_seconds=best_cpu[key],
-                tokens_per_s=batch * gen_length / run["seconds"],
-                vs_no_cache=base["seconds"] / run["seconds"],
-                vs_no_cache_cpu_time=best_cpu[base_key] / best_cpu[key],
+                tokens_per_s=run["rate"],
+                tokens_per_cpu_s=best_cpu[key],
+                vs_no_cache=run["rate"] / base["rate"],
+                vs_no_cache_cpu_time=best_cpu[key] / best_cpu[base_key],
                 model_calls=run["calls"],
+                timed_calls_only=run["calls"] < gen_length,
                 outside_model_share=(run["seconds"] - run["inside"]) / run["inside"],
                 params=params,
             )
@@ -307,15 +335,18 @@ def threshold(args) -> list[dict]:
     return rows
 
 
+def _key(row, head=None) -> tuple:
+    """A speed row's configuration: (batch, prompt, gen, cache, head)."""
+    head = head or row["head"]
+    return (row["batch"], row["prompt_length"], row["gen_length"], row["cache"], head)
+
+
 def table(result) -> str:
-    cpu_seconds = {
-        (r["batch"], r["gen_length"], r["cache"], r["head"]): r["cpu_seconds"]
-        for r in result["speed"]
-    }
+    cpu_rate = {_key(r): r["tokens_per_cpu_s"] for r in result["speed"]}
     lines = [
-        "| batch | gen | cache | head | tokens/s | tokens/CPU s | vs no cache | (CPU time) | "
-        "sliced vs full (CPU time) | outside model |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| batch | prompt | gen | cache | head | tokens/s | tokens/CPU s | vs no cache | "
+        "(CPU time) | sliced vs full (CPU time) | outside model |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["speed"]:
         head = r["head"]
@@ -323,11 +354,11 @@ def table(result) -> str:
             head = "full (= block but at refresh)"
         gain = ""
         if r["head"] == "sliced":
-            full = cpu_seconds[(r["batch"], r["gen_length"], r["cache"], "full")]
-            gain = f"{full / r['cpu_seconds']:.2f}x"
+            full = cpu_rate.get(_key(r, head="full"))
+            gain = f"{r['tokens_per_cpu_s'] / full:.2f}x" if full else ""
         lines.append(
-            f"| {r['batch']} | {r['gen_length']} | {r['cache']} | {head} | "
-            f"{r['tokens_per_s']:.1f} | {r['batch'] * r['gen_length'] / r['cpu_seconds']:.1f} | "
+            f"| {r['batch']} | {r['prompt_length']} | {r['gen_length']} | {r['cache']} | {head} | "
+            f"{r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
             f"{r['vs_no_cache']:.2f}x | "
             f"{r['vs_no_cache_cpu_time']:.2f}x | {gain} | {100 * r['outside_model_share']:.1f}% |"
         )
@@ -351,20 +382,17 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["batch"], r["gen_length"]) for r in result["speed"]})
+    groups = sorted({(r["batch"], r["prompt_length"], r["gen_length"]) for r in result["speed"]})
     fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(groups), 3.6))
     width = 0.13
-    bars = [(mode or "none", head) for head in ("full", "sliced") for mode in MODES]
+    heads = [h for h in ("full", "sliced") if any(r["head"] == h for r in result["speed"])]
+    bars = [(mode or "none", head) for head in heads for mode in MODES]
     for i, (cache, head) in enumerate(bars):
         values = [
-            next(
-                r["batch"] * r["gen_length"] / r["cpu_seconds"]
-                for r in result["speed"]
-                if (r["batch"], r["gen_length"], r["cache"], r["head"]) == (*g, cache, head)
-            )
+            next(r["tokens_per_cpu_s"] for r in result["speed"] if _key(r) == (*g, cache, head))
             for g in groups
         ]
-        positions = [j + (i - 2.5) * width for j in range(len(groups))]
+        positions = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(
             positions,
             values,
@@ -374,7 +402,9 @@ def plot(result, path):
             hatch="" if head == "sliced" else "//",
             edgecolor="white",
         )
-    ax.set_xticks(range(len(groups)), [f"batch {b}, gen {g}" for b, g in groups])
+    ax.set_xticks(
+        range(len(groups)), [f"batch {b}, prompt {p}\ngen {g}" for b, p, g in groups], fontsize=8
+    )
     # CPU time, not wall clock: on a machine shared with other jobs it is the steadier measure.
     ax.set_ylabel("generated tokens / CPU second")
     where = result["cpu"] if result["device"] == "cpu" else result["device"]
@@ -393,7 +423,13 @@ def main():
         "--device", default="cpu", help="cpu or cuda (the speed part and generation)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (best)")
-    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument(
+        "--prompt-lengths",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="prompt lengths (a prefix cache gains more with a longer prompt)",
+    )
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--threshold-prompts", type=int, default=8)
@@ -403,6 +439,20 @@ def main():
     parser.add_argument("--copy-length", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=800)
     parser.add_argument("--train-width", type=int, default=128)
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        choices=["full", "sliced"],
+        default=["full", "sliced"],
+        help="LM heads to time (full: every fed position's logits, as before slicing)",
+    )
+    parser.add_argument(
+        "--no-cache-calls",
+        type=int,
+        default=None,
+        help="time the uncached runs over their first N model calls only (each is the same "
+        "full forward, so the rate is the whole run's); cached runs always run whole",
+    )
     parser.add_argument("--skip-speed", action="store_true", help="only the threshold part")
     parser.add_argument("--skip-threshold", action="store_true", help="only the speed part")
     args = parser.parse_args()
@@ -427,7 +477,9 @@ def main():
             result[part] = run()
             result[f"{part}_settings"] = dict(result["settings"], threads=result["threads"])
     # A skipped part keeps its rows (and their settings) from the JSON as it is now, if any.
-    path = RESULTS / f"generate_{device.type}.json"
+    # The small preset is the README's main table; other presets get their own files.
+    suffix = "" if args.preset == "small" else f"_{args.preset}"
+    path = RESULTS / f"generate_{device.type}{suffix}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     for part in parts:
         if skipped[part]:
@@ -436,7 +488,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     if result["speed"]:
-        plot(result, RESULTS / f"generate_{device.type}.png")
+        plot(result, path.with_suffix(".png"))
     print(table(result))
 
 
