@@ -14,7 +14,7 @@ the ratios (patched / unpatched time; < 1.05 is the goal for fwd+bwd).
 
     python3 benchmarks/hf_overhead.py                                  # the README table
     python3 benchmarks/hf_overhead.py --shapes 1x1024 --dtypes float32 --reps 2
-Writes benchmarks/results/hf_overhead.json (--out).
+Writes benchmarks/results/hf_overhead_<amd|intel|other>.json, by CPU vendor (--out).
 """
 
 from __future__ import annotations
@@ -137,8 +137,10 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--kv-heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--out", type=Path, default=RESULTS / "hf_overhead.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: by CPU vendor)")
     args = ap.parse_args(argv)
+    vendor = next((v for v in ("AMD", "Intel") if v in cpu_model()), "other").lower()
+    args.out = args.out or RESULTS / f"hf_overhead_{vendor}.json"
 
     machine = dict(
         cpu=cpu_model(),
