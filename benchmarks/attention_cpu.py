@@ -35,19 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import sinkdlm
-from sinkdlm.ops.cpu_paths import cpu_auto_backend, cpu_features
+from sinkdlm.ops.cpu_paths import cpu_auto_backend, cpu_features, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def path_of(backend: str, dtype: torch.dtype) -> str:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sinkdlm
+from sinkdlm.ops.cpu_paths import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCAT_BACKENDS = {
@@ -257,7 +258,7 @@ def machine_info(device):
             cudnn=torch.backends.cudnn.version(),
         )
     else:
-        info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        info.update(cpu=cpu_model(), threads=torch.get_num_threads())
     return info
 
 

@@ -14,20 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from sinkdlm.ops.cpu_paths import cpu_features, cpu_model, cpu_vendor
+
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv=None) -> int:
@@ -35,11 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200_000_000, help="rounds of 12 instructions")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: by CPU vendor)")
     args = ap.parse_args(argv)
-    cpu = cpu_model()
-    vendor = "amd" if "AMD" in cpu else "intel" if "Intel" in cpu else "other"
-    args.out = args.out or HERE / "results" / f"cpu_throughput_{vendor}.json"
-    flags = Path("/proc/cpuinfo").read_text()
-    if " avx512f " not in flags:
+    args.out = args.out or HERE / "results" / f"cpu_throughput_{cpu_vendor()}.json"
+    if "avx512f" not in cpu_features():
         print("this CPU has no AVX-512: nothing to measure", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +44,7 @@ def main(argv=None) -> int:
             capture_output=True,
             text=True,
         ).stdout
-    result = dict(cpu=cpu, load_average=list(os.getloadavg()), **json.loads(out))
+    result = dict(cpu=cpu_model(), load_average=list(os.getloadavg()), **json.loads(out))
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -33,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from sinkdlm.ops.cpu_paths import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 2
@@ -56,13 +57,6 @@ COLLECTIVES = {
     "all_gather": "all_gather",
     "reduce_scatter_single": "reduce_scatter",
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 class Counter:
@@ -265,7 +259,7 @@ def main():
         backend="gloo",
         threads_per_rank=1,
         timed_steps=args.steps,
-        cpu=cpu_name(),
+        cpu=cpu_model(),
         cores=os.cpu_count(),
         torch=torch.__version__,
         code_path="sinkdlm.hf native backend, CPU sink_attention kernel",

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ import torch
 import sinkdlm
 import sinkdlm.hf
 from sinkdlm import protocol
+from sinkdlm.ops.cpu_paths import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {
@@ -84,13 +84,6 @@ MODES = [None, "prefix", "dual"]
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 class StopTiming(Exception):
@@ -461,7 +454,7 @@ def main():
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
     result = dict(
-        cpu=cpu_name(),
+        cpu=cpu_model(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(),
         torch=torch.__version__,

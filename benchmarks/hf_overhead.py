@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -32,19 +31,9 @@ from torch.overrides import TorchFunctionMode
 
 import sinkdlm
 import sinkdlm.hf
-from sinkdlm.ops.cpu_paths import cpu_auto_backend, cpu_features
+from sinkdlm.ops.cpu_paths import cpu_auto_backend, cpu_features, cpu_model, cpu_vendor
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_models(dtype, args):
@@ -139,8 +128,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: by CPU vendor)")
     args = ap.parse_args(argv)
-    vendor = next((v for v in ("AMD", "Intel") if v in cpu_model()), "other").lower()
-    args.out = args.out or RESULTS / f"hf_overhead_{vendor}.json"
+    args.out = args.out or RESULTS / f"hf_overhead_{cpu_vendor()}.json"
 
     machine = dict(
         cpu=cpu_model(),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -34,17 +33,11 @@ import transformers
 import sinkdlm
 import sinkdlm.hf
 from sinkdlm import data
+from sinkdlm.ops.cpu_paths import cpu_model
 from sinkdlm.train import masked_diffusion_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = ("pad_longest", "pad_fixed", "packed")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def load_documents(count: int, max_len: int, seed: int):
@@ -150,7 +143,7 @@ def main():
     lengths = sorted(len(d) for d in docs)
     result = {
         "benchmark": "packing",
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],  # the machine may be shared
         "torch": torch.__version__,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -28,17 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 import sinkdlm
-from sinkdlm.ops.cpu_paths import cpu_features
+from sinkdlm.ops.cpu_paths import cpu_features, cpu_model
 
 MASK_IDS = {126464: 126336, 152064: 151666}  # LLaDA-8B, Dream-7B
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def cpu_path() -> str:
@@ -201,7 +193,7 @@ def main() -> None:
             run(device, vocab, args, compiled_reference)
             for vocab in tqdm(args.vocabs, desc=f"remask {device}")
         ]
-        name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+        name = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
         path = "CUDA kernel" if device == "cuda" else cpu_path()
         print(
             f"\n{device} ({name}, {torch.get_num_threads()} threads; {path}); copy bandwidth "

@@ -31,11 +31,19 @@ The rule (``cpu_auto_backend``), each line from ``benchmarks/attention_cpu.py``:
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["CPU_FEATURES", "CPU_FLAGS", "cpu_auto_backend", "cpu_features"]
+__all__ = [
+    "CPU_FEATURES",
+    "CPU_FLAGS",
+    "cpu_auto_backend",
+    "cpu_features",
+    "cpu_model",
+    "cpu_vendor",
+]
 
 # The flags the rule (and the benchmarks' records) look at, spelled as in /proc/cpuinfo.
 CPU_FLAGS = (
@@ -73,6 +81,23 @@ def cpu_features() -> frozenset[str]:
     if "amx_tile" in found:  # torch checks amx_tile and amx_bf16 together
         found.add("amx_bf16")
     return frozenset(found)
+
+
+def cpu_model() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (what benchmarks record), else Python's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """The CPU family a benchmark result is for, from the model name: amd, intel or other."""
+    model = cpu_model()
+    return next((v.lower() for v in ("AMD", "Intel") if v in model), "other")
 
 
 # Read once at import, so that the rule is a constant to torch.compile.
