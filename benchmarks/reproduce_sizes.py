@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sinkdlm import data as text_data
 from sinkdlm import demo
-from sinkdlm.models import DiffusionLM, evaluate_masked_diffusion, variant_config
+from sinkdlm.models import evaluate_masked_diffusion
 from sinkdlm.reproduce import _machine
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "reproduce"
@@ -41,18 +41,19 @@ def unigram_entropy(train: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def build(args, data, layers: int, d_model: int) -> DiffusionLM:
-    torch.manual_seed(args.seed)
-    cfg = variant_config(
-        args.variant,
-        vocab_size=data.vocab_size,
-        mask_id=data.mask_id,
-        d_model=d_model,
-        n_layers=layers,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-    )
-    return DiffusionLM(cfg)
+def build(args, data, layers: int, d_model: int):
+    """The demo's model of ``args.variant`` at this size (sinkdlm.demo.build_variant)."""
+    sized = copy.copy(args)
+    sized.layers, sized.d_model = layers, d_model
+    return demo.build_variant(args.variant, data, sized)
+
+
+def by_size(rows):
+    """(parameters, layers, d_model, that size's runs) per size, smallest first."""
+    sizes = sorted({(r["parameters"], r["layers"], r["d_model"]) for r in rows})
+    for params, layers, d_model in sizes:
+        runs = [r for r in rows if (r["layers"], r["d_model"]) == (layers, d_model)]
+        yield params, layers, d_model, runs
 
 
 def step_seconds(args, data, layers: int, d_model: int, steps: int = 20, warmup: int = 5) -> float:
@@ -113,19 +114,18 @@ def plot(result, path: Path) -> None:
         alpha=0.5,
         label="one seed",
     )
-    sizes = sorted({(r["parameters"], r["layers"], r["d_model"]) for r in rows})
-    means = []
-    for params, layers, d_model in sizes:
-        runs = [r for r in rows if (r["layers"], r["d_model"]) == (layers, d_model)]
+    params, means = [], []
+    for size_params, layers, d_model, runs in by_size(rows):
+        params.append(size_params / 1e6)
         means.append(sum(r["val_bound"] for r in runs) / len(runs))
         ax.annotate(
             f"{layers}x{d_model}, {runs[0]['train_tokens'] / 1e6:.1f}M tokens",
-            (params / 1e6, means[-1]),
+            (params[-1], means[-1]),
             fontsize=7,
             textcoords="offset points",
             xytext=(6, -3),
         )
-    ax.plot([p / 1e6 for p, _, _ in sizes], means, "-", color="C0", lw=1, label="mean over seeds")
+    ax.plot(params, means, "-", color="C0", lw=1, label="mean over seeds")
     ax.axhline(result["unigram_entropy"], color="gray", ls="--", lw=1, label="unigram entropy")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("validation bound (nats/token)")
@@ -215,9 +215,7 @@ def table(rows) -> str:
         "| mean |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
-    sizes = sorted({(r["parameters"], r["layers"], r["d_model"]) for r in rows})
-    for params, layers, d_model in sizes:
-        runs = [r for r in rows if (r["layers"], r["d_model"]) == (layers, d_model)]
+    for params, layers, d_model, runs in by_size(rows):
         bounds = [r["val_bound"] for r in runs]
         lines.append(
             f"| {layers}x{d_model} | {params / 1e6:.2f}M | "

@@ -112,9 +112,9 @@ def _generate(model, prompts, args, mask_id):
     )
 
 
-def run_variant(name, data, args, out_dir):
-    """Train, evaluate, generate with the recorder; return (report dict, SinkTrace, losses, the
-    trained model)."""
+def build_variant(name, data, args) -> DiffusionLM:
+    """A freshly initialised (seeded by ``args.seed``) model of variant ``name`` at the size
+    ``args`` gives (--d-model, --layers, --heads, --kv-heads), for ``data``'s vocabulary."""
     torch.manual_seed(args.seed)
     cfg = variant_config(
         name,
@@ -125,7 +125,13 @@ def run_variant(name, data, args, out_dir):
         n_heads=args.heads,
         n_kv_heads=args.kv_heads,
     )
-    model = DiffusionLM(cfg)
+    return DiffusionLM(cfg)
+
+
+def run_variant(name, data, args, out_dir):
+    """Train, evaluate, generate with the recorder; return (report dict, SinkTrace, losses, the
+    trained model)."""
+    model = build_variant(name, data, args)
     t0 = time.perf_counter()
     losses = train_model(model, data.train, args, desc=f"train {name}")
     train_s = time.perf_counter() - t0
@@ -151,7 +157,7 @@ def run_variant(name, data, args, out_dir):
         for seq in sequences.cpu()
     ]
     report = {
-        "config": cfg.to_dict(),
+        "config": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_s,
         "train_loss_final": sum(losses[-20:]) / len(losses[-20:]),
