@@ -3,10 +3,24 @@
 Import what is needed with ``from conftest import ...`` (pytest puts tests/ on sys.path).
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import sinkdlm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A script of the repository (``benchmarks/...`` or ``examples/...``, relative to its root)
+    loaded as a fresh module, so a test can call its functions and ``main``."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_native() -> bool:

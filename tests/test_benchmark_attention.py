@@ -1,21 +1,16 @@
 """benchmarks/attention_cuda.py on a machine without a GPU: its --dry-run runs every method on
 the CPU with tiny sizes (and they must agree), and a plain run refuses clearly."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_cuda.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attention_cuda", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/attention_cuda.py")
     return module
 
 

@@ -1,22 +1,17 @@
 """benchmarks/cpu_throughput.py: the C microbenchmark compiles, runs on one core and reports a
 positive peak for each instruction the CPU has."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from sinkdlm.ops.cpu_paths import cpu_features
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_throughput.py"
 
 
 @pytest.mark.skipif("avx512f" not in cpu_features(), reason="the microbenchmark needs AVX-512")
 def test_reports_each_instruction_the_cpu_has(tmp_path):
-    spec = importlib.util.spec_from_file_location("cpu_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/cpu_throughput.py")
     out = tmp_path / "t.json"
     assert module.main(["--iters", "2000000", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

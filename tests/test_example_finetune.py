@@ -1,11 +1,11 @@
 """examples/finetune.py: Trainer fine-tuning with the sink token, then a reload."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,9 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 
 
 def test_finetune_trains_the_sink_and_saves_a_reloadable_model(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/finetune.py")
     out = tmp_path / "out"
     monkeypatch.setattr(
         sys,
@@ -60,9 +58,7 @@ def test_finetune_trains_the_sink_and_saves_a_reloadable_model(tmp_path, monkeyp
 def test_finetune_packing_trains_on_packed_documents(tmp_path, monkeypatch):
     """--packing: DataCollatorWithFlattening rows (no padding) reach the loss with restarting
     position_ids and the collator's cu_seq_lens, and the sink trains."""
-    spec = importlib.util.spec_from_file_location("finetune_example_packing", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/finetune.py")
     seen = []
     real_loss = example.masked_diffusion_loss
 

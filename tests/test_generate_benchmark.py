@@ -2,12 +2,10 @@
 timed, the uncached runs stop at --no-cache-calls, and the table and plot are written."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
 TINY = dict(
     hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vocab=64, batches=[2], gen_lengths=[16]
 )
@@ -17,9 +15,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("generate_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/generate.py")
     return module
 
 

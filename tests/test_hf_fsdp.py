@@ -337,11 +337,7 @@ def test_accelerate_launch_trains_the_finetune_example(device, tmp_path):
 
 
 def _example_model():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/finetune.py")
     return example.tiny_byte_model(seed=0)

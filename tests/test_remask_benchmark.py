@@ -1,22 +1,16 @@
 """benchmarks/remask.py's output check: all three outputs compared, a mismatch fails the run."""
 
-import importlib.util
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 import sinkdlm
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("remask_benchmark", ROOT / "benchmarks/remask.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/remask.py")
 
 
 ARGS = Namespace(batch=2, length=16, num_transfer=5, repeats=1)

@@ -1,16 +1,14 @@
 """benchmarks/reproduce_sizes.py, the sweep behind `sinkdlm reproduce`'s default size, at a
 size that runs in seconds: every run trains for the budget, a rerun keeps what is done."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from sinkdlm import data
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_sizes.py"
 TINY = [
     "--heads", "2", "--kv-heads", "1", "--seq-len", "32", "--vocab-size", "512",
     "--batch-size", "4", "--val-batches", "1", "--threads", "1",
@@ -19,9 +17,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("reproduce_sizes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/reproduce_sizes.py")
     return module
 
 
