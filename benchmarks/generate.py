@@ -36,7 +36,10 @@ cost changes from block to block). ``--prompt-lengths`` sweeps the prompt: a pre
 the prompt's share of every step, so its gain grows with the prompt.
 
 Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [--threads N]
-[--device cpu|cuda] [--prompt-lengths 64 256] [--heads full sliced] [--no-cache-calls N].
+[--device cpu|cuda] [--prompt-lengths 64 256] [--heads full sliced] [--caches prefix dual]
+[--batches 1 4] [--gen-lengths 256 512] [--no-cache-calls N] [--merge]. ``--merge`` adds this
+run's rows to the JSON's (same machine and model), so a matrix too long for one sitting can be
+timed in parts.
 Writes benchmarks/results/generate_<cpu|cuda>[_issue].json and .png and prints the table (the
 CUDA path synchronizes around each timed forward; it has not run yet).
 """
@@ -157,13 +160,15 @@ def speed(args, preset) -> list[dict]:
     model = llama(preset).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     vocab = preset["vocab"]
+    # The uncached run is every ratio's base, so it always runs.
+    modes = [mode for mode in MODES if mode is None or mode in args.caches]
     configs = [
         (batch, prompt_length, gen_length, full_head, mode)
         for batch in preset["batches"]
         for prompt_length in args.prompt_lengths
         for gen_length in preset["gen_lengths"]
-        for full_head in [head == "full" for head in args.heads]
-        for mode in MODES
+        for full_head in [head == "full" for head in args.lm_heads]
+        for mode in modes
     ]
     # Per configuration: the best run's generated tokens per second by wall clock, and per CPU
     # second. A step fills one token per row (steps = gen_length), so tokens = batch * calls.
@@ -220,6 +225,8 @@ def speed(args, preset) -> list[dict]:
                 timed_calls_only=run["calls"] < gen_length,
                 outside_model_share=(run["seconds"] - run["inside"]) / run["inside"],
                 params=params,
+                repeats=args.repeats,
+                no_cache_calls=args.no_cache_calls,
             )
         )
     return rows
@@ -334,6 +341,50 @@ def _key(row, head=None) -> tuple:
     return (row["batch"], row["prompt_length"], row["gen_length"], row["cache"], head)
 
 
+# What the rows of two runs must share to go in one table (--merge).
+MERGE_MUST_MATCH = ("cpu", "device", "threads", "torch")
+MERGE_MODEL_SETTINGS = ("hidden", "layers", "kv_heads", "ffn", "vocab", "block_length")
+
+
+def check_mergeable(previous, result) -> None:
+    """SystemExit unless ``previous``'s speed rows were measured as ``result``'s will be."""
+    if not previous.get("speed"):
+        return
+    theirs, ours = previous["speed_settings"], result["settings"]
+    differ = [k for k in MERGE_MUST_MATCH if previous.get(k) != result[k]]
+    differ += [k for k in MERGE_MODEL_SETTINGS if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise SystemExit(
+            "--merge: the JSON's speed rows were measured with another "
+            + ", ".join(f"{k} ({previous.get(k, theirs.get(k))!r} vs "
+                        f"{result.get(k, ours.get(k))!r})" for k in differ)
+            + "; run without --merge to replace them"
+        )  # fmt: skip
+
+
+def merged_speed_rows(previous, result) -> list[dict]:
+    """``result``'s speed rows plus ``previous``'s for the configurations it did not time, in
+    table order; each row keeps the repeats and uncached-call cut it was timed with."""
+    if not previous.get("speed"):
+        return result["speed"]
+    if previous["speed"][0]["params"] != result["speed"][0]["params"]:
+        raise SystemExit("--merge: the JSON's speed rows are of a model of another size")
+    timed = {_key(r) for r in result["speed"]}
+    theirs = previous["speed_settings"]
+    kept = [
+        {"repeats": theirs["repeats"], "no_cache_calls": theirs["no_cache_calls"], **r}
+        for r in previous["speed"]
+        if _key(r) not in timed
+    ]
+    caches = [mode or "none" for mode in MODES]
+
+    def order(r):
+        head = ("full", "sliced").index(r["head"])
+        return (r["batch"], r["prompt_length"], r["gen_length"], head, caches.index(r["cache"]))
+
+    return sorted(kept + result["speed"], key=order)
+
+
 def table(result) -> str:
     cpu_rate = {_key(r): r["tokens_per_cpu_s"] for r in result["speed"]}
     lines = [
@@ -380,11 +431,9 @@ def plot(result, path):
     width = 0.13
     heads = [h for h in ("full", "sliced") if any(r["head"] == h for r in result["speed"])]
     bars = [(mode or "none", head) for head in heads for mode in MODES]
+    rate = {_key(r): r["tokens_per_cpu_s"] for r in result["speed"]}
     for i, (cache, head) in enumerate(bars):
-        values = [
-            next(r["tokens_per_cpu_s"] for r in result["speed"] if _key(r) == (*g, cache, head))
-            for g in groups
-        ]
+        values = [rate.get((*g, cache, head), float("nan")) for g in groups]  # nan: not timed
         positions = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(
             positions,
@@ -434,10 +483,26 @@ def main():
     parser.add_argument("--train-width", type=int, default=128)
     parser.add_argument(
         "--heads",
+        dest="lm_heads",
         nargs="+",
         choices=["full", "sliced"],
         default=["full", "sliced"],
         help="LM heads to time (full: every fed position's logits, as before slicing)",
+    )
+    parser.add_argument(
+        "--caches",
+        nargs="+",
+        choices=["prefix", "dual"],
+        default=["prefix", "dual"],
+        help="cache modes to time (no cache always runs: it is every ratio's base)",
+    )
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: preset's)")
+    parser.add_argument("--gen-lengths", type=int, nargs="+", help="default: the preset's")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the JSON's speed rows for configurations this run does not time (same "
+        "machine, torch, threads and model; refused otherwise)",
     )
     parser.add_argument(
         "--no-cache-calls",
@@ -451,7 +516,9 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    preset["batches"] = args.batches or preset["batches"]
+    preset["gen_lengths"] = args.gen_lengths or preset["gen_lengths"]
     device = torch.device(args.device)
     result = dict(
         cpu=cpu_model(),
@@ -459,21 +526,25 @@ def main():
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         preset=args.preset,
-        settings={**preset, **vars(args)},
+        settings={**vars(args), **preset},
         code_path=f"sinkdlm.hf native backend: sinkdlm {device.type} sink attention, "
         f"sinkdlm.hf.block_cache.BlockCache, sinkdlm.remask_step {device.type} kernel; float32",
     )
+    # The small preset is the README's main table; other presets get their own files.
+    suffix = "" if args.preset == "small" else f"_{args.preset}"
+    path = RESULTS / f"generate_{device.type}{suffix}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    if args.merge and not args.skip_speed:
+        check_mergeable(previous, result)  # before the run, not after it
     parts = {"speed": lambda: speed(args, preset), "threshold": lambda: threshold(args)}
     skipped = {"speed": args.skip_speed, "threshold": args.skip_threshold}
     for part, run in parts.items():
         if not skipped[part]:
             result[part] = run()
             result[f"{part}_settings"] = dict(result["settings"], threads=result["threads"])
+    if args.merge and not args.skip_speed:
+        result["speed"] = merged_speed_rows(previous, result)
     # A skipped part keeps its rows (and their settings) from the JSON as it is now, if any.
-    # The small preset is the README's main table; other presets get their own files.
-    suffix = "" if args.preset == "small" else f"_{args.preset}"
-    path = RESULTS / f"generate_{device.type}{suffix}.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
     for part in parts:
         if skipped[part]:
             result[part] = previous.get(part, [])

@@ -21,8 +21,8 @@ def bench():
 
 def args(**kw):
     base = dict(
-        device="cpu", repeats=1, prompt_lengths=[4, 12], block_length=8, heads=["full", "sliced"],
-        no_cache_calls=None,
+        device="cpu", repeats=1, prompt_lengths=[4, 12], block_length=8,
+        lm_heads=["full", "sliced"], caches=["prefix", "dual"], no_cache_calls=None,
     )  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
@@ -44,6 +44,42 @@ def test_speed_rows_cover_every_configuration(bench, tmp_path):
 
 
 def test_no_cache_calls_stops_only_the_uncached_runs(bench):
-    rows = bench.speed(args(no_cache_calls=5, heads=["sliced"], prompt_lengths=[4]), TINY)
+    rows = bench.speed(args(no_cache_calls=5, lm_heads=["sliced"], prompt_lengths=[4]), TINY)
     calls = {r["cache"]: (r["model_calls"], r["timed_calls_only"]) for r in rows}
     assert calls == {"none": (5, True), "prefix": (16, False), "dual": (16, False)}
+
+
+def result_of(rows, **kw):
+    settings = dict(hidden=32, layers=1, kv_heads=1, ffn=64, vocab=64, block_length=8)
+    settings.update(repeats=1, no_cache_calls=None)
+    return dict(speed=rows, speed_settings=settings, settings=settings, cpu="test",
+                device="cpu", threads=1, torch="t", **kw)  # fmt: skip
+
+
+def test_merge_keeps_the_rows_a_run_did_not_time(bench, tmp_path):
+    sliced = bench.speed(args(lm_heads=["sliced"], prompt_lengths=[4]), TINY)
+    full = bench.speed(args(lm_heads=["full"], prompt_lengths=[4], caches=["prefix"]), TINY)
+    assert {r["cache"] for r in full} == {"none", "prefix"}  # the base always runs
+    previous, new = result_of(sliced), result_of(full)
+    bench.check_mergeable(previous, new)
+    rows = bench.merged_speed_rows(previous, new)
+    keys = [bench._key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 5  # 3 sliced kept + 2 full timed now
+    assert keys == sorted(
+        keys, key=lambda k: (k[:3], k[4] == "sliced", ["none", "prefix", "dual"].index(k[3]))
+    )
+    # A timed configuration replaces the JSON's row for it.
+    again = bench.speed(args(lm_heads=["sliced"], prompt_lengths=[4], caches=["dual"]), TINY)
+    rows = bench.merged_speed_rows(result_of(rows), result_of(again))
+    assert sum(r is again[0] or r is again[1] for r in rows) == 2 and len(rows) == 5
+    assert all(r["repeats"] == 1 for r in rows)
+    bench.plot(result_of(rows, threshold=[]), tmp_path / "merged.png")  # a missing bar is blank
+    assert "| 2 | 4 | 16 | prefix | full |" in bench.table(result_of(rows, threshold=[]))
+
+
+def test_merge_refuses_rows_of_another_machine_or_model(bench):
+    previous, new = result_of([{"params": 1}]), result_of([])
+    previous["threads"] = 2
+    previous["speed_settings"] = dict(previous["speed_settings"], vocab=128)
+    with pytest.raises(SystemExit, match=r"threads \(2 vs 1\), vocab \(128 vs 64\)"):
+        bench.check_mergeable(previous, new)
