@@ -8,6 +8,7 @@ and FSDP come from the launcher, bf16 / checkpoints / progress from TrainingArgu
     torchrun --nproc_per_node 8 examples/finetune.py --model /ckpt/LLaDA-8B-Base \\
         --trust_remote_code --mask_id 126336 --train_files data/*.txt --bf16 --output_dir out/llada
     accelerate launch --config_file fsdp.yaml examples/finetune.py --model ... (FSDP)
+    torchrun --nproc_per_node 8 examples/finetune.py --deepspeed examples/deepspeed_zero3.json ...
     python3 examples/finetune.py --packing --output_dir out/packed   # padding-free batches
 
 ``--packing`` trains on documents (the text files cut at blank lines, each at most --seq_len
@@ -74,6 +75,11 @@ def parse_args():
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--use_cpu", action="store_true")
+    parser.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help="DeepSpeed config (examples/deepspeed_zero3.json: ZeRO-3); launch with torchrun",
+    )
     return parser.parse_args()
 
 
@@ -218,6 +224,7 @@ def main():
         report_to="none",
         seed=args.seed,
         use_cpu=args.use_cpu,
+        deepspeed=args.deepspeed,
         dataloader_drop_last=True,
     )
     trainer = MaskedDiffusionTrainer(

@@ -193,6 +193,7 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
                 stacklevel=2,
             )
     sink_position = _checks.integer("add_sink_token", "sink_position", sink_position)
+    _refuse_wrapped_first(model, inner)  # before reading the embedding table
     weight = _initial_weight(inner, init)
     if saved is not None:
         if saved.shape != weight.shape:
@@ -202,7 +203,6 @@ def add_sink_token(model, *, sink_position=-1, init="mean", train_only_sink=Fals
             )
         weight = saved.to(device=weight.device, dtype=weight.dtype)
     state = _SinkState(inner, host, backend, sink_position)
-    _refuse_fsdp1_wrapped_first(model, inner)
     layers = backend.decoder_layers(state)
     if not layers:
         raise ValueError(
@@ -347,15 +347,23 @@ def _weights_key(state):
     return params, autocast, state.host.training
 
 
-def _refuse_fsdp1_wrapped_first(model, inner):
-    """FSDP1 flattens the parameters it wraps: a sink embedding added afterwards would be left out
-    of its sharding and gradient reduction."""
+def _refuse_wrapped_first(model, inner):
+    """FSDP1 flattens the parameters it wraps, and DeepSpeed ZeRO-3 partitions them (each rank
+    holds an empty ``.data`` outside the modules' calls): a sink embedding added afterwards would
+    be left out of their sharding and gradient reduction, and its initial weight read from an
+    empty table."""
     wrapped = [model, *inner.modules()]
     if any(type(m).__name__ == "FullyShardedDataParallel" for m in wrapped):
         raise ValueError(
             "add_sink_token must run before wrapping the model in FSDP1 "
             "(FullyShardedDataParallel): patch first, then wrap (FSDP2's fully_shard accepts "
             "either order)"
+        )
+    if any(hasattr(p, "ds_id") for p in inner.parameters()):
+        raise ValueError(
+            "add_sink_token must run before DeepSpeed ZeRO-3 partitions the model: patch, then "
+            "deepspeed.initialize / Trainer (a model loaded under deepspeed.zero.Init, e.g. with "
+            "TrainingArguments(deepspeed=...) created first, is partitioned already)"
         )
 
 

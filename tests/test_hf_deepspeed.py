@@ -1,0 +1,261 @@
+"""DeepSpeed ZeRO-3 training of a sink-patched model: two CPU ranks (gloo), the tiny Llama of
+test_hf_fsdp.py, DeepSpeed's CPU accelerator.
+
+ZeRO-3 partitions every parameter, the sink embedding included, and gathers each module's
+parameters around its forward and backward calls. Each variant (plain, non-reentrant gradient
+checkpointing, LoRA) trains a few steps on half of a global batch per rank; the mean loss, the
+final sink embedding and every trained parameter must equal one process training the same model
+on the whole batch. The optimizer is SGD, with the gradient's global norm clipped to 1 on both
+sides (DeepSpeed computes it over every rank's partition). Not AdamW: Adam divides each entry by
+its own magnitude, so an entry near zero (this model has many around 1e-7) turns a rounding
+difference of the reduction (about 1e-8 here) into an update difference of up to the learning
+rate, with or without the sink (measured on the unpatched model, AdamW at lr 1e-2: parameters
+up to 7e-4 apart after one step and 1.5e-2 after two, from gradients equal to 3e-8), so it
+would test the reduction's rounding, not the sink. The trained engine's checkpoint
+(``save_checkpoint``, each rank its partition) reloads into a fresh engine, and its consolidated
+fp32 state dict (``get_fp32_state_dict_from_zero_checkpoint``, saved with ``save_pretrained``)
+reloads through ``sinkdlm.hf.from_pretrained``, both to the trained engine's logits.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_hf_fsdp import (
+    STEPS,
+    WORLD,
+    _free_port,
+    _global_batch,
+    _loss,
+    _reference_start,
+    _tiny_llama,
+    _unwrapped,
+    _variant,
+)
+
+pytest.importorskip("transformers")
+# DeepSpeed picks its accelerator at first use; these ranks run on the CPU, even beside a GPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+deepspeed = pytest.importorskip(
+    "deepspeed", reason="DeepSpeed is not installed (the [test] extras install it)"
+)
+
+LR = 0.5
+CLIP = 1.0  # the gradient's global norm (about 1.8 at the first step here) is clipped to this
+# Float32, 2 ranks: the gradient is averaged by a reduce-scatter instead of one backward over the
+# whole batch (another summation order); SGD passes the difference on unamplified.
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def _config():
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,  # over every rank's partition: the sink's gradient counts
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,  # a client optimizer (torch's SGD)
+    }
+
+
+def _model(variant):
+    import sinkdlm.hf
+
+    return _variant(sinkdlm.hf.add_sink_token(_tiny_llama()), variant)
+
+
+def _trained_names(model):
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _train(model, step_fn, rows):
+    ids, targets = _global_batch()
+    losses = []
+    for step in range(STEPS):
+        losses.append(step_fn(_loss(model, ids[step, rows], targets[step, rows])))
+    return losses
+
+
+def _reference(variant):
+    """One process, the whole global batch: the losses and the trained parameters."""
+    model = _model(variant)
+    if variant == "checkpointing":  # the reference runs without: checkpointing changes nothing
+        model.gradient_checkpointing_disable()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], CLIP)
+        optimizer.step()
+        return loss.item()
+
+    losses = _train(model, step, slice(None))
+    named = dict(model.named_parameters())
+    return losses, {name: named[name].detach().clone() for name in _trained_names(model)}
+
+
+def _engine(variant):
+    model = _model(variant)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config())
+    return engine
+
+
+def _check_training(engine, variant, rank):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def step(loss):
+        engine.backward(loss)
+        engine.step()
+        loss = loss.detach()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    losses = _train(engine, step, slice(2 * rank, 2 * rank + 2))
+    want_losses, want_params = _reference(variant)
+    torch.testing.assert_close(losses, want_losses, **TOLERANCE, msg=variant)
+    named = dict(engine.module.named_parameters())
+    sink_names = [name for name in want_params if "sink_embedding" in name]
+    assert len(sink_names) == 1, sink_names  # the sink trains in every variant (LoRA: saved)
+    start = dict(_model(variant).named_parameters())[sink_names[0]]
+    for name, want in want_params.items():
+        got = safe_get_full_fp32_param(named[name])  # collective: every rank asks
+        torch.testing.assert_close(got, want, **TOLERANCE, msg=f"{variant}: {name}")
+    sink = safe_get_full_fp32_param(named[sink_names[0]])
+    assert not torch.allclose(sink, start, rtol=0, atol=1e-4), f"{variant}: the sink never moved"
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _check_checkpoints(engine, rank, out_dir):
+    """The engine's partitioned checkpoint and its consolidated fp32 state dict reload to the
+    trained engine's logits."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    import sinkdlm.hf
+
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    engine.eval()
+    want = _logits(engine, ids)
+    engine.save_checkpoint(out_dir, tag="trained")
+    fresh = _engine("plain")
+    fresh.eval()  # (a DeepSpeedEngine's eval returns None)
+    assert not torch.equal(_logits(fresh, ids), want)  # fresh weights differ ...
+    fresh.load_checkpoint(out_dir, tag="trained")
+    torch.testing.assert_close(_logits(fresh, ids), want, rtol=0, atol=0)  # ... till loaded
+    if rank == 0:
+        state = get_fp32_state_dict_from_zero_checkpoint(out_dir, tag="trained")
+        assert any(key.endswith("sink_embedding.weight") for key in state)
+        unwrapped = _reference_start()
+        unwrapped.load_state_dict(state)
+        full_dir = os.path.join(out_dir, "full")
+        unwrapped.save_pretrained(full_dir)
+        reloaded = sinkdlm.hf.from_pretrained(full_dir).eval()
+        assert sinkdlm.hf.has_sink_token(reloaded)
+        # Float32 rounding only first: safetensors' memory map leaves the (equal) weights at
+        # other alignments, where the BLAS may round differently (test_hf_fsdp.py); then bit for
+        # bit with the same weights in freshly allocated memory.
+        torch.testing.assert_close(_logits(reloaded, ids), want, rtol=1e-5, atol=1e-6)
+        for param in reloaded.parameters():
+            param.data = param.data.clone()
+        torch.testing.assert_close(_logits(reloaded, ids), want, rtol=0, atol=0)
+    dist.barrier()
+
+
+def _check_patching_a_partitioned_model_raises():
+    import sinkdlm.hf
+
+    model = _tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config())
+    with pytest.raises(ValueError, match="before DeepSpeed ZeRO-3 partitions the model"):
+        sinkdlm.hf.add_sink_token(engine.module)
+
+
+def _run_rank(rank, port, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    try:
+        for variant in ("plain", "checkpointing", "lora"):
+            engine = _engine(variant)
+            assert len(_trained_names(_unwrapped(engine.module))) > 0
+            _check_training(engine, variant, rank)
+            if variant == "plain":
+                _check_checkpoints(engine, rank, os.path.join(out_dir, "zero3"))
+        _check_patching_a_partitioned_model_raises()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_training_equals_one_process_and_checkpoints_reload(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_run_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+
+ZERO3_PROBE = """
+import importlib.util, sys
+
+spec = importlib.util.spec_from_file_location("finetune_example", sys.argv[1])
+example = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(example)
+compute_loss = example.MaskedDiffusionTrainer.compute_loss
+
+def checked_compute_loss(self, model, inputs, **kwargs):
+    # the Trainer's model: a ZeRO-3 engine, every parameter (the sink's too) partitioned
+    assert type(model).__name__ == "DeepSpeedEngine", type(model)
+    assert model.zero_optimization_stage() == 3
+    names = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    assert not names, names
+    assert any("sink_embedding" in n for n, _ in model.named_parameters())
+    return compute_loss(self, model, inputs, **kwargs)
+
+example.MaskedDiffusionTrainer.compute_loss = checked_compute_loss
+sys.argv = sys.argv[1:]
+example.main()
+"""
+
+
+def test_finetune_example_trains_under_zero3_with_the_shipped_config(tmp_path):
+    """examples/finetune.py --deepspeed examples/deepspeed_zero3.json under torchrun, 2 CPU
+    ranks: the Trainer partitions the patched model with ZeRO-3, the sink trains, and the final
+    save (stage3_gather_16bit_weights_on_model_save) reloads with the sink."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import load_script
+
+    import sinkdlm.hf
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    (tmp_path / "probe.py").write_text(ZERO3_PROBE)
+    command += ["--master_port", str(_free_port()), str(tmp_path / "probe.py")]
+    command += [str(root / "examples" / "finetune.py")]
+    command += ["--deepspeed", str(root / "examples" / "deepspeed_zero3.json")]
+    command += ["--output_dir", str(out), "--max_steps", "3", "--batch_size", "2"]
+    command += ["--seq_len", "32", "--lr", "1e-2", "--logging_steps", "1", "--save_steps", "1000"]
+    command += ["--use_cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reloaded = sinkdlm.hf.from_pretrained(out)
+    assert sinkdlm.hf.has_sink_token(reloaded)
+    initial = sinkdlm.hf.add_sink_token(load_script("examples/finetune.py").tiny_byte_model(seed=0))
+    trained, start = reloaded.model.sink_embedding.weight, initial.model.sink_embedding.weight
+    assert trained.shape == start.shape and not torch.allclose(trained, start)
