@@ -105,11 +105,14 @@ def count_sink_passes(monkeypatch, model):
     from sinkdlm.hf import patch
 
     passes = SinkPasses(len(patch._state(model).layers))
-    real_row = patch._sink_row
+    real_call = patch.sink_layer_call
 
-    def counted(*args):
-        passes.rows += 1
-        return real_row(*args)
+    def counted(channel, index, batch_in, embed_sink, run_layer):
+        def counted_run(sink_in):  # the sink's row, folded into the batch or on its own
+            passes.rows += 1
+            return run_layer(sink_in)
 
-    monkeypatch.setattr(patch, "_sink_row", counted)
+        return real_call(channel, index, batch_in, embed_sink, counted_run)
+
+    monkeypatch.setattr(patch, "sink_layer_call", counted)
     return passes

@@ -109,8 +109,18 @@ def assert_same(model, in_layer, two_pass):
         torch.testing.assert_close(got_grads[name], grad, **TOLERANCE, msg=name)
 
 
+def force_row_path(monkeypatch):
+    """The native layers run the sink's row as its own pass, as where a call cannot be folded
+    (a KV cache, no rotary tables passed)."""
+    monkeypatch.setattr(native.NativeBackend, "run_folded", lambda *args: None)
+
+
+@pytest.mark.parametrize("path", ["folded", "row"])
 @pytest.mark.parametrize("family", TINY_HF_FAMILIES)
-def test_native_sink_row_in_each_layer_equals_the_two_pass_form(family):
+def test_native_sink_row_in_each_layer_equals_the_two_pass_form(family, path, monkeypatch):
+    """Folded (the sink's row appended to the batch in each layer call) and as its own pass."""
+    if path == "row":
+        force_row_path(monkeypatch)
     model = patched(tiny_hf_model(family, torch.float64, num_hidden_layers=3))
     ids, mask = random_inputs()
     assert_same(
@@ -147,11 +157,27 @@ def test_dream_sink_row_in_each_layer_equals_the_two_pass_form():
     )
 
 
-def test_each_layer_call_runs_one_sink_row_and_deepcopy_rebinds_the_layers(monkeypatch):
+@pytest.mark.parametrize("path", ["folded", "row"])
+def test_each_layer_call_runs_one_sink_row_and_deepcopy_rebinds_the_layers(path, monkeypatch):
     model = patched(tiny_hf_model("llama", torch.float64, num_hidden_layers=3))
     rows = []
-    real_row = patch._sink_row
-    monkeypatch.setattr(patch, "_sink_row", lambda *a: rows.append(a[1]) or real_row(*a))
+    if path == "row":
+        force_row_path(monkeypatch)
+        real_row = patch._sink_row
+        monkeypatch.setattr(patch, "_sink_row", lambda *a: rows.append(a[1]) or real_row(*a))
+    else:
+        real_fold = native.NativeBackend.run_folded
+
+        def fold(self, state, call, *args):
+            out = real_fold(self, state, call, *args)
+            assert out is not None
+            rows.append(
+                next(layer for layer in state.layers if layer.__dict__[patch.LAYER_CALL] is call)
+            )
+            return out
+
+        monkeypatch.setattr(native.NativeBackend, "run_folded", fold)
+        monkeypatch.setattr(patch, "_sink_row", lambda *a: pytest.fail("a separate sink row ran"))
     ids, mask = random_inputs()
     model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     assert rows == list(model.model.layers)
@@ -177,9 +203,10 @@ def _reaches(start, goal):
     return False
 
 
+@pytest.mark.parametrize("path", ["folded", "row"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_the_sink_rows_backward_runs_between_its_layers_output_and_input(
-    monkeypatch, checkpointing
+    monkeypatch, checkpointing, path
 ):
     """What FSDP relies on: a layer's parameters are gathered for backward when the gradient of
     its call's output arrives, and freed once its call's inputs have theirs. So, in the graph,
@@ -189,15 +216,20 @@ def test_the_sink_rows_backward_runs_between_its_layers_output_and_input(
     model = patched(tiny_hf_model("llama", torch.float64, num_hidden_layers=3))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if path == "row":
+        force_row_path(monkeypatch)
     rows, calls = {}, {}
-    real_row = patch._sink_row
+    real_call = patch.sink_layer_call
 
-    def recorded_row(state, layer, call, hidden, channel):
-        out = real_row(state, layer, call, hidden, channel)
-        rows.setdefault(layer, (hidden, out))
-        return out
+    def recorded_call_with_sink(channel, index, batch_in, embed_sink, run_layer):
+        def recorded_run(sink_in):
+            out, sink_out = run_layer(sink_in)
+            rows.setdefault(model.model.layers[index], (sink_in, sink_out))
+            return out, sink_out
 
-    monkeypatch.setattr(patch, "_sink_row", recorded_row)
+        return real_call(channel, index, batch_in, embed_sink, recorded_run)
+
+    monkeypatch.setattr(patch, "sink_layer_call", recorded_call_with_sink)
 
     def recorded_call(layer, args, out):
         calls.setdefault(layer, (args[0], out))

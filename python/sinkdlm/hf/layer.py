@@ -2,6 +2,8 @@
 attention output, the autocast rule, and the autograd links that carry the sink's hidden state
 from one decoder layer's call to the next."""
 
+import copy
+
 import torch
 
 
@@ -12,7 +14,10 @@ class SinkKV:
     (Hkv, D). ``collect=True`` while a decoder layer runs the sink's single row: the attention
     stores its K/V there and returns o = V. Otherwise layers read ``kv`` (empty for a model
     without the sink token, patched only for sinkdlm.generate's block cache). ``given``: ``kv``
-    was filled before the forward (sink_kv_cache), so the layers run no sink row.
+    was filled before the forward (sink_kv_cache), so the layers run no sink row. ``folded``: the
+    running decoder layer was fed the batch with the sink's row appended to every sequence
+    (hf/native.py: one pass through the layer's weights for both); its attention takes the sink
+    K/V from the last position and returns o = V there.
     ``memo`` holds what every layer of one forward would otherwise recompute (a decoded mask, the
     sink's rotary tables). ``block``: the sampler's :class:`sinkdlm.block_cache.BlockKVCache`
     while the forward runs through it, else None; ``key_padding``: the sampler's (B, T) bool key
@@ -26,9 +31,16 @@ class SinkKV:
         self.block = block
         self.key_padding = key_padding
         self.given = given
+        self.folded = False
         self.memo = {}
         self.sink_from = {}  # decoder layer index -> the _Carry its sink row read (None: embedding)
         self.last_carry = None
+
+    def fold(self):
+        """This channel for a folded layer call: ``folded`` set, everything else shared."""
+        folded = copy.copy(self)
+        folded.folded = True
+        return folded
 
 
 def expand_sink_output(value, num_heads):
@@ -118,14 +130,14 @@ class _SinkFromEmbedding(torch.autograd.Function):
         return None, grad_sink
 
 
-def sink_layer_call(channel, index, batch_in, embed_sink, run_sink_row, run_batch):
-    """One decoder layer's call with the sink: its sink row, then the batch; returns the batch
+def sink_layer_call(channel, index, batch_in, embed_sink, run_layer):
+    """One decoder layer's call with the sink: the sink's row and the batch; returns the batch
     output (tensor, or the layer's tuple with the hidden state first) carrying the sink's output.
 
     ``index``: the layer's place in the model (0, 1, ...); ``batch_in`` (B, L, d): the call's
     hidden-state input; ``embed_sink()`` -> (1, 1, d): the sink's input to the first layer;
-    ``run_sink_row(hidden (1, 1, d))`` -> the sink's output (1, 1, d), recording the layer's sink
-    K/V in ``channel.kv``; ``run_batch()`` -> the layer's own output, reading them.
+    ``run_layer(sink_in (1, 1, d))`` -> (the layer's own output, the sink's output (1, 1, d)):
+    the sink's row and the batch through the layer, the batch's attention reading the sink K/V.
 
     The first layer called in a forward takes the sink embedding, each later one the sink output
     of the layer called before it; a call replayed by activation checkpointing reads what the
@@ -142,8 +154,7 @@ def sink_layer_call(channel, index, batch_in, embed_sink, run_sink_row, run_batc
             sink_in = _SinkFromEmbedding.apply(batch_in, sink_in)
     else:
         sink_in = source.value if direct else _SinkFromPrevious.apply(batch_in, source)
-    sink_out = run_sink_row(sink_in)
-    out = run_batch()
+    out, sink_out = run_layer(sink_in)
     carry = _Carry()
     channel.last_carry = carry
     hidden = out[0] if isinstance(out, tuple) else out

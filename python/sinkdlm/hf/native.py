@@ -9,6 +9,7 @@ checkpointing replays it. A decoder layer runs the sink's row through its own fo
 model's rotary tables at the sink position and no mask or cache.
 """
 
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -58,6 +59,12 @@ def sinkdlm_attention_forward(
     if sink.collect:
         sink.kv[layer_key] = (key[0, :, 0], value[0, :, 0])
         return expand_sink_output(value, query.shape[1]), None
+    sink_rows = None
+    if sink.folded:  # the last position of every row is the sink (NativeBackend.run_folded)
+        length = key.shape[2] - 1
+        sink.kv[layer_key] = (key[0, :, length].clone(), value[0, :, length].clone())
+        sink_rows = expand_sink_output(value[:, :, length:], query.shape[1])  # o = V
+        query, key, value = query[:, :, :length], key[:, :, :length], value[:, :, :length]
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         raise NotImplementedError(
@@ -80,7 +87,10 @@ def sinkdlm_attention_forward(
         ),
         segment_ids=segment_ids,
     )
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2)
+    if sink_rows is not None:
+        return torch.cat([out, sink_rows.to(out.dtype)], dim=1), None
+    return out.contiguous(), None
 
 
 def _packed_segments(sink, kwargs, batch, q_len, k_len):
@@ -98,6 +108,23 @@ def _packed_segments(sink, kwargs, batch, q_len, k_len):
     segments = segment_ids_from_packing(*signals, batch, q_len, k_len, "sinkdlm attention")
     sink.memo["packed_segments"] = (signals, segments)
     return segments
+
+
+def _sink_rotary(state, hidden, memo, position_ids=None):
+    """The model's rotary tables at the sink's position, (cos, sin) each (1, 1, D); once per
+    forward (``memo``)."""
+    rotary = memo.get("sink_rotary")
+    if rotary is None:
+        rotary_emb = getattr(state.host, "rotary_emb", None)
+        if rotary_emb is None:
+            raise NotImplementedError(
+                f"{type(state.host).__name__} has no rotary_emb module: sinkdlm cannot place the "
+                "sink at its rotary position"
+            )
+        if position_ids is None:
+            position_ids = torch.full((1, 1), state.sink_position, device=hidden.device)
+        rotary = memo["sink_rotary"] = rotary_emb(hidden, position_ids)
+    return rotary
 
 
 def sinkdlm_mask(*args, attention_mask=None, **kwargs):
@@ -151,27 +178,61 @@ class NativeBackend:
 
     def run_sink_row(self, state, layer, layer_forward, hidden, position_ids, collector):
         """The sink's row (1, 1, d) through one decoder layer's forward -> its output (1, 1, d)."""
-        rotary = collector.memo.get("sink_rotary")
-        if rotary is None:
-            rotary_emb = getattr(state.host, "rotary_emb", None)
-            if rotary_emb is None:
-                raise NotImplementedError(
-                    f"{type(state.host).__name__} has no rotary_emb module: sinkdlm cannot "
-                    "place the sink at its rotary position"
-                )
-            rotary = collector.memo["sink_rotary"] = rotary_emb(hidden, position_ids)
         out = layer_forward(
             hidden,
             attention_mask=None,
             position_ids=position_ids,
-            position_embeddings=rotary,
+            position_embeddings=_sink_rotary(state, hidden, collector.memo),
             use_cache=False,
             **{SINK_KWARG: collector},
         )
         return out[0] if isinstance(out, tuple) else out
 
+    def run_folded(self, state, call, channel, sink_in, args, kwargs):
+        """The batch (B, L, d) with the sink's row appended to every sequence, through one call of
+        the decoder layer -> (the layer's output over the batch, the sink's output (1, 1, d)), or
+        None where the call cannot be folded (no rotary tables passed, or a KV cache: it would
+        store the sink's row among the tokens).
+
+        Position L of each row is the sink, at its rotary position; the attention function
+        (``channel.folded``) takes the sink K/V from there and gives it o = V, so the batch's
+        rows see exactly what the separate sink row would have given them. The sink's row is
+        computed B times (1/L more tokens) instead of once, in one pass over the weights.
+        """
+        rotary = kwargs.get("position_embeddings")
+        caches = ("past_key_values", "past_key_value", "cache")
+        if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in caches):
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, length, width = hidden.shape
+        sink_position = torch.full((1, 1), state.sink_position, device=hidden.device)
+        sink_rotary = _sink_rotary(state, sink_in, channel.memo, sink_position)
+        memo = channel.memo.get("folded_rotary")
+        if memo is None or any(a is not b for a, b in zip(memo[0], rotary, strict=True)):
+            folded_rotary = tuple(
+                torch.cat([table, sink.to(table.dtype).expand(table.shape[0], 1, -1)], dim=1)
+                for table, sink in zip(rotary, sink_rotary, strict=True)
+            )
+            memo = channel.memo["folded_rotary"] = (rotary, folded_rotary)  # once per forward
+        sink_rows = sink_in.to(hidden.dtype).expand(batch, 1, width)
+        # A channel of its own, not a flag set for the call's duration: a layer that checkpoints
+        # its own forward replays the attention during backward, after the call has returned.
+        folded_kwargs = dict(kwargs, position_embeddings=memo[1], **{SINK_KWARG: channel.fold()})
+        folded_kwargs["hidden_states"] = torch.cat([hidden, sink_rows], dim=1)
+        out = call.original(**folded_kwargs)  # (hidden_states is the first parameter)
+        hidden_out = out[0] if isinstance(out, tuple) else out
+        batch_out, sink_out = hidden_out[:, :length], hidden_out[:1, length:]
+        return ((batch_out, *out[1:]) if isinstance(out, tuple) else batch_out), sink_out
+
     def main(self, state, channel, args, kwargs):
-        """The user's forward, the channel handed to every decoder layer and attention call."""
+        """The user's forward, the channel handed to every decoder layer and attention call.
+
+        With no KV cache given, none is made (``use_cache=False`` unless asked for): a diffusion
+        LM's forward has no use for one, and the decoder layers can then run the sink's row with
+        the batch (:meth:`run_folded`)."""
+        caches = ("past_key_values", "cache")
+        if kwargs.get("use_cache") is None and all(kwargs.get(name) is None for name in caches):
+            kwargs = dict(kwargs, use_cache=False)
         return state.original_forward(*args, **kwargs, **{SINK_KWARG: channel})
 
     def attention_layers(self, state):
