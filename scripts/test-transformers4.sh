@@ -14,4 +14,5 @@ purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])";
 echo "import site; site.addsitedir('$(purelib "$PY")')" >"$(purelib "$VENV/bin/python")/zz_sinkdlm_env.pth"
 "$VENV/bin/python" -m pip install -q "transformers==$VERSION"
 "$VENV/bin/python" -c "import transformers, sinkdlm._C; assert transformers.__version__ == '$VERSION', transformers.__version__; print('transformers', transformers.__version__)"
-exec "$VENV/bin/python" -m pytest -q tests/test_hf_adapters.py tests/test_hf_patch.py tests/test_hf_patch_ddp.py "$@"
+exec "$VENV/bin/python" -m pytest -q tests/test_hf_adapters.py tests/test_hf_patch.py tests/test_hf_patch_ddp.py \
+  tests/test_hf_sink_in_layer.py "$@"
