@@ -44,12 +44,13 @@ seeds = st.integers(0, 2**32 - 1)
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Relative to the largest reference magnitude of each output (inputs rounded to the dtype
 # first, so only the kernel's own rounding counts).
-# Relative to the largest reference value. float16 is 2e-2 (about 20 of its eps, as bfloat16's
-# 6e-2 is 8 of its): like FlashAttention and ATen's CPU flash, the backward takes
-# rowsum(dO * O) from the float16-rounded output, which a softmax peaked on one key turns into
-# a cancellation in dq and dsink_k (found by a random draw: scale 1.5, head dim 33, one key plus
-# the sink: dq off by 0.0158 of 1.52, where the reference run in float16 is off by 0.0012).
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# Relative to the largest reference value. Known gap, float16 gradients: like FlashAttention and
+# ATen's CPU flash, the backward takes rowsum(dO * O) from the float16-rounded output, which a
+# softmax peaked on one key turns into a cancellation in dq and dsink_k. Random draws
+# (SINKDLM_PROPERTY_EXPLORE=1) find dq off by 1.6-2.5% of its largest value (one key plus the
+# sink, head dim 33-64), where the reference run in float16 is off by 0.1%; the README's known
+# limits say so.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 LAYOUTS = ["contiguous", "bhld_transposed", "strided_last_dim", "sliced", "batch_broadcast"]
 PADDINGS = ["none", "left", "right", "holes", "one_row_empty"]
 SINK_KINDS = ["none", "shared", "per_batch", "logit", "shared+logit", "per_batch+logit"]
