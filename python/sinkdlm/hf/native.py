@@ -23,6 +23,8 @@ SINK_KWARG = "sinkdlm_sink"
 # Families whose equivalence with the paper's literal form is tested (Dream is Qwen2-shaped, LLaDA
 # Llama-shaped when ported to transformers).
 NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# A KV cache's keyword in a model's or decoder layer's forward, across transformers releases.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
 def sinkdlm_attention_forward(
@@ -182,7 +184,7 @@ class NativeBackend:
             hidden,
             attention_mask=None,
             position_ids=position_ids,
-            position_embeddings=_sink_rotary(state, hidden, collector.memo),
+            position_embeddings=_sink_rotary(state, hidden, collector.memo, position_ids),
             use_cache=False,
             **{SINK_KWARG: collector},
         )
@@ -200,13 +202,11 @@ class NativeBackend:
         computed B times (1/L more tokens) instead of once, in one pass over the weights.
         """
         rotary = kwargs.get("position_embeddings")
-        caches = ("past_key_values", "past_key_value", "cache")
-        if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in caches):
+        if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in CACHE_KWARGS):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length, width = hidden.shape
-        sink_position = torch.full((1, 1), state.sink_position, device=hidden.device)
-        sink_rotary = _sink_rotary(state, sink_in, channel.memo, sink_position)
+        sink_rotary = _sink_rotary(state, sink_in, channel.memo)
         memo = channel.memo.get("folded_rotary")
         if memo is None or any(a is not b for a, b in zip(memo[0], rotary, strict=True)):
             folded_rotary = tuple(
@@ -230,8 +230,7 @@ class NativeBackend:
         With no KV cache given, none is made (``use_cache=False`` unless asked for): a diffusion
         LM's forward has no use for one, and the decoder layers can then run the sink's row with
         the batch (:meth:`run_folded`)."""
-        caches = ("past_key_values", "cache")
-        if kwargs.get("use_cache") is None and all(kwargs.get(name) is None for name in caches):
+        if kwargs.get("use_cache") is None and all(kwargs.get(n) is None for n in CACHE_KWARGS):
             kwargs = dict(kwargs, use_cache=False)
         return state.original_forward(*args, **kwargs, **{SINK_KWARG: channel})
 
