@@ -33,6 +33,7 @@ from test_hf_fsdp import (
     _tiny_llama,
     _unwrapped,
     _variant,
+    run_finetune_probe,
 )
 
 pytest.importorskip("transformers")
@@ -206,26 +207,14 @@ def test_zero3_training_equals_one_process_and_checkpoints_reload(tmp_path):
     mp.spawn(_run_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
 
-ZERO3_PROBE = """
-import importlib.util, sys
-
-spec = importlib.util.spec_from_file_location("finetune_example", sys.argv[1])
-example = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(example)
-compute_loss = example.MaskedDiffusionTrainer.compute_loss
-
-def checked_compute_loss(self, model, inputs, **kwargs):
+ZERO3_CHECK = """
+def check(model):
     # the Trainer's model: a ZeRO-3 engine, every parameter (the sink's too) partitioned
     assert type(model).__name__ == "DeepSpeedEngine", type(model)
     assert model.zero_optimization_stage() == 3
     names = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
     assert not names, names
     assert any("sink_embedding" in n for n, _ in model.named_parameters())
-    return compute_loss(self, model, inputs, **kwargs)
-
-example.MaskedDiffusionTrainer.compute_loss = checked_compute_loss
-sys.argv = sys.argv[1:]
-example.main()
 """
 
 
@@ -233,29 +222,10 @@ def test_finetune_example_trains_under_zero3_with_the_shipped_config(tmp_path):
     """examples/finetune.py --deepspeed examples/deepspeed_zero3.json under torchrun, 2 CPU
     ranks: the Trainer partitions the patched model with ZeRO-3, the sink trains, and the final
     save (stage3_gather_16bit_weights_on_model_save) reloads with the sink."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from conftest import load_script
-
-    import sinkdlm.hf
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
-    (tmp_path / "probe.py").write_text(ZERO3_PROBE)
-    command += ["--master_port", str(_free_port()), str(tmp_path / "probe.py")]
-    command += [str(root / "examples" / "finetune.py")]
-    command += ["--deepspeed", str(root / "examples" / "deepspeed_zero3.json")]
-    command += ["--output_dir", str(out), "--max_steps", "3", "--batch_size", "2"]
-    command += ["--seq_len", "32", "--lr", "1e-2", "--logging_steps", "1", "--save_steps", "1000"]
-    command += ["--use_cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reloaded = sinkdlm.hf.from_pretrained(out)
-    assert sinkdlm.hf.has_sink_token(reloaded)
-    initial = sinkdlm.hf.add_sink_token(load_script("examples/finetune.py").tiny_byte_model(seed=0))
-    trained, start = reloaded.model.sink_embedding.weight, initial.model.sink_embedding.weight
-    assert trained.shape == start.shape and not torch.allclose(trained, start)
+    config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_zero3.json"
+    launcher = ["torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    launcher += ["--master_port", str(_free_port())]
+    example_args = ["--deepspeed", str(config), "--use_cpu"]
+    run_finetune_probe(tmp_path, ZERO3_CHECK, launcher, example_args)

@@ -262,9 +262,10 @@ def test_sharded_training_equals_one_process_and_checkpoints_reload(wrapper, tmp
     mp.spawn(_run_rank, args=(_free_port(), str(tmp_path), wrapper), nprocs=WORLD, join=True)
 
 
-ACCELERATE_PROBE = """
-import importlib.util, os, sys
-from torch.distributed.fsdp import FSDPModule
+# A probe runs examples/finetune.py (argv[1]) with its Trainer's compute_loss first calling the
+# probe's check(model) (the model as the Trainer hands it over, wrapped by the launcher's choice).
+FINETUNE_PROBE = """
+import importlib.util, sys
 
 spec = importlib.util.spec_from_file_location("finetune_example", sys.argv[1])
 example = importlib.util.module_from_spec(spec)
@@ -272,6 +273,47 @@ spec.loader.exec_module(example)
 compute_loss = example.MaskedDiffusionTrainer.compute_loss
 
 def checked_compute_loss(self, model, inputs, **kwargs):
+    check(model)
+    return compute_loss(self, model, inputs, **kwargs)
+
+example.MaskedDiffusionTrainer.compute_loss = checked_compute_loss
+sys.argv = sys.argv[1:]
+example.main()
+"""
+
+
+def run_finetune_probe(tmp_path, check, launcher, example_args, env=None):
+    """``python -m <launcher...> probe.py examples/finetune.py`` for 3 steps of a tiny model, the
+    probe's ``check`` source (defining check(model)) run on the Trainer's model; then the saved
+    model reloads with the sink token and a sink that trained."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sinkdlm.hf
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "probe.py").write_text(check + FINETUNE_PROBE)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", *launcher, str(tmp_path / "probe.py")]
+    command += [str(root / "examples" / "finetune.py"), "--output_dir", str(out)]
+    command += ["--max_steps", "3", "--batch_size", "2", "--seq_len", "32", "--lr", "1e-2"]
+    command += ["--logging_steps", "1", "--save_steps", "1000", *example_args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reloaded = sinkdlm.hf.from_pretrained(out)
+    assert sinkdlm.hf.has_sink_token(reloaded)
+    initial = sinkdlm.hf.add_sink_token(_example_model())
+    trained, start = reloaded.model.sink_embedding.weight, initial.model.sink_embedding.weight
+    assert trained.shape == start.shape and not torch.allclose(trained, start)
+
+
+ACCELERATE_CHECK = """
+import os
+from torch.distributed.fsdp import FSDPModule
+
+def check(model):
     if os.environ["EXPECTED_WRAPPER"] == "fsdp2":
         # accelerate's FSDP2 wrap: the root, each decoder layer and (its own choice, seen on 2
         # CPU ranks with its state forced to FSDP) the embedding, the final norm and the LM head
@@ -280,11 +322,6 @@ def checked_compute_loss(self, model, inputs, **kwargs):
         assert wrapped.count("FSDPLlamaDecoderLayer") == 2, wrapped
     else:
         assert type(model).__name__ == "DistributedDataParallel", type(model)
-    return compute_loss(self, model, inputs, **kwargs)
-
-example.MaskedDiffusionTrainer.compute_loss = checked_compute_loss
-sys.argv = sys.argv[1:]
-example.main()
 """
 
 
@@ -301,11 +338,7 @@ def test_accelerate_launch_trains_the_finetune_example(device, tmp_path):
     pytest.importorskip("accelerate")
     if device == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("accelerate applies its FSDP plugin only on accelerators: needs 2 GPUs")
-    import subprocess
-    import sys
     from pathlib import Path
-
-    import sinkdlm.hf
 
     root = Path(__file__).resolve().parents[1]
     config = (root / "examples" / "accelerate_fsdp2.yaml").read_text()
@@ -315,25 +348,12 @@ def test_accelerate_launch_trains_the_finetune_example(device, tmp_path):
         # model unwrapped while accelerate does not shard it: each process would train alone
         config = config.replace("use_cpu: false", "use_cpu: true")
     (tmp_path / "fsdp2.yaml").write_text(config)
-    (tmp_path / "probe.py").write_text(ACCELERATE_PROBE)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    command += ["--config_file", str(tmp_path / "fsdp2.yaml")]
-    command += ["--main_process_port", str(_free_port()), str(tmp_path / "probe.py")]
-    command += [str(root / "examples" / "finetune.py"), "--output_dir", str(out)]
-    command += ["--max_steps", "3", "--batch_size", "2", "--seq_len", "32", "--lr", "1e-2"]
-    command += ["--logging_steps", "1", "--save_steps", "1000"]
-    command += ["--use_cpu"] if device == "cpu" else []
+    launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml")]
+    launcher += ["--main_process_port", str(_free_port())]
     expected = "fsdp2" if device == "cuda" else "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", EXPECTED_WRAPPER=expected)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reloaded = sinkdlm.hf.from_pretrained(out)
-    assert sinkdlm.hf.has_sink_token(reloaded)
-    initial = sinkdlm.hf.add_sink_token(_example_model())
-    assert not torch.allclose(
-        reloaded.model.sink_embedding.weight, initial.model.sink_embedding.weight
-    )
+    example_args = ["--use_cpu"] if device == "cpu" else []
+    env = dict(EXPECTED_WRAPPER=expected)
+    run_finetune_probe(tmp_path, ACCELERATE_CHECK, launcher, example_args, env)
 
 
 def _example_model():
