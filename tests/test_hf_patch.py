@@ -361,7 +361,9 @@ def test_attention_recorder_hooks_a_patched_model():
         with AttentionRecorder(model) as recorder:
             recorded = model(input_ids=ids, attention_mask=attention).logits
             model(input_ids=ids, attention_mask=attention)
-    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)  # recording changes nothing
+    # Recording changes nothing but the rounding: a recorded layer runs the sink's row on its own
+    # instead of folded into the batch (hf/native.py's folds), the same math.
+    torch.testing.assert_close(recorded, plain)
     trace = recorder.trace()
     layers = model.config.num_hidden_layers
     heads = model.config.num_attention_heads

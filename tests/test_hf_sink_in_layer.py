@@ -168,12 +168,10 @@ def test_each_layer_call_runs_one_sink_row_and_deepcopy_rebinds_the_layers(path,
     else:
         real_fold = native.NativeBackend.run_folded
 
-        def fold(self, state, call, *args):
-            out = real_fold(self, state, call, *args)
+        def fold(self, state, layer, *args):
+            out = real_fold(self, state, layer, *args)
             assert out is not None
-            rows.append(
-                next(layer for layer in state.layers if layer.__dict__[patch.LAYER_CALL] is call)
-            )
+            rows.append(layer)
             return out
 
         monkeypatch.setattr(native.NativeBackend, "run_folded", fold)
@@ -244,3 +242,63 @@ def test_the_sink_rows_backward_runs_between_its_layers_output_and_input(
         batch_in, batch_out = calls[layer]
         assert _reaches(batch_out.grad_fn, sink_out.grad_fn)
         assert _reaches(sink_in.grad_fn, batch_in.grad_fn)
+
+
+def saved_bytes(model, ids):
+    """Bytes of the distinct non-parameter storages autograd saves in one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.sum().backward()
+    return sum(storages.values())
+
+
+def test_folded_layers_save_only_the_sinks_share_of_rows():
+    """The training goal's memory side: folded, a layer keeps what the unpatched layer keeps for
+    L + 1 rows instead of L, and nothing more (no copy of the attention output to append the
+    sink's row: the op's output is o_proj's input, as SDPA's is)."""
+    batch, length = 2, 128
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+    base = tiny_hf_model("llama", num_hidden_layers=3).train()
+    want = saved_bytes(base, ids)
+    got = saved_bytes(patched(tiny_hf_model("llama", num_hidden_layers=3)), ids)
+    assert want < got <= want * (length + 1) / length * 1.002, (got, want)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("float32", True),
+        ("float64", True),
+        ("bfloat16 avx512_bf16", True),
+        ("bfloat16 amx_bf16", False),  # the composed CPU path (ops/cpu_paths.py)
+        ("meta device", False),  # stands in for CUDA: not sinkdlm's CPU kernel
+        ("kv cache", False),
+        ("no rotary tables", False),
+        ("observer", False),
+    ],
+)
+def test_a_layer_call_folds_where_the_native_cpu_kernel_runs_it(case, expected, monkeypatch):
+    from sinkdlm.ops import cpu_paths
+
+    layer = tiny_hf_model("llama", num_hidden_layers=1).model.layers[0]
+    dtype = getattr(torch, case.split()[0], torch.float32)
+    features = {"avx512f", "avx512_bf16", *(["amx_bf16"] if "amx" in case else [])}
+    monkeypatch.setattr(cpu_paths, "CPU_FEATURES", frozenset(features))
+    device = "meta" if case == "meta device" else "cpu"
+    hidden = torch.randn(2, 5, 32, dtype=dtype, device=device)
+    kwargs = {"position_embeddings": (hidden[..., :8], hidden[..., :8])}
+    if case == "kv cache":
+        kwargs["past_key_values"] = object()
+    if case == "no rotary tables":
+        kwargs = {}
+    if case == "observer":
+        layer.self_attn.attention_observer = lambda call: None
+    assert native.folds(layer, (hidden,), kwargs) is expected

@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..ops import cpu_paths
 from ..padding import key_padding_from_model_mask, segment_ids_from_packing
 from ..protocol import observed_sink_attention
 from .layer import autocast_inputs, expand_sink_output
@@ -61,20 +62,23 @@ def sinkdlm_attention_forward(
     if sink.collect:
         sink.kv[layer_key] = (key[0, :, 0], value[0, :, 0])
         return expand_sink_output(value, query.shape[1]), None
-    sink_rows = None
+    length = key.shape[2] - sink.folded  # the batch's own keys (a folded call adds the sink's)
     if sink.folded:  # the last position of every row is the sink (NativeBackend.run_folded)
-        length = key.shape[2] - 1
         sink.kv[layer_key] = (key[0, :, length].clone(), value[0, :, length].clone())
-        sink_rows = expand_sink_output(value[:, :, length:], query.shape[1])  # o = V
-        query, key, value = query[:, :, :length], key[:, :, :length], value[:, :, :length]
     window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
+    if window is not None and length > window:
         raise NotImplementedError(
-            f"sequence of {key.shape[2]} tokens exceeds this layer's sliding window ({window}); "
+            f"sequence of {length} tokens exceeds this layer's sliding window ({window}); "
             "sink attention is full bidirectional attention"
         )
     query, key, value, sink_k, sink_v = autocast_inputs(query, key, value, *sink.kv[layer_key])
-    segment_ids = _packed_segments(sink, kwargs, query.shape[0], query.shape[2], key.shape[2])
+    batch = query.shape[0]
+    key_padding = key_padding_from_model_mask(attention_mask, batch, length, "sinkdlm attention")
+    segment_ids = _packed_segments(sink, kwargs, batch, query.shape[2] - sink.folded, length)
+    if sink.folded:
+        segment_ids, key_padding = _fold_masks(
+            sink, segment_ids, key_padding, attention_mask, batch, length, query.device
+        )
     out = observed_sink_attention(
         module,
         layer_key,
@@ -84,15 +88,31 @@ def sinkdlm_attention_forward(
         sink_k,
         sink_v,
         scale=scaling,
-        key_padding_mask=key_padding_from_model_mask(
-            attention_mask, query.shape[0], key.shape[2], "sinkdlm attention"
-        ),
+        key_padding_mask=key_padding,
         segment_ids=segment_ids,
     )
-    out = out.transpose(1, 2)
-    if sink_rows is not None:
-        return torch.cat([out, sink_rows.to(out.dtype)], dim=1), None
-    return out.contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fold_masks(sink, segment_ids, key_padding, attention_mask, batch, length, device):
+    """A folded call's segment ids and key padding over its L + 1 positions, once per forward.
+
+    The sink's position L is a document of its own and always real: its query sees only its own
+    key and the sink K/V, the same token twice, so its output is exactly its V (o = V), with no
+    copy of the attention output to append it; the tokens see it through the sink K/V only.
+    """
+    memo = sink.memo.get("fold_masks")
+    if memo is not None and memo[0] is segment_ids and memo[1] is attention_mask:
+        return memo[2]
+    tokens = segment_ids
+    if tokens is None:
+        tokens = torch.zeros(batch, length, dtype=torch.int32, device=device)
+    folded = (
+        torch.cat([tokens, tokens[:, -1:] + 1], dim=1),
+        None if key_padding is None else torch.cat([key_padding, key_padding.new_ones(batch, 1)], 1),
+    )
+    sink.memo["fold_masks"] = (segment_ids, attention_mask, folded)
+    return folded
 
 
 def _packed_segments(sink, kwargs, batch, q_len, k_len):
@@ -144,6 +164,32 @@ def register():
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sinkdlm_mask)
 
 
+def folds(layer, args, kwargs):
+    """Whether a decoder layer's call runs the sink's row folded into the batch (else alone, one
+    row through the layer before the batch).
+
+    Folded where sinkdlm's native CPU kernel runs the attention (the CPU, a dtype whose
+    ``backend="auto"`` path is native): there a second pass over the weights for one row costs
+    more than 1/L extra tokens (1.13x the unpatched step of a ~100M model under FSDP2 at
+    B.L = 1x128, against 0.94x folded). Not on CUDA, where the extra row is cheap beside the
+    batch and L + 1 keys would break the fused kernels' tile alignment, nor on the composed CPU
+    path, which runs packed segments through a dense bias. Not with a KV cache (it would store
+    the sink's row among the tokens), rotary tables not passed by keyword, or an attention
+    observer recording the layer (the attention mass takes no segments).
+    """
+    rotary = kwargs.get("position_embeddings")
+    if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in CACHE_KWARGS):
+        return False
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hidden.device.type != "cpu":
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    needs_grad = torch.is_grad_enabled()
+    if cpu_paths.cpu_auto_backend(cpu_paths.CPU_FEATURES, dtype, needs_grad) != "native":
+        return False
+    return all(getattr(m, "attention_observer", None) is None for m in layer.modules())
+
+
 class NativeBackend:
     """transformers-native models: AttentionInterface "sinkdlm", sink K/V passed as a kwarg."""
 
@@ -190,21 +236,20 @@ class NativeBackend:
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def run_folded(self, state, call, channel, sink_in, args, kwargs):
+    def run_folded(self, state, layer, call, channel, sink_in, args, kwargs):
         """The batch (B, L, d) with the sink's row appended to every sequence, through one call of
         the decoder layer -> (the layer's output over the batch, the sink's output (1, 1, d)), or
-        None where the call cannot be folded (no rotary tables passed, or a KV cache: it would
-        store the sink's row among the tokens).
+        None where the call is not folded (:func:`folds`).
 
         Position L of each row is the sink, at its rotary position; the attention function
-        (``channel.folded``) takes the sink K/V from there and gives it o = V, so the batch's
-        rows see exactly what the separate sink row would have given them. The sink's row is
-        computed B times (1/L more tokens) instead of once, in one pass over the weights.
+        (``channel.folded``) takes the sink K/V from there and makes it a segment of its own
+        (o = V), so the batch's rows see exactly what the separate sink row would have given
+        them. The sink's row is computed B times (1/L more tokens) instead of once, in one pass
+        over the weights.
         """
-        rotary = kwargs.get("position_embeddings")
-        if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in CACHE_KWARGS):
+        if not folds(layer, args, kwargs):
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden, rotary = args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"]
         batch, length, width = hidden.shape
         sink_rotary = _sink_rotary(state, sink_in, channel.memo)
         memo = channel.memo.get("folded_rotary")

@@ -320,7 +320,7 @@ def _layer_forward(layer, *args, **kwargs):
         # can: a separate one-row pass reads every weight matrix once more, and its backward adds
         # a full-size rank-1 weight gradient (17% of a ~100M model's step at B.L = 1x128).
         folded = getattr(state.backend, "run_folded", None)
-        out = None if folded is None else folded(state, call, channel, sink_in, args, kwargs)
+        out = None if folded is None else folded(state, layer, call, channel, sink_in, args, kwargs)
         if out is not None:
             return out
         sink_out = _sink_row(state, layer, call, sink_in, channel)
