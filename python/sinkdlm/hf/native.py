@@ -107,10 +107,9 @@ def _fold_masks(sink, segment_ids, key_padding, attention_mask, batch, length, d
     tokens = segment_ids
     if tokens is None:
         tokens = torch.zeros(batch, length, dtype=torch.int32, device=device)
-    folded = (
-        torch.cat([tokens, tokens[:, -1:] + 1], dim=1),
-        None if key_padding is None else torch.cat([key_padding, key_padding.new_ones(batch, 1)], 1),
-    )
+    if key_padding is not None:
+        key_padding = torch.cat([key_padding, key_padding.new_ones(batch, 1)], dim=1)
+    folded = torch.cat([tokens, tokens[:, -1:] + 1], dim=1), key_padding
     sink.memo["fold_masks"] = (segment_ids, attention_mask, folded)
     return folded
 
