@@ -98,8 +98,12 @@ class SavedForBackward:
         return tensor
 
     @property
+    def nbytes(self):
+        return sum(self.storages.values())
+
+    @property
     def mb(self):
-        return sum(self.storages.values()) / 2**20
+        return self.nbytes / 2**20
 
 
 def _build(model_name, wrapper, patched):

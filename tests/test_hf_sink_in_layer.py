@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import TINY_HF_FAMILIES, tiny_hf_model  # noqa: E402
+from conftest import TINY_HF_FAMILIES, load_script, tiny_hf_model  # noqa: E402
 from hf_mirrors.modeling_dream_mirror import DreamConfig, DreamModel  # noqa: E402
 from hf_mirrors.modeling_llada_mirror import LLaDAConfig, LLaDAModelLM  # noqa: E402
 
@@ -245,19 +245,12 @@ def test_the_sink_rows_backward_runs_between_its_layers_output_and_input(
 
 
 def saved_bytes(model, ids):
-    """Bytes of the distinct non-parameter storages autograd saves in one training forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes of the distinct non-parameter storages autograd saves in one training forward,
+    counted as benchmarks/fsdp_collectives.py counts them."""
+    saved = load_script("benchmarks/fsdp_collectives.py").SavedForBackward(model)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         model(input_ids=ids).logits.sum().backward()
-    return sum(storages.values())
+    return saved.nbytes
 
 
 def test_folded_layers_save_only_the_sinks_share_of_rows():
