@@ -325,35 +325,60 @@ def check(model):
 """
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_accelerate_launch_trains_the_finetune_example(device, tmp_path):
+# accelerate never applies its FSDP plugin to a multi-process CPU run (its state stays MULTI_CPU,
+# so the Trainer gets DDP). This switches the state to FSDP once accelerate has set it up, which is
+# the one thing a GPU run does differently: the CPU run then goes through accelerate's own FSDP2
+# preparation of the model and the Trainer's FSDP save of the full state dict.
+FORCE_ACCELERATE_FSDP = """
+import accelerate.state as accelerate_state
+
+_init = accelerate_state.AcceleratorState.__init__
+
+def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    cpu = accelerate_state.DistributedType.MULTI_CPU
+    if fsdp_plugin is not None and self.distributed_type == cpu:
+        self.distributed_type = accelerate_state.DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+        accelerate_state.PartialState._shared_state["distributed_type"] = self.distributed_type
+
+accelerate_state.AcceleratorState.__init__ = _fsdp_on_cpu
+"""
+
+
+@pytest.mark.parametrize("mode", ["cpu-ddp", "cpu-fsdp2", "cpu-fsdp2-checkpointing", "cuda"])
+def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     """examples/finetune.py under `accelerate launch --config_file examples/accelerate_fsdp2.yaml`
     on 2 processes: the sink trains and the saved model reloads with it. On CUDA the Trainer's
-    model is FSDP2-sharded per decoder layer. On CPU accelerate (1.15) never applies its FSDP
-    plugin (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
-    TrainingArguments, no wrapper at all otherwise),
-    so the CPU run checks that DDP path; FSDP itself is checked on CPU by the tests above, through
-    fully_shard directly. (The example's loss draws random masks per rank, so its loss is not
-    compared with one process here.)"""
+    model is FSDP2-sharded per decoder layer. On CPU accelerate never applies its FSDP plugin
+    (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
+    TrainingArguments), so "cpu-ddp" runs that path as a user on CPU gets it, and "cpu-fsdp2"
+    forces accelerate's state to FSDP (FORCE_ACCELERATE_FSDP) to run its FSDP2 path and the
+    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing. (The example's
+    loss draws random masks per rank, so its loss is not compared with one process here; the
+    tests above do that for fully_shard directly.)"""
     pytest.importorskip("accelerate")
-    if device == "cuda" and torch.cuda.device_count() < 2:
+    if mode == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("accelerate applies its FSDP plugin only on accelerators: needs 2 GPUs")
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     config = (root / "examples" / "accelerate_fsdp2.yaml").read_text()
     config = config.replace("num_processes: 8", "num_processes: 2").replace("bf16", "'no'")
-    if device == "cpu":
+    if mode != "cuda":
         # without use_cpu here and in TrainingArguments the Trainer, told FSDP is on, leaves the
         # model unwrapped while accelerate does not shard it: each process would train alone
         config = config.replace("use_cpu: false", "use_cpu: true")
     (tmp_path / "fsdp2.yaml").write_text(config)
     launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml")]
     launcher += ["--main_process_port", str(_free_port())]
-    expected = "fsdp2" if device == "cuda" else "ddp"
-    example_args = ["--use_cpu"] if device == "cpu" else []
-    env = dict(EXPECTED_WRAPPER=expected)
-    run_finetune_probe(tmp_path, ACCELERATE_CHECK, launcher, example_args, env)
+    example_args = ["--use_cpu"] if mode != "cuda" else []
+    if mode.endswith("checkpointing"):
+        example_args.append("--gradient_checkpointing")
+    env = dict(EXPECTED_WRAPPER="ddp" if mode == "cpu-ddp" else "fsdp2")
+    forced = mode.startswith("cpu-fsdp2")
+    check = ACCELERATE_CHECK + (FORCE_ACCELERATE_FSDP if forced else "")
+    run_finetune_probe(tmp_path, check, launcher, example_args, env)
 
 
 def _example_model():
