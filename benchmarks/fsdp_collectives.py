@@ -6,14 +6,18 @@ FullyShardedDataParallel per decoder layer, use_orig_params=True), patched with
 sinkdlm.hf.add_sink_token before wrapping or not at all. Per training step it counts the parameter
 all-gathers (torch.distributed.all_gather_single, which all_gather_into_tensor and _all_gather_base
 call, and all_gather, which FSDP1 uses on CPU) and gradient reduce-scatters (reduce_scatter_single,
-likewise reduce_scatter_tensor), forward and backward separately; the step time (median over the
-timed steps, the slower rank; the two models live in the same processes and alternate steps, so both
-see the same load on a shared machine); and the activation memory per rank (the distinct storages
-autograd saves for backward in one forward, counted by a saved_tensors_hooks pack hook: what a step
-holds at its peak besides parameters (left out: FSDP frees their gathered copies), gradients and
-optimizer state, which the sink grows by one hidden_size vector).
+likewise reduce_scatter_tensor), forward and backward separately; the step time, wall clock and
+the training thread's CPU time (the slower rank's; the two models live in the same processes and
+alternate steps, and each ratio is the median of each patched step over the unpatched step before
+it, so both see the same load on a shared machine; on a machine with fewer cores than ranks plus
+gloo's threads the wall clock swings by 10% from step to step), with the system part of the CPU
+time and the page faults;
+and the activation memory per rank (the distinct storages autograd saves for backward in one
+forward, counted by a saved_tensors_hooks pack hook: what a step holds at its peak besides
+parameters (left out: FSDP frees their gathered copies), gradients and optimizer state, which the
+sink grows by one hidden_size vector).
 
-Usage: PYTHONPATH=python python3 benchmarks/fsdp_collectives.py [--model tiny|100m] [--steps 5]
+Usage: PYTHONPATH=python python3 benchmarks/fsdp_collectives.py [--model tiny|100m] [--steps 15]
 Writes benchmarks/results/fsdp_collectives_<model>.json.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -52,6 +57,8 @@ MODELS = {
 # FSDP2 gathers through all_gather_single; FSDP1 through all_gather_single, or on CPU through the
 # list form all_gather; all_gather_into_tensor / _all_gather_base / reduce_scatter_tensor call the
 # *_single ones.
+# per training step, each rank's (the larger rank's kept)
+STEP_MEASURES = ("step_times_s", "step_cpu_s", "step_sys_s", "step_page_faults")
 COLLECTIVES = {
     "all_gather_single": "all_gather",
     "all_gather": "all_gather",
@@ -138,10 +145,13 @@ def _build(model_name, wrapper, patched):
 
 
 def _step(model, optimizer, ids, targets, counter, saved=None):
-    """One training step; its collectives go to ``counter``; returns the seconds it took."""
+    """One training step; its collectives go to ``counter``; returns the seconds it took, wall
+    clock and this thread's CPU time (the model's compute and FSDP's copies, without the waits
+    for collectives, which gloo's own threads run), the system part of that CPU time and the
+    thread's page faults (memory the allocator handed back to the kernel and touches again)."""
     counter.counts = {}
     dist.barrier()
-    start = time.perf_counter()
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_THREAD)
     counter.phase = "forward"
     hooks = (saved.pack, lambda t: t) if saved is not None else None
     with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else _nothing():
@@ -152,9 +162,14 @@ def _step(model, optimizer, ids, targets, counter, saved=None):
     counter.phase = "optimizer"
     optimizer.step()
     optimizer.zero_grad()
-    elapsed = time.perf_counter() - start
+    elapsed, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_THREAD)
     counter.phase = "setup"
-    return elapsed
+    return dict(
+        step_times_s=elapsed,
+        step_cpu_s=end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime,
+        step_sys_s=end.ru_stime - usage.ru_stime,
+        step_page_faults=end.ru_minflt + end.ru_majflt - usage.ru_minflt - usage.ru_majflt,
+    )
 
 
 class _nothing:
@@ -186,6 +201,8 @@ def _rank(rank, port, model_name, wrapper, steps, out_path):
             model=model, optimizer=optimizer, times=[], counts=[], parameters=parameters,
             saved_for_backward_mb=saved.mb,
         )  # fmt: skip
+    for run in runs.values():  # a second, alternating warm-up: the first timed pair ran slow
+        _step(run["model"], run["optimizer"], ids, targets, counter)
     for _ in range(steps):
         for run in runs.values():
             run["times"].append(_step(run["model"], run["optimizer"], ids, targets, counter))
@@ -195,7 +212,7 @@ def _rank(rank, port, model_name, wrapper, steps, out_path):
         assert all(counts == run["counts"][0] for counts in run["counts"]), run["counts"]
         result[str(patched)] = dict(
             counts=run["counts"][0],
-            step_s=statistics.median(run["times"]),
+            **{key: [step[key] for step in run["times"]] for key in STEP_MEASURES},
             saved_for_backward_mb=run["saved_for_backward_mb"],
             parameters=run["parameters"],
         )
@@ -212,7 +229,11 @@ def _free_port():
 
 
 def measure(model_name, wrapper, steps):
-    """{patched: counts, step time (the slower rank), saved-for-backward MB (the larger)}."""
+    """{patched: counts, per-step wall and CPU times (the slower rank's), their medians,
+    saved-for-backward MB (the larger rank's)}, and the step-time ratios, wall and CPU: the
+    median over steps of patched / unpatched, each patched step against the unpatched step just
+    before it, so a slow stretch of the shared machine hits both sides of a pair instead of one
+    model's median."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank{rank}.json")
         args = (_free_port(), model_name, wrapper, steps, out_path)
@@ -222,38 +243,54 @@ def measure(model_name, wrapper, steps):
     for patched in (False, True):
         per_rank = [r[str(patched)] for r in ranks]
         assert all(r["counts"] == per_rank[0]["counts"] for r in per_rank)
-        runs[patched] = dict(
-            counts=per_rank[0]["counts"],
-            step_s=max(r["step_s"] for r in per_rank),
+        runs[patched] = dict(counts=per_rank[0]["counts"])
+        for key in STEP_MEASURES:
+            runs[patched][key] = [max(s) for s in zip(*(r[key] for r in per_rank), strict=True)]
+        runs[patched].update(
+            step_s=statistics.median(runs[patched]["step_times_s"]),
+            step_cpu_s_median=statistics.median(runs[patched]["step_cpu_s"]),
+            step_sys_s_median=statistics.median(runs[patched]["step_sys_s"]),
+            step_page_faults_median=statistics.median(runs[patched]["step_page_faults"]),
             saved_for_backward_mb=max(r["saved_for_backward_mb"] for r in per_rank),
             parameters=per_rank[0]["parameters"],
         )
-    return runs
+    ratios = {}
+    for key in ("step_times_s", "step_cpu_s"):
+        pairs = zip(runs[True][key], runs[False][key], strict=True)
+        ratios[key] = statistics.median(sink / base for sink, base in pairs)
+    return runs, ratios["step_times_s"], ratios["step_cpu_s"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps after one warm-up")
     parser.add_argument("--wrappers", nargs="+", default=["fsdp2", "fsdp1"])
+    parser.add_argument("--out", type=Path, help="JSON path (default: by model, in results/)")
     args = parser.parse_args()
     rows = []
     for wrapper in args.wrappers:
-        runs = measure(args.model, wrapper, args.steps)
+        runs, step_time_ratio, step_cpu_ratio = measure(args.model, wrapper, args.steps)
         for patched, run in runs.items():
             rows.append(dict(wrapper=wrapper, sink=patched, **run))
         base, sink = runs[False], runs[True]
-        rows[-1]["step_time_ratio"] = sink["step_s"] / base["step_s"]
+        rows[-1]["step_time_ratio"] = step_time_ratio
+        rows[-1]["step_cpu_ratio"] = step_cpu_ratio
         rows[-1]["saved_ratio"] = sink["saved_for_backward_mb"] / base["saved_for_backward_mb"]
     kinds = dict.fromkeys(COLLECTIVES.values())
     phases = [f"{p}/{k}" for p in ("forward", "backward") for k in kinds]
-    header = ["wrapper", "sink", *phases, "step ms", "saved MB", "time ratio", "saved ratio"]
+    header = ["wrapper", "sink", *phases, "step ms", "CPU ms", "sys ms", "faults", "saved MB"]
+    header += ["time ratio", "CPU ratio", "saved ratio"]
     print(" | ".join(header))
     for row in rows:
         cells = [row["wrapper"], "yes" if row["sink"] else "no"]
         cells += [str(row["counts"].get(p, 0)) for p in phases]
-        cells += [f"{row['step_s'] * 1e3:.1f}", f"{row['saved_for_backward_mb']:.3f}"]
-        cells += [f"{row[k]:.3f}" if k in row else "" for k in ("step_time_ratio", "saved_ratio")]
+        times = ("step_s", "step_cpu_s_median", "step_sys_s_median")
+        cells += [f"{row[k] * 1e3:.1f}" for k in times]
+        cells += [f"{row['step_page_faults_median']:.0f}"]
+        cells += [f"{row['saved_for_backward_mb']:.3f}"]
+        ratios = ("step_time_ratio", "step_cpu_ratio", "saved_ratio")
+        cells += [f"{row[k]:.3f}" if k in row else "" for k in ratios]
         print(" | ".join(cells))
     settings = dict(MODELS[args.model])
     info = dict(
@@ -268,9 +305,10 @@ def main():
         torch=torch.__version__,
         code_path="sinkdlm.hf native backend, CPU sink_attention kernel",
         memory="bytes of the distinct storages saved for backward in one forward, per rank, max",
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),  # malloc's thresholds, if set
     )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"fsdp_collectives_{args.model}.json"
+    out = args.out or RESULTS / f"fsdp_collectives_{args.model}.json"
     out.write_text(json.dumps(dict(info=info, rows=rows), indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -170,11 +170,12 @@ def folds(layer, args, kwargs):
     Folded where sinkdlm's native CPU kernel runs the attention (the CPU, a dtype whose
     ``backend="auto"`` path is native): there a second pass over the weights for one row costs
     more than 1/L extra tokens (1.13x the unpatched step of a ~100M model under FSDP2 at
-    B.L = 1x128, against 0.94x folded). Not on CUDA, where the extra row is cheap beside the
-    batch and L + 1 keys would break the fused kernels' tile alignment, nor on the composed CPU
-    path, which runs packed segments through a dense bias. Not with a KV cache (it would store
-    the sink's row among the tokens), rotary tables not passed by keyword, or an attention
-    observer recording the layer (the attention mass takes no segments).
+    B.L = 1x128, against 1.01-1.04x folded, by CPU time: the README's FSDP table). Not on
+    CUDA, where the extra row is cheap beside the batch and L + 1 keys would break the fused
+    kernels' tile alignment, nor on the composed CPU path, which runs packed segments through a
+    dense bias. Not with a KV cache (it would store the sink's row among the tokens), rotary
+    tables not passed by keyword, or an attention observer recording the layer (the attention
+    mass takes no segments).
     """
     rotary = kwargs.get("position_embeddings")
     if len(args) > 1 or rotary is None or any(kwargs.get(n) is not None for n in CACHE_KWARGS):
