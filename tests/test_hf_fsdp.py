@@ -346,7 +346,15 @@ accelerate_state.AcceleratorState.__init__ = _fsdp_on_cpu
 """
 
 
-@pytest.mark.parametrize("mode", ["cpu-ddp", "cpu-fsdp2", "cpu-fsdp2-checkpointing", "cuda"])
+# the example's extra flags per forced-FSDP2 CPU mode
+FSDP2_CPU_MODES = {
+    "cpu-fsdp2": [],
+    "cpu-fsdp2-checkpointing": ["--gradient_checkpointing"],
+    "cpu-fsdp2-packing": ["--packing"],
+}
+
+
+@pytest.mark.parametrize("mode", ["cpu-ddp", *FSDP2_CPU_MODES, "cuda"])
 def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     """examples/finetune.py under `accelerate launch --config_file examples/accelerate_fsdp2.yaml`
     on 2 processes: the sink trains and the saved model reloads with it. On CUDA the Trainer's
@@ -354,7 +362,8 @@ def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
     TrainingArguments), so "cpu-ddp" runs that path as a user on CPU gets it, and "cpu-fsdp2"
     forces accelerate's state to FSDP (FORCE_ACCELERATE_FSDP) to run its FSDP2 path and the
-    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing. (The example's
+    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing and --packing
+    (padding-free rows through DataCollatorWithFlattening, the README's command). (The example's
     loss draws random masks per rank, so its loss is not compared with one process here; the
     tests above do that for fully_shard directly.)"""
     pytest.importorskip("accelerate")
@@ -372,12 +381,9 @@ def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     (tmp_path / "fsdp2.yaml").write_text(config)
     launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml")]
     launcher += ["--main_process_port", str(_free_port())]
-    example_args = ["--use_cpu"] if mode != "cuda" else []
-    if mode.endswith("checkpointing"):
-        example_args.append("--gradient_checkpointing")
+    example_args = ["--use_cpu", *FSDP2_CPU_MODES.get(mode, [])] if mode != "cuda" else []
     env = dict(EXPECTED_WRAPPER="ddp" if mode == "cpu-ddp" else "fsdp2")
-    forced = mode.startswith("cpu-fsdp2")
-    check = ACCELERATE_CHECK + (FORCE_ACCELERATE_FSDP if forced else "")
+    check = ACCELERATE_CHECK + (FORCE_ACCELERATE_FSDP if mode in FSDP2_CPU_MODES else "")
     run_finetune_probe(tmp_path, check, launcher, example_args, env)
 
 
