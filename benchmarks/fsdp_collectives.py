@@ -6,13 +6,12 @@ FullyShardedDataParallel per decoder layer, use_orig_params=True), patched with
 sinkdlm.hf.add_sink_token before wrapping or not at all. Per training step it counts the parameter
 all-gathers (torch.distributed.all_gather_single, which all_gather_into_tensor and _all_gather_base
 call, and all_gather, which FSDP1 uses on CPU) and gradient reduce-scatters (reduce_scatter_single,
-likewise reduce_scatter_tensor), forward and backward separately; the step time, wall clock and
-the training thread's CPU time (the slower rank's; the two models live in the same processes and
-alternate steps, and each ratio is the median of each patched step over the unpatched step before
-it, so both see the same load on a shared machine; on a machine with fewer cores than ranks plus
-gloo's threads the wall clock swings by 10% from step to step), with the system part of the CPU
-time and the page faults;
-and the activation memory per rank (the distinct storages autograd saves for backward in one
+likewise reduce_scatter_tensor), forward and backward separately; per step, the wall clock, the
+training thread's CPU time with its system part, and its page faults, the larger rank's (the two
+models live in the same processes and alternate steps; each ratio is the median over steps of a
+patched step over the unpatched step just before it, so both see the same load; with fewer cores
+than ranks plus gloo's threads the wall clock swings by 10-15% from step to step, the CPU time
+less); and the activation memory per rank (the distinct storages autograd saves for backward in one
 forward, counted by a saved_tensors_hooks pack hook: what a step holds at its peak besides
 parameters (left out: FSDP frees their gathered copies), gradients and optimizer state, which the
 sink grows by one hidden_size vector).
