@@ -10,13 +10,18 @@ and FSDP come from the launcher, bf16 / checkpoints / progress from TrainingArgu
     accelerate launch --config_file fsdp.yaml examples/finetune.py --model ... (FSDP)
     torchrun --nproc_per_node 8 examples/finetune.py --deepspeed examples/deepspeed_zero3.json ...
     python3 examples/finetune.py --packing --output_dir out/packed   # padding-free batches
+    python3 examples/finetune.py --lora 16 --output_dir out/lora      # LoRA adapters + the sink
 
 ``--packing`` trains on documents (the text files cut at blank lines, each at most --seq_len
 tokens) packed into one row per step with transformers' DataCollatorWithFlattening: no padding;
 restarting position_ids and its cu_seq_lens_q/k keep the documents apart in the sink attention,
 and each document draws its own noise level.
 
-The final save reloads with ``sinkdlm.hf.from_pretrained(output_dir)``. Other Trainer-based DLM
+``--lora R`` trains rank-R LoRA adapters on every linear layer (PEFT's "all-linear": the LM head
+left out) and the sink embedding in full (``modules_to_save``); the rest stays frozen.
+
+The final save reloads with ``sinkdlm.hf.from_pretrained(output_dir)``; with ``--lora`` it holds
+the adapters and the sink, loaded onto the base model (see ``load_lora``). Other Trainer-based DLM
 trainers (for example dLLM) are patched the same way: call add_sink_token on the model before
 handing it to their trainer.
 """
@@ -73,6 +78,9 @@ def parse_args():
     parser.add_argument(
         "--train_only_sink", action="store_true", help="freeze everything but the sink embedding"
     )
+    parser.add_argument(
+        "--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters (0: off)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--use_cpu", action="store_true")
     parser.add_argument(
@@ -97,6 +105,25 @@ def tiny_byte_model(seed):
         tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def with_lora(model, rank):
+    """``model`` (sink-patched) wrapped by PEFT: rank-``rank`` LoRA on every linear layer but the
+    LM head, the sink embedding trained in full and saved with the adapters."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules="all-linear", modules_to_save=["sink_embedding"]
+    )
+    return peft.get_peft_model(model, config)
+
+
+def load_lora(base, output_dir):
+    """A --lora run's save loaded onto ``base`` (the model it started from, unpatched): the
+    sink token added, then the adapters and the trained sink from ``output_dir``."""
+    import peft
+
+    return peft.PeftModel.from_pretrained(sinkdlm.hf.add_sink_token(base), output_dir)
 
 
 def load_model_and_tokenizer(args):
@@ -192,6 +219,8 @@ def main():
     sinkdlm.hf.add_sink_token(
         model, sink_position=args.sink_position, init=init, train_only_sink=args.train_only_sink
     )
+    if args.lora:
+        model = with_lora(model, args.lora)
 
     files = sorted({f for pattern in args.train_files for f in glob.glob(pattern)})
     if args.packing:
@@ -239,10 +268,9 @@ def main():
     if tokenizer is not None and trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
     if trainer.is_world_process_zero():
-        print(
-            f"saved to {os.path.abspath(args.output_dir)}; reload with "
-            f"sinkdlm.hf.from_pretrained({args.output_dir!r})"
-        )
+        reload = "load_lora(base_model, {!r})" if args.lora else "sinkdlm.hf.from_pretrained({!r})"
+        where = os.path.abspath(args.output_dir)
+        print(f"saved to {where}; reload with " + reload.format(args.output_dir))
     if torch.distributed.is_initialized():  # a clean gloo / NCCL shutdown under torchrun
         # Every rank's queued collectives finish before any rank leaves: with gloo, a rank whose
         # peer has gone can deadlock tearing down DDP's process group (its worker thread waits

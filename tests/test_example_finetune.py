@@ -84,3 +84,44 @@ def test_finetune_packing_trains_on_packed_documents(tmp_path, monkeypatch):
     initial = example.tiny_byte_model(seed=0)
     mean_init = initial.get_input_embeddings().weight.mean(0)
     assert not torch.allclose(reloaded.model.sink_embedding.weight, mean_init)
+
+
+def test_finetune_lora_trains_adapters_and_the_sink_and_reloads(tmp_path, monkeypatch):
+    """--lora: PEFT adapters on the linear layers and the sink (modules_to_save) train, the base
+    weights stay, and load_lora on a fresh base model gives the trained model's logits."""
+    pytest.importorskip("peft")
+    example = load_script("examples/finetune.py")
+    trained = []
+
+    def keep(model, rank):
+        trained.append(example_with_lora(model, rank))
+        return trained[-1]
+
+    example_with_lora = example.with_lora
+    monkeypatch.setattr(example, "with_lora", keep)
+    out = tmp_path / "out"
+    argv = [str(EXAMPLE), "--output_dir", str(out), "--max_steps", "3", "--batch_size", "2"]
+    argv += ["--seq_len", "32", "--lr", "1e-2", "--save_steps", "1000", "--use_cpu"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--lora", "4"])
+    example.main()
+
+    model = trained[0].eval()
+    initial = example.tiny_byte_model(seed=0)
+    mean_init = initial.get_input_embeddings().weight.mean(0)
+    lora_b, sink = [], None
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_B" in name:
+            lora_b.append(param)
+        elif "sink_embedding.modules_to_save" in name:
+            sink = param
+        elif "lora_" not in name and "sink_embedding" not in name:  # a base weight: unchanged
+            original = initial.get_parameter(name.replace(".base_layer", ""))
+            torch.testing.assert_close(param, original, rtol=0, atol=0)
+    assert len(lora_b) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    assert all(p.abs().max() > 0 for p in lora_b)  # B starts at zero: the adapters trained
+    assert not torch.allclose(sink, mean_init)  # and so did the sink
+    reloaded = example.load_lora(example.tiny_byte_model(seed=0), out).eval()
+    ids = torch.randint(0, example.BYTE_VOCAB - 1, (2, 16))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
