@@ -302,10 +302,19 @@ def run_finetune_probe(tmp_path, check, launcher, example_args, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reloaded = sinkdlm.hf.from_pretrained(out)
-    assert sinkdlm.hf.has_sink_token(reloaded)
     initial = sinkdlm.hf.add_sink_token(_example_model())
-    trained, start = reloaded.model.sink_embedding.weight, initial.model.sink_embedding.weight
+    start = initial.model.sink_embedding.weight
+    if "--lora" in example_args:  # the adapters and the sink (modules_to_save) onto the base
+        from conftest import load_script
+
+        reloaded = load_script("examples/finetune.py").load_lora(_example_model(), out)
+        trained = reloaded.get_base_model().model.sink_embedding.modules_to_save.default.weight
+        lora_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at zero
+    else:
+        reloaded = sinkdlm.hf.from_pretrained(out)
+        trained = reloaded.model.sink_embedding.weight
+    assert sinkdlm.hf.has_sink_token(reloaded)
     assert trained.shape == start.shape and not torch.allclose(trained, start)
 
 
@@ -351,6 +360,7 @@ FSDP2_CPU_MODES = {
     "cpu-fsdp2": [],
     "cpu-fsdp2-checkpointing": ["--gradient_checkpointing"],
     "cpu-fsdp2-packing": ["--packing"],
+    "cpu-fsdp2-lora": ["--lora", "4"],
 }
 
 
@@ -362,8 +372,9 @@ def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
     TrainingArguments), so "cpu-ddp" runs that path as a user on CPU gets it, and "cpu-fsdp2"
     forces accelerate's state to FSDP (FORCE_ACCELERATE_FSDP) to run its FSDP2 path and the
-    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing and --packing
-    (padding-free rows through DataCollatorWithFlattening, the README's command). (The example's
+    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing, --packing
+    (padding-free rows through DataCollatorWithFlattening, the README's command) and --lora
+    (PEFT adapters and the sink saved, reloaded onto a fresh base). (The example's
     loss draws random masks per rank, so its loss is not compared with one process here; the
     tests above do that for fully_shard directly.)"""
     pytest.importorskip("accelerate")
