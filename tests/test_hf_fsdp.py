@@ -263,20 +263,35 @@ def test_sharded_training_equals_one_process_and_checkpoints_reload(wrapper, tmp
 
 
 # A probe runs examples/finetune.py (argv[1]) with its Trainer's compute_loss first calling the
-# probe's check(model) (the model as the Trainer hands it over, wrapped by the launcher's choice).
+# probe's check(model) (the model as the Trainer hands it over, wrapped by the launcher's choice);
+# with LOSS_LOG set, each rank writes its own losses, unrounded, to LOSS_LOG.<rank> as JSON.
 FINETUNE_PROBE = """
-import importlib.util, sys
+import importlib.util, json, os, sys
 
 spec = importlib.util.spec_from_file_location("finetune_example", sys.argv[1])
 example = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(example)
 compute_loss = example.MaskedDiffusionTrainer.compute_loss
 
+losses = []
+
 def checked_compute_loss(self, model, inputs, **kwargs):
     check(model)
-    return compute_loss(self, model, inputs, **kwargs)
+    loss = compute_loss(self, model, inputs, **kwargs)
+    losses.append(loss.item())
+    return loss
 
 example.MaskedDiffusionTrainer.compute_loss = checked_compute_loss
+train = example.MaskedDiffusionTrainer.train
+
+def logged_train(self, *args, **kwargs):
+    result = train(self, *args, **kwargs)
+    if os.environ.get("LOSS_LOG"):
+        with open(f"{os.environ['LOSS_LOG']}.{self.args.process_index}", "w") as log:
+            json.dump(losses, log)
+    return result
+
+example.MaskedDiffusionTrainer.train = logged_train
 sys.argv = sys.argv[1:]
 example.main()
 """
@@ -364,22 +379,9 @@ FSDP2_CPU_MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", ["cpu-ddp", *FSDP2_CPU_MODES, "cuda"])
-def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
-    """examples/finetune.py under `accelerate launch --config_file examples/accelerate_fsdp2.yaml`
-    on 2 processes: the sink trains and the saved model reloads with it. On CUDA the Trainer's
-    model is FSDP2-sharded per decoder layer. On CPU accelerate never applies its FSDP plugin
-    (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
-    TrainingArguments), so "cpu-ddp" runs that path as a user on CPU gets it, and "cpu-fsdp2"
-    forces accelerate's state to FSDP (FORCE_ACCELERATE_FSDP) to run its FSDP2 path and the
-    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing, --packing
-    (padding-free rows through DataCollatorWithFlattening, the README's command) and --lora
-    (PEFT adapters and the sink saved, reloaded onto a fresh base). (The example's
-    loss draws random masks per rank, so its loss is not compared with one process here; the
-    tests above do that for fully_shard directly.)"""
-    pytest.importorskip("accelerate")
-    if mode == "cuda" and torch.cuda.device_count() < 2:
-        pytest.skip("accelerate applies its FSDP plugin only on accelerators: needs 2 GPUs")
+def _accelerate_run(mode, tmp_path, env=None):
+    """examples/finetune.py under accelerate launch with examples/accelerate_fsdp2.yaml on 2
+    processes, in ``mode`` (see the test below), checked by run_finetune_probe."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -393,9 +395,49 @@ def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml")]
     launcher += ["--main_process_port", str(_free_port())]
     example_args = ["--use_cpu", *FSDP2_CPU_MODES.get(mode, [])] if mode != "cuda" else []
-    env = dict(EXPECTED_WRAPPER="ddp" if mode == "cpu-ddp" else "fsdp2")
+    env = dict(env or {}, EXPECTED_WRAPPER="ddp" if mode == "cpu-ddp" else "fsdp2")
     check = ACCELERATE_CHECK + (FORCE_ACCELERATE_FSDP if mode in FSDP2_CPU_MODES else "")
     run_finetune_probe(tmp_path, check, launcher, example_args, env)
+
+
+@pytest.mark.parametrize("mode", ["cpu-ddp", *FSDP2_CPU_MODES, "cuda"])
+def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
+    """examples/finetune.py under `accelerate launch --config_file examples/accelerate_fsdp2.yaml`
+    on 2 processes: the sink trains and the saved model reloads with it. On CUDA the Trainer's
+    model is FSDP2-sharded per decoder layer. On CPU accelerate never applies its FSDP plugin
+    (multi-process CPU runs are MULTI_CPU: DDP with use_cpu in the config and the
+    TrainingArguments), so "cpu-ddp" runs that path as a user on CPU gets it, and "cpu-fsdp2"
+    forces accelerate's state to FSDP (FORCE_ACCELERATE_FSDP) to run its FSDP2 path and the
+    Trainer's FSDP save on CPU, also with the example's --gradient_checkpointing, --packing
+    (padding-free rows through DataCollatorWithFlattening, the README's command) and --lora
+    (PEFT adapters and the sink saved, reloaded onto a fresh base). The losses are compared in
+    the next test."""
+    pytest.importorskip("accelerate")
+    if mode == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("accelerate applies its FSDP plugin only on accelerators: needs 2 GPUs")
+    _accelerate_run(mode, tmp_path)
+
+
+def test_accelerate_fsdp2_trains_to_the_losses_of_accelerate_ddp(tmp_path):
+    """The same command, the same 2 ranks, seeds and batches: accelerate's FSDP2 (forced on CPU)
+    and its DDP give each rank the same loss at each of 3 steps, to LOSS_TOLERANCE (a
+    reduce-scatter instead of an all-reduce). The example draws its masks from each rank's RNG,
+    so the loss is compared between two 2-rank runs rather than with one process (the
+    fully_shard tests above do that with fixed masks)."""
+    pytest.importorskip("accelerate")
+    import json
+
+    losses = {}
+    for mode in ("cpu-ddp", "cpu-fsdp2"):
+        (tmp_path / mode).mkdir()
+        log = tmp_path / mode / "losses.json"
+        _accelerate_run(mode, tmp_path / mode, env=dict(LOSS_LOG=str(log)))
+        ranks = [json.loads((tmp_path / mode / f"losses.json.{r}").read_text()) for r in (0, 1)]
+        losses[mode] = torch.tensor(ranks, dtype=torch.float64)
+    assert losses["cpu-ddp"].shape == (2, 3), losses
+    assert not torch.allclose(losses["cpu-ddp"][0], losses["cpu-ddp"][1])  # each its own batch
+    assert not torch.allclose(losses["cpu-ddp"][:, 0], losses["cpu-ddp"][:, -1])  # it trains
+    torch.testing.assert_close(losses["cpu-fsdp2"], losses["cpu-ddp"], **LOSS_TOLERANCE)
 
 
 def _example_model():
