@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from sinkdlm.ops.cpu_paths import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# what _step measures, per training step and rank (the larger rank's kept)
+STEP_MEASURES = ("step_times_s", "step_cpu_s", "step_sys_s", "step_page_faults")
 WORLD = 2
 MODELS = {
     # the tests' tiny Llama, 3 layers
@@ -56,8 +58,6 @@ MODELS = {
 # FSDP2 gathers through all_gather_single; FSDP1 through all_gather_single, or on CPU through the
 # list form all_gather; all_gather_into_tensor / _all_gather_base / reduce_scatter_tensor call the
 # *_single ones.
-# per training step, each rank's (the larger rank's kept)
-STEP_MEASURES = ("step_times_s", "step_cpu_s", "step_sys_s", "step_page_faults")
 COLLECTIVES = {
     "all_gather_single": "all_gather",
     "all_gather": "all_gather",
@@ -263,7 +263,7 @@ def measure(model_name, wrapper, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--steps", type=int, default=15, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps after two warm-ups")
     parser.add_argument("--wrappers", nargs="+", default=["fsdp2", "fsdp1"])
     parser.add_argument("--out", type=Path, help="JSON path (default: by model, in results/)")
     args = parser.parse_args()
