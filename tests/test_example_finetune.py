@@ -14,32 +14,17 @@ import sinkdlm.hf  # noqa: E402
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 
 
+def example_argv(out, *flags, steps=3, batch=2, seq_len=32):
+    """examples/finetune.py's command line for a short CPU run saving to ``out``."""
+    argv = [str(EXAMPLE), "--output_dir", str(out), "--max_steps", str(steps)]
+    argv += ["--batch_size", str(batch), "--seq_len", str(seq_len), "--lr", "1e-2"]
+    return [*argv, "--save_steps", "1000", "--use_cpu", *flags]
+
+
 def test_finetune_trains_the_sink_and_saves_a_reloadable_model(tmp_path, monkeypatch):
     example = load_script("examples/finetune.py")
     out = tmp_path / "out"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            str(EXAMPLE),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "3",
-            "--batch_size",
-            "2",
-            "--seq_len",
-            "32",
-            "--lr",
-            "1e-2",
-            "--logging_steps",
-            "1",
-            "--save_steps",
-            "1000",
-            "--use_cpu",
-            "--train_only_sink",
-        ],
-    )
+    monkeypatch.setattr(sys, "argv", example_argv(out, "--logging_steps", "1", "--train_only_sink"))
     example.main()
 
     reloaded = sinkdlm.hf.from_pretrained(out).eval()
@@ -68,9 +53,8 @@ def test_finetune_packing_trains_on_packed_documents(tmp_path, monkeypatch):
 
     monkeypatch.setattr(example, "masked_diffusion_loss", spy)
     out = tmp_path / "out"
-    argv = [str(EXAMPLE), "--output_dir", str(out), "--max_steps", "2", "--batch_size", "3"]
-    argv += ["--seq_len", "48", "--lr", "1e-2", "--save_steps", "1000", "--use_cpu"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--train_only_sink", "--packing"])
+    flags = ("--train_only_sink", "--packing")
+    monkeypatch.setattr(sys, "argv", example_argv(out, *flags, steps=2, batch=3, seq_len=48))
     example.main()
 
     assert len(seen) == 2
@@ -100,9 +84,7 @@ def test_finetune_lora_trains_adapters_and_the_sink_and_reloads(tmp_path, monkey
     example_with_lora = example.with_lora
     monkeypatch.setattr(example, "with_lora", keep)
     out = tmp_path / "out"
-    argv = [str(EXAMPLE), "--output_dir", str(out), "--max_steps", "3", "--batch_size", "2"]
-    argv += ["--seq_len", "32", "--lr", "1e-2", "--save_steps", "1000", "--use_cpu"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--lora", "4"])
+    monkeypatch.setattr(sys, "argv", example_argv(out, "--lora", "4"))
     example.main()
 
     model = trained[0].eval()

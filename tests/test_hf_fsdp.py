@@ -320,9 +320,8 @@ def run_finetune_probe(tmp_path, check, launcher, example_args, env=None):
     initial = sinkdlm.hf.add_sink_token(_example_model())
     start = initial.model.sink_embedding.weight
     if "--lora" in example_args:  # the adapters and the sink (modules_to_save) onto the base
-        from conftest import load_script
-
-        reloaded = load_script("examples/finetune.py").load_lora(_example_model(), out)
+        example = _example()
+        reloaded = example.load_lora(example.tiny_byte_model(seed=0), out)
         trained = reloaded.get_base_model().model.sink_embedding.modules_to_save.default.weight
         lora_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
         assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at zero
@@ -440,8 +439,11 @@ def test_accelerate_fsdp2_trains_to_the_losses_of_accelerate_ddp(tmp_path):
     torch.testing.assert_close(losses["cpu-fsdp2"], losses["cpu-ddp"], **LOSS_TOLERANCE)
 
 
-def _example_model():
+def _example():
     from conftest import load_script
 
-    example = load_script("examples/finetune.py")
-    return example.tiny_byte_model(seed=0)
+    return load_script("examples/finetune.py")
+
+
+def _example_model():
+    return _example().tiny_byte_model(seed=0)
