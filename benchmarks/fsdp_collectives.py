@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -179,11 +178,10 @@ class _nothing:
         return False
 
 
-def _rank(rank, port, model_name, wrapper, steps, out_path):
+def _rank(rank, rendezvous, model_name, wrapper, steps, out_path):
     """Both models (without and with the sink) on this rank, their steps alternating so that
     both see the same load on the machine."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     counter = Counter()
     settings = MODELS[model_name]
@@ -221,12 +219,6 @@ def _rank(rank, port, model_name, wrapper, steps, out_path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(model_name, wrapper, steps):
     """{patched: counts, per-step wall and CPU times (the slower rank's), their medians,
     saved-for-backward MB (the larger rank's)}, and the step-time ratios, wall and CPU: the
@@ -235,7 +227,9 @@ def measure(model_name, wrapper, steps):
     model's median."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank{rank}.json")
-        args = (_free_port(), model_name, wrapper, steps, out_path)
+        # A file rendezvous: no TCP port to pick that another process could take meanwhile.
+        rendezvous = (Path(tmp) / "rendezvous").as_uri()
+        args = (rendezvous, model_name, wrapper, steps, out_path)
         mp.spawn(_rank, args=args, nprocs=WORLD, join=True)
         ranks = [json.loads(Path(out_path.format(rank=r)).read_text()) for r in range(WORLD)]
     runs = {}

@@ -4,6 +4,7 @@ Import what is needed with ``from conftest import ...`` (pytest puts tests/ on s
 """
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,22 @@ def load_script(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def rendezvous(directory) -> str:
+    """An ``init_method`` for ``torch.distributed.init_process_group`` in spawned test ranks: a
+    file in ``directory`` (the test's tmp_path), so that the ranks meet without a TCP port, which
+    another process could take between a test choosing it and rank 0 binding it."""
+    return (Path(directory) / "rendezvous").resolve().as_uri()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for launchers that need one (accelerate): it can still
+    be taken before the launcher binds it, which accelerate notices and answers with a port of
+    its own choosing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cuda_native() -> bool:

@@ -26,7 +26,6 @@ import torch.multiprocessing as mp
 from test_hf_fsdp import (
     STEPS,
     WORLD,
-    _free_port,
     _global_batch,
     _loss,
     _reference_start,
@@ -178,15 +177,17 @@ def _check_patching_a_partitioned_model_raises():
         sinkdlm.hf.add_sink_token(engine.module)
 
 
-def _run_rank(rank, port, out_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+def _run_rank(rank, out_dir):
+    from conftest import rendezvous
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    deepspeed.init_distributed(
+        dist_backend="gloo",
+        auto_mpi_discovery=False,
+        init_method=rendezvous(out_dir),
+        rank=rank,
+        world_size=WORLD,
     )
-    deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     try:
         for variant in ("plain", "checkpointing", "lora"):
@@ -204,7 +205,7 @@ def _run_rank(rank, port, out_dir):
 def test_zero3_training_equals_one_process_and_checkpoints_reload(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_run_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_run_rank, args=(str(tmp_path),), nprocs=WORLD, join=True)
 
 
 ZERO3_CHECK = """
@@ -226,6 +227,6 @@ def test_finetune_example_trains_under_zero3_with_the_shipped_config(tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_zero3.json"
     launcher = ["torch.distributed.run", "--nproc_per_node", str(WORLD)]
-    launcher += ["--master_port", str(_free_port())]
+    launcher += ["--standalone"]  # torchrun binds a free port itself
     example_args = ["--deepspeed", str(config), "--use_cpu"]
     run_finetune_probe(tmp_path, ZERO3_CHECK, launcher, example_args)

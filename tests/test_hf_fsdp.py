@@ -10,7 +10,6 @@ The trained model's sharded checkpoint (torch.distributed.checkpoint) and full s
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -25,12 +24,6 @@ WORLD = 2
 # Float32, 2 ranks: the gradient is averaged by a reduce-scatter instead of one backward over the
 # whole batch (different summation order), then amplified by three AdamW steps at lr 1e-2.
 LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tiny_llama():
@@ -218,11 +211,12 @@ def _check_checkpoints(model, rebuild, rank, out_dir):
     dist.barrier()
 
 
-def _run_rank(rank, port, out_dir, wrapper):
+def _run_rank(rank, out_dir, wrapper):
+    from conftest import rendezvous
+
     from sinkdlm.hf import patch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=rendezvous(out_dir), rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         if wrapper == "fsdp2":
@@ -259,7 +253,7 @@ def _run_rank(rank, port, out_dir, wrapper):
 def test_sharded_training_equals_one_process_and_checkpoints_reload(wrapper, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_run_rank, args=(_free_port(), str(tmp_path), wrapper), nprocs=WORLD, join=True)
+    mp.spawn(_run_rank, args=(str(tmp_path), wrapper), nprocs=WORLD, join=True)
 
 
 # A probe runs examples/finetune.py (argv[1]) with its Trainer's compute_loss first calling the
@@ -383,6 +377,8 @@ def _accelerate_run(mode, tmp_path, env=None):
     processes, in ``mode`` (see the test below), checked by run_finetune_probe."""
     from pathlib import Path
 
+    from conftest import free_port
+
     root = Path(__file__).resolve().parents[1]
     config = (root / "examples" / "accelerate_fsdp2.yaml").read_text()
     config = config.replace("num_processes: 8", "num_processes: 2").replace("bf16", "'no'")
@@ -392,7 +388,7 @@ def _accelerate_run(mode, tmp_path, env=None):
         config = config.replace("use_cpu: false", "use_cpu: true")
     (tmp_path / "fsdp2.yaml").write_text(config)
     launcher = ["accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml")]
-    launcher += ["--main_process_port", str(_free_port())]
+    launcher += ["--main_process_port", str(free_port())]
     example_args = ["--use_cpu", *FSDP2_CPU_MODES.get(mode, [])] if mode != "cuda" else []
     env = dict(env or {}, EXPECTED_WRAPPER="ddp" if mode == "cpu-ddp" else "fsdp2")
     check = ACCELERATE_CHECK + (FORCE_ACCELERATE_FSDP if mode in FSDP2_CPU_MODES else "")

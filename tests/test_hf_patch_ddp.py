@@ -1,7 +1,6 @@
 """Two-process DDP (CPU, gloo) training of a sink-patched model keeps the ranks in sync."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,20 +12,13 @@ transformers = pytest.importorskip("transformers")
 STEPS = 3
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _train_rank(rank, world, port, out_dir):
-    from conftest import TINY_HF_CONFIG
+def _train_rank(rank, world, out_dir):
+    from conftest import TINY_HF_CONFIG, rendezvous
 
     import sinkdlm.hf
     from sinkdlm.train import masked_diffusion_loss
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous(out_dir), rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on every rank
     config = transformers.LlamaConfig(**{**TINY_HF_CONFIG, "vocab_size": 64})
@@ -57,7 +49,7 @@ def _train_rank(rank, world, port, out_dir):
 def test_ddp_two_ranks_end_with_the_same_sink(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_train_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["start"], rank1["start"])
     assert not torch.equal(rank0["end"], rank0["start"])  # it trained
