@@ -80,6 +80,30 @@ def test_auto_float16_on_avx512_fp16_follows_the_gradient(requires_grad, monkeyp
     }
 
 
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu avx2 avx512f avx512_bf16
+
+processor\t: 1
+model name\t: another name, not read
+"""
+
+
+def test_cpu_model_names_family_model_and_stepping(tmp_path, monkeypatch):
+    # A virtual machine's "AMD EPYC" covers several generations: the numbers tell them apart.
+    (tmp_path / "cpuinfo").write_text(AMD_CPUINFO)
+    monkeypatch.setattr(cpu_paths, "CPUINFO", tmp_path / "cpuinfo")
+    assert cpu_paths.cpu_model() == "AMD EPYC (cpu family 25, model 17, stepping 1)"
+    assert cpu_paths.cpu_vendor() == "amd"
+    assert cpu_paths.cpu_features() == {"avx2", "avx512f", "avx512_bf16"}
+    monkeypatch.setattr(cpu_paths, "CPUINFO", tmp_path / "absent")
+    assert cpu_paths.cpu_model()  # Python's name for the processor instead
+
+
 def test_features_are_known_flags():
     assert cpu_paths.CPU_FEATURES <= frozenset(cpu_paths.CPU_FLAGS)
     assert cpu_paths.CPU_FEATURES == cpu_paths.cpu_features()

@@ -45,6 +45,8 @@ __all__ = [
     "cpu_vendor",
 ]
 
+CPUINFO = Path("/proc/cpuinfo")  # Linux's; tests point it at a file of their own
+
 # The flags the rule (and the benchmarks' records) look at, spelled as in /proc/cpuinfo.
 CPU_FLAGS = (
     "avx2",
@@ -64,7 +66,7 @@ def cpu_features() -> frozenset[str]:
     """This CPU's flags among ``CPU_FLAGS``: from /proc/cpuinfo on Linux, else from torch's own
     CPU probes (which know avx2, avx512, avx512_bf16, avx512_vnni, amx_tile and amx_fp16)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in CPUINFO.read_text().splitlines():
             if line.startswith("flags"):
                 return frozenset(line.split(":", 1)[1].split()) & frozenset(CPU_FLAGS)
     except OSError:
@@ -84,14 +86,22 @@ def cpu_features() -> frozenset[str]:
 
 
 def cpu_model() -> str:
-    """This CPU's model name as /proc/cpuinfo gives it (what benchmarks record), else Python's."""
+    """This CPU as benchmarks record it: /proc/cpuinfo's model name with its family, model and
+    stepping (a virtual machine may name only "AMD EPYC", which covers Zen 2 to Zen 5: the
+    numbers tell them apart), else Python's processor name."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = {}
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            info.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        info = {}
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    numbers = [f"{key} {info[key]}" for key in ("cpu family", "model", "stepping") if key in info]
+    return info["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def cpu_vendor() -> str:
