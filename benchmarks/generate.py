@@ -9,7 +9,9 @@ step), block 32, float32, prompts of 64 tokens (--prompt-lengths). Each configur
 best run's generated tokens per second (wall clock), the ratio to no cache (same head) by wall
 clock and by the process's CPU time (on a machine shared with other jobs the CPU time of a 1-thread
 run is the steadier measure), and the time spent outside the model's forwards as a share of the
-time inside them (the forwards timed by a thin wrapper around the model's block forward). "full
+time inside them (the forwards timed by a thin wrapper around the model's block forward), and
+the MAC ceiling: no cache's multiply-adds over the row's (``generate_macs``, checked against
+torch's FLOP counter), the most a cache mode can gain where time follows arithmetic. "full
 head" computes every position's logits, as generate did before the head was sliced (the wrapper
 asks for all and keeps the block's).
 
@@ -385,12 +387,51 @@ def merged_speed_rows(previous, result) -> list[dict]:
     return sorted(kept + result["speed"], key=order)
 
 
+def generate_macs(settings, prompt_length, gen_length, cache, head, sink=True) -> int:
+    """Multiply-adds per row of one generate call with steps = gen_length (one token per step):
+    the projections, the MLP and attention (scores and values, the sink's key included) of
+    every fed token in every layer, and the LM head at the positions whose logits are computed.
+    Their ratios are what a cache mode can gain at best when time follows the arithmetic.
+    ``sink``: the model has the sink token (one more key per attention row)."""
+    hidden, layers, block = settings["hidden"], settings["layers"], settings["block_length"]
+    kv_width = settings["kv_heads"] * hidden // settings["heads"]
+    per_token = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * settings["ffn"]
+    total = prompt_length + gen_length
+
+    def forward(queries, kept):
+        return (
+            layers * queries * (per_token + 2 * hidden * (total + sink))
+            + kept * hidden * settings["vocab"]
+        )
+
+    def kept(queries):
+        return queries if head == "full" else block
+
+    if cache == "none":
+        return gen_length * forward(total, kept(total))
+    macs = 0
+    for start in range(0, gen_length, block):
+        # the block's first step is the refreshing forward over the whole sequence
+        queries = gen_length - start if cache == "prefix" else block
+        macs += forward(total, kept(total)) + (block - 1) * forward(queries, kept(queries))
+    return macs
+
+
+def mac_ceiling(row, settings) -> float:
+    """No cache's multiply-adds over the row's (see generate_macs): its "vs no cache" at best."""
+    config = (settings, row["prompt_length"], row["gen_length"])
+    return generate_macs(*config, "none", row["head"]) / generate_macs(
+        *config, row["cache"], row["head"]
+    )
+
+
 def table(result) -> str:
     cpu_rate = {_key(r): r["tokens_per_cpu_s"] for r in result["speed"]}
+    settings = result.get("speed_settings") or result["settings"]
     lines = [
         "| batch | prompt | gen | cache | head | tokens/s | tokens/CPU s | vs no cache | "
-        "(CPU time) | sliced vs full (CPU time) | outside model |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "(CPU time) | MAC ceiling | sliced vs full (CPU time) | outside model |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["speed"]:
         head = r["head"]
@@ -404,7 +445,8 @@ def table(result) -> str:
             f"| {r['batch']} | {r['prompt_length']} | {r['gen_length']} | {r['cache']} | {head} | "
             f"{r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
             f"{r['vs_no_cache']:.2f}x | "
-            f"{r['vs_no_cache_cpu_time']:.2f}x | {gain} | {100 * r['outside_model_share']:.1f}% |"
+            f"{r['vs_no_cache_cpu_time']:.2f}x | {mac_ceiling(r, settings):.2f}x | {gain} | "
+            f"{100 * r['outside_model_share']:.1f}% |"
         )
     lines += [
         "",

@@ -36,11 +36,37 @@ def test_speed_rows_cover_every_configuration(bench, tmp_path):
         assert r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0
         if r["cache"] == "none":
             assert r["vs_no_cache"] == 1.0
-    result = dict(speed=rows, threshold=[], cpu="test", device="cpu", threads=1)
+    result = result_of(rows, threshold=[])
     text = bench.table(result)
     assert text.count("\n| 2 | 12 | 16 |") == 6
     bench.plot(result, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("head", ["full", "sliced"])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_mac_count_is_what_generate_multiplies(bench, cache, head):
+    """generate_macs (the table's MAC ceiling) against torch's FLOP counter over a whole
+    generate call of an eager-attention Llama without the sink, whose attention is matmuls."""
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = dict(hidden=32, layers=2, heads=2, kv_heads=1, ffn=64, vocab=64, block_length=8)
+    config = transformers.LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompts = torch.randint(0, 63, (3, 5), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        bench.timed_generate(
+            model, prompts, full_head=head == "full", gen_length=16, steps=16,
+            block_length=8, mask_id=63, cache=None if cache == "none" else cache,
+        )  # fmt: skip
+    macs = bench.generate_macs(shape, 5, 16, cache, head, sink=False)
+    assert counter.get_total_flops() == 2 * 3 * macs  # a multiply-add is two FLOPs, 3 rows
 
 
 def test_no_cache_calls_stops_only_the_uncached_runs(bench):
@@ -50,7 +76,7 @@ def test_no_cache_calls_stops_only_the_uncached_runs(bench):
 
 
 def result_of(rows, **kw):
-    settings = dict(hidden=32, layers=1, kv_heads=1, ffn=64, vocab=64, block_length=8)
+    settings = dict(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vocab=64, block_length=8)
     settings.update(repeats=1, no_cache_calls=None)
     return dict(speed=rows, speed_settings=settings, settings=settings, cpu="test",
                 device="cpu", threads=1, torch="t", **kw)  # fmt: skip
