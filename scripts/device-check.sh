@@ -172,6 +172,9 @@ bench() {  # bench NAME SCRIPT ARGS...
 bench remask benchmarks/remask.py --devices cuda --repeats 3
 # A slice of the README grid that fits the step's time (the whole grid: run it on its own).
 bench attention_cuda benchmarks/attention_cuda.py --lengths 4096 --head-dims 128 --reps 5
+# Issue 14's GPU rows at gen 512 (the ~125M preset, sliced head; each uncached run over 64 calls).
+bench generate benchmarks/generate.py --device cuda --preset issue --repeats 1 --heads sliced \
+  --gen-lengths 512 --no-cache-calls 64 --skip-threshold
 
 # ---- summary --------------------------------------------------------------------------------
 "$PY" - "$DIR" <<'EOF' || say "could not write summary.json"
