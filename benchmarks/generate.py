@@ -39,10 +39,11 @@ the prompt's share of every step, so its gain grows with the prompt.
 
 Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [--threads N]
 [--device cpu|cuda] [--prompt-lengths 64 256] [--heads full sliced] [--caches prefix dual]
-[--batches 1 4] [--gen-lengths 256 512] [--no-cache-calls N] [--merge]. ``--merge`` adds this
-run's rows to the JSON's (same machine and model), so a matrix too long for one sitting can be
-timed in parts.
-Writes benchmarks/results/generate_<cpu|cuda>[_issue].json and .png and prints the table (the
+[--batches 1 4] [--gen-lengths 256 512] [--no-cache-calls N] [--merge] [--out PATH].
+``--merge`` adds this run's rows to the JSON's (same machine and model), so a matrix too long for
+one sitting can be timed in parts.
+Writes benchmarks/results/generate_<cpu|cuda>[_issue].json (or --out) and a PNG beside it and
+prints the table (the
 CUDA path synchronizes around each timed forward; it has not run yet).
 """
 
@@ -553,6 +554,11 @@ def main():
         help="time the uncached runs over their first N model calls only (each is the same "
         "full forward, so the rate is the whole run's); cached runs always run whole",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default: results/generate_<device>[_<preset>].json; the PNG beside it)",
+    )
     parser.add_argument("--skip-speed", action="store_true", help="only the threshold part")
     parser.add_argument("--skip-threshold", action="store_true", help="only the speed part")
     args = parser.parse_args()
@@ -574,7 +580,7 @@ def main():
     )
     # The small preset is the README's main table; other presets get their own files.
     suffix = "" if args.preset == "small" else f"_{args.preset}"
-    path = RESULTS / f"generate_{device.type}{suffix}.json"
+    path = args.out or RESULTS / f"generate_{device.type}{suffix}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     if args.merge and not args.skip_speed:
         check_mergeable(previous, result)  # before the run, not after it
@@ -591,7 +597,7 @@ def main():
         if skipped[part]:
             result[part] = previous.get(part, [])
             result[f"{part}_settings"] = previous.get(f"{part}_settings", {})
-    RESULTS.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     if result["speed"]:
         plot(result, path.with_suffix(".png"))
