@@ -555,8 +555,7 @@ def main():
         "full forward, so the rate is the whole run's); cached runs always run whole",
     )
     parser.add_argument(
-        "--out",
-        type=Path,
+        "--out",  # a str, not a Path: the settings go into the JSON
         help="JSON path (default: results/generate_<device>[_<preset>].json; the PNG beside it)",
     )
     parser.add_argument("--skip-speed", action="store_true", help="only the threshold part")
@@ -580,7 +579,7 @@ def main():
     )
     # The small preset is the README's main table; other presets get their own files.
     suffix = "" if args.preset == "small" else f"_{args.preset}"
-    path = args.out or RESULTS / f"generate_{device.type}{suffix}.json"
+    path = Path(args.out) if args.out else RESULTS / f"generate_{device.type}{suffix}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     if args.merge and not args.skip_speed:
         check_mergeable(previous, result)  # before the run, not after it

@@ -69,6 +69,21 @@ def test_mac_count_is_what_generate_multiplies(bench, cache, head):
     assert counter.get_total_flops() == 2 * 3 * macs  # a multiply-add is two FLOPs, 3 rows
 
 
+def test_main_writes_the_json_and_png_where_told(bench, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    monkeypatch.setitem(bench.PRESETS, "small", dict(TINY, heads=2))
+    out = tmp_path / "run" / "generate.json"
+    argv = ["generate.py", "--skip-threshold", "--repeats", "1", "--prompt-lengths", "4",
+            "--block-length", "8", "--heads", "sliced", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    result = json.loads(out.read_text())
+    assert len(result["speed"]) == 3 and result["speed_settings"]["out"] == str(out)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_no_cache_calls_stops_only_the_uncached_runs(bench):
     rows = bench.speed(args(no_cache_calls=5, lm_heads=["sliced"], prompt_lengths=[4]), TINY)
     calls = {r["cache"]: (r["model_calls"], r["timed_calls_only"]) for r in rows}
