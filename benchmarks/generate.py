@@ -10,10 +10,11 @@ best run's generated tokens per second (wall clock), the ratio to no cache (same
 clock and by the process's CPU time (on a machine shared with other jobs the CPU time of a 1-thread
 run is the steadier measure), and the time spent outside the model's forwards as a share of the
 time inside them (the forwards timed by a thin wrapper around the model's block forward), and
-the MAC ceiling: no cache's multiply-adds over the row's (``generate_macs``, checked against
-torch's FLOP counter), the most a cache mode can gain where time follows arithmetic. "full
-head" computes every position's logits, as generate did before the head was sliced (the wrapper
-asks for all and keeps the block's).
+the MAC ratio: no cache's multiply-adds over the row's (``generate_macs``, checked against
+torch's FLOP counter): what "vs no cache" would be if every multiply-add took the same time
+(they do not: a cached step's smaller GEMMs run slower per multiply-add, so most rows land a
+little under it). "full head" computes every position's logits, as generate did before the head
+was sliced (the wrapper asks for all and keeps the block's).
 
 In dual mode a cached step feeds only the block, so there the "full head" is the block's
 positions too: it differs from the sliced head only at the refresh forward of each block (all T
@@ -392,7 +393,7 @@ def generate_macs(settings, prompt_length, gen_length, cache, head, sink=True) -
     """Multiply-adds per row of one generate call with steps = gen_length (one token per step):
     the projections, the MLP and attention (scores and values, the sink's key included) of
     every fed token in every layer, and the LM head at the positions whose logits are computed.
-    Their ratios are what a cache mode can gain at best when time follows the arithmetic.
+    Their ratios are what a cache mode would gain if every multiply-add took the same time.
     ``sink``: the model has the sink token (one more key per attention row)."""
     hidden, layers, block = settings["hidden"], settings["layers"], settings["block_length"]
     kv_width = settings["kv_heads"] * hidden // settings["heads"]
@@ -418,8 +419,9 @@ def generate_macs(settings, prompt_length, gen_length, cache, head, sink=True) -
     return macs
 
 
-def mac_ceiling(row, settings) -> float:
-    """No cache's multiply-adds over the row's (see generate_macs): its "vs no cache" at best."""
+def mac_ratio(row, settings) -> float:
+    """No cache's multiply-adds over the row's (see generate_macs): its "vs no cache" if time
+    followed the arithmetic."""
     config = (settings, row["prompt_length"], row["gen_length"])
     return generate_macs(*config, "none", row["head"]) / generate_macs(
         *config, row["cache"], row["head"]
@@ -431,7 +433,7 @@ def table(result) -> str:
     settings = result.get("speed_settings") or result["settings"]
     lines = [
         "| batch | prompt | gen | cache | head | tokens/s | tokens/CPU s | vs no cache | "
-        "(CPU time) | MAC ceiling | sliced vs full (CPU time) | outside model |",
+        "(CPU time) | MAC ratio | sliced vs full (CPU time) | outside model |",
         "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["speed"]:
@@ -446,7 +448,7 @@ def table(result) -> str:
             f"| {r['batch']} | {r['prompt_length']} | {r['gen_length']} | {r['cache']} | {head} | "
             f"{r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
             f"{r['vs_no_cache']:.2f}x | "
-            f"{r['vs_no_cache_cpu_time']:.2f}x | {mac_ceiling(r, settings):.2f}x | {gain} | "
+            f"{r['vs_no_cache_cpu_time']:.2f}x | {mac_ratio(r, settings):.2f}x | {gain} | "
             f"{100 * r['outside_model_share']:.1f}% |"
         )
     lines += [

@@ -46,7 +46,7 @@ def test_speed_rows_cover_every_configuration(bench, tmp_path):
 @pytest.mark.parametrize("head", ["full", "sliced"])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_mac_count_is_what_generate_multiplies(bench, cache, head):
-    """generate_macs (the table's MAC ceiling) against torch's FLOP counter over a whole
+    """generate_macs (the table's MAC ratio) against torch's FLOP counter over a whole
     generate call of an eager-attention Llama without the sink, whose attention is matmuls."""
     import torch
     import transformers
