@@ -260,6 +260,28 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.sinkdlm.sink_attention_fwd.default, (*args, kpm, kpm, scale))
 
 
+@pytest.mark.parametrize("op", ["sink_attention_bwd", "sink_attention_composed_bwd"])
+def test_opcheck_backward_with_strided_inputs(op):
+    """The backward ops' fakes lay their gradients out as the kernels do: the native kernel's
+    are contiguous, the composed path's take the inputs' strides (q, k, v here are (B, L, H, D)
+    tensors seen as (B, H, L, D), as Hugging Face models pass them)."""
+    B, H, Hkv, L, D = 2, 4, 2, 7, 16
+    g = torch.Generator().manual_seed(3)
+
+    def strided(heads):
+        return torch.randn(B, L, heads, D, generator=g).transpose(1, 2)
+
+    q, k, v = strided(H), strided(Hkv), strided(Hkv)
+    sk, sv, lam = torch.randn(Hkv, D, generator=g), torch.randn(Hkv, D, generator=g), None
+    kpm = torch.ones(B, L, dtype=torch.bool)
+    kpm[0, :2] = False
+    forward = "sink_attention_fwd" if op == "sink_attention_bwd" else "sink_attention_composed_fwd"
+    out, lse = getattr(torch.ops.sinkdlm, forward)(q, k, v, sk, sv, lam, kpm, None, 0.25)
+    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, sk, sv, lam, kpm, None, out,
+            lse, 0.25)  # fmt: skip
+    torch.library.opcheck(getattr(torch.ops.sinkdlm, op).default, args)
+
+
 def test_torch_compile_fullgraph():
     q, k, v, sk, sv, lam, kpm = make_inputs(
         2, 4, 2, 17, 16, "shared+logit", True, dtype=torch.float32

@@ -204,44 +204,19 @@ torch.library.register_fake(_OP)(_sink_attention_fwd_fake)
 torch.library.register_fake(_COMPOSED_OP)(_sink_attention_fwd_fake)
 
 
-@torch.library.register_fake("sinkdlm::sink_attention_bwd")
-def _sink_attention_bwd_fake(
-    grad_out,
-    grad_lse,
-    q,
-    k,
-    v,
-    sink_k,
-    sink_v,
-    sink_logit,
-    key_padding_mask,
-    query_padding_mask,
-    out,
-    lse,
-    scale,
-    segment_ids=None,
-):
-    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, not _native_on(q.device.type))
+def _bwd_fake_of(always_composed: bool):
+    """The fake of a backward op: the native op's gradients are laid out as its kernel lays them
+    out where it runs sinkdlm's own kernel (_native_on), as the composed op's elsewhere."""
+
+    def fake(grad_out, grad_lse, q, k, v, sink_k, sink_v, sink_logit, *rest, **kwargs):
+        composed = always_composed or not _native_on(q.device.type)
+        return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed)
+
+    return fake
 
 
-@torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")
-def _composed_bwd_fake(
-    grad_out,
-    grad_lse,
-    q,
-    k,
-    v,
-    sink_k,
-    sink_v,
-    sink_logit,
-    key_padding_mask,
-    query_padding_mask,
-    out,
-    lse,
-    scale,
-    segment_ids=None,
-):
-    return _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed=True)
+torch.library.register_fake("sinkdlm::sink_attention_bwd")(_bwd_fake_of(False))
+torch.library.register_fake("sinkdlm::sink_attention_composed_bwd")(_bwd_fake_of(True))
 
 
 def _setup_context(ctx, inputs, output):
