@@ -44,8 +44,7 @@ Usage: PYTHONPATH=python python benchmarks/generate.py [--preset small|issue] [-
 ``--merge`` adds this run's rows to the JSON's (same machine and model), so a matrix too long for
 one sitting can be timed in parts.
 Writes benchmarks/results/generate_<cpu|cuda>[_issue].json (or --out) and a PNG beside it and
-prints the table (the
-CUDA path synchronizes around each timed forward; it has not run yet).
+prints the table (the CUDA path synchronizes around each timed forward; it has not run yet).
 """
 
 from __future__ import annotations
@@ -430,7 +429,7 @@ def mac_ratio(row, settings) -> float:
 
 def table(result) -> str:
     cpu_rate = {_key(r): r["tokens_per_cpu_s"] for r in result["speed"]}
-    settings = result.get("speed_settings") or result["settings"]
+    settings = result["speed_settings"]  # the model the speed rows were timed on
     lines = [
         "| batch | prompt | gen | cache | head | tokens/s | tokens/CPU s | vs no cache | "
         "(CPU time) | MAC ratio | sliced vs full (CPU time) | outside model |",

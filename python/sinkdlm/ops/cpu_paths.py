@@ -89,15 +89,15 @@ def cpu_model() -> str:
     """This CPU as benchmarks record it: /proc/cpuinfo's model name with its family, model and
     stepping (a virtual machine may name only "AMD EPYC", which covers Zen 2 to Zen 5: the
     numbers tell them apart), else Python's processor name."""
+    info = {}
     try:
-        info = {}
         for line in CPUINFO.read_text().splitlines():
             key, _, value = line.partition(":")
             if not key.strip():
                 break  # the first processor's block is enough
             info.setdefault(key.strip(), value.strip())
     except OSError:
-        info = {}
+        pass
     if "model name" not in info:
         return platform.processor() or platform.machine()
     numbers = [f"{key} {info[key]}" for key in ("cpu family", "model", "stepping") if key in info]
