@@ -263,23 +263,28 @@ def test_opcheck(case):
 @pytest.mark.parametrize("op", ["sink_attention_bwd", "sink_attention_composed_bwd"])
 def test_opcheck_backward_with_strided_inputs(op):
     """The backward ops' fakes lay their gradients out as the kernels do: the native kernel's
-    are contiguous, the composed path's take the inputs' strides (q, k, v here are (B, L, H, D)
-    tensors seen as (B, H, L, D), as Hugging Face models pass them)."""
+    are contiguous, the composed path's on the CPU (B, L, H, D)-major, for q, k, v either laid
+    out so (as Hugging Face models pass them) or contiguous, and for the widened copies a
+    gradient through lse takes (the backend's gradients are then copied)."""
     B, H, Hkv, L, D = 2, 4, 2, 7, 16
     g = torch.Generator().manual_seed(3)
 
     def strided(heads):
         return torch.randn(B, L, heads, D, generator=g).transpose(1, 2)
 
-    q, k, v = strided(H), strided(Hkv), strided(Hkv)
     sk, sv, lam = torch.randn(Hkv, D, generator=g), torch.randn(Hkv, D, generator=g), None
     kpm = torch.ones(B, L, dtype=torch.bool)
     kpm[0, :2] = False
     forward = "sink_attention_fwd" if op == "sink_attention_bwd" else "sink_attention_composed_fwd"
-    out, lse = getattr(torch.ops.sinkdlm, forward)(q, k, v, sk, sv, lam, kpm, None, 0.25)
-    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, sk, sv, lam, kpm, None, out,
-            lse, 0.25)  # fmt: skip
-    torch.library.opcheck(getattr(torch.ops.sinkdlm, op).default, args)
+    for q, k, v in (
+        (strided(H), strided(Hkv), strided(Hkv)),
+        make_inputs(B, H, Hkv, L, D, "none", False, torch.float32)[:3],
+    ):
+        out, lse = getattr(torch.ops.sinkdlm, forward)(q, k, v, sk, sv, lam, kpm, None, 0.25)
+        for grad_lse in (torch.randn_like(lse), None):
+            args = (torch.randn_like(out), grad_lse, q, k, v, sk, sv, lam, kpm, None, out, lse,
+                    0.25)  # fmt: skip
+            torch.library.opcheck(getattr(torch.ops.sinkdlm, op).default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -357,11 +357,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   return {dq, sum_heads(dk, Hkv), sum_heads(dv, Hkv)};
 }
 
-// grad with the strides of empty_like(like) (what the fake kernel promises), copied if needed.
-at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
-  at::Tensor want = at::empty_like(like, like.options().device(at::kMeta));
-  if (grad.strides() == want.strides()) return grad;
-  return at::empty_like(like).copy_(grad);
+// A gradient of `like` ((B, H, L, D)) laid out as the fake kernel promises, copied only if the
+// backend's is not: (B, L, H, D)-major on the CPU, which is how ATen's CPU flash backward returns
+// every gradient whatever the inputs' layout (a copy to the inputs' own strides would cost a pass
+// over each of dq, dk and dv); empty_like(like) on CUDA.
+at::Tensor grad_laid_out(const at::Tensor& grad, const at::Tensor& like) {
+  const auto layout = [&](const at::TensorOptions& options) {
+    if (!like.is_cpu()) return at::empty_like(like, options);
+    return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, options)
+        .transpose(1, 2);
+  };
+  if (grad.strides() == layout(like.options().device(at::kMeta)).strides()) return grad;
+  return layout(like.options()).copy_(grad);
 }
 
 at::Tensor in_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
@@ -384,10 +391,11 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
   const at::ScalarType acc = acc_type(q.scalar_type());
   // out takes q's layout (empty_like), as flash's does: a (B, L, H, D)-major q (a projection
   // viewed as heads) gives an out whose transpose(1, 2).reshape(B, L, H * D) is free, and the
-  // merge runs in place over the backend's out whenever the layouts agree.
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({d.batch, d.heads, d.seq_len}, q.options().dtype(acc));
-  if (out.numel() == 0) return {out, lse};
+  // merge runs in place over the backend's out whenever the layouts agree (no second buffer is
+  // allocated then: an unused one costs page faults on every call once the allocator returns it).
+  const auto lse_options = q.options().dtype(acc);
+  if (q.numel() == 0)
+    return {at::empty_like(q), at::empty({d.batch, d.heads, d.seq_len}, lse_options)};
 
   const int64_t width = backend_width(q, false);
   const at::Tensor qw = widen(q, width), kw = widen(k, width), vw = widen(v, width);
@@ -409,10 +417,11 @@ std::tuple<at::Tensor, at::Tensor> sink_attention_composed_fwd(
   a.sink_logit = in_acc(sink_logit, acc);
   a.row_mask = query_padding_in_force(d, key_padding_mask, query_padding_mask);
   a.scale = scale;
-  a.out = attn_out.strides() == out.strides() ? attn_out : out;
-  a.lse = lse;
+  const at::Tensor want = at::empty_like(q, q.options().device(at::kMeta));
+  a.out = attn_out.strides() == want.strides() ? attn_out : at::empty_like(q);
+  a.lse = at::empty({d.batch, d.heads, d.seq_len}, lse_options);
   kernels.fwd(a);
-  return {a.out, lse};
+  return {a.out, a.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -487,9 +496,9 @@ sink_attention_composed_bwd(const at::Tensor& grad_out, const std::optional<at::
     kernels.bwd(a);
   }
   to_input_dtype();
-  return {strided_like(dq, q),
-          strided_like(dk.narrow(3, 0, d.head_dim), k),
-          strided_like(dv.narrow(3, 0, d.head_dim), v),
+  return {grad_laid_out(dq, q),
+          grad_laid_out(dk.narrow(3, 0, d.head_dim), k),
+          grad_laid_out(dv.narrow(3, 0, d.head_dim), v),
           dsink_k,
           dsink_v,
           dsink_logit};

@@ -24,7 +24,8 @@ namespace sinkdlm {
 
 // T: element type of q, out and dO (float, double, float16, bfloat16). A: accumulation type of
 // lse and the sink (double for double, else float). Strides are in elements; the last dimension
-// of q, attn_out, dout and out may have any stride on the CPU, must be unit on CUDA.
+// of q, attn_out, out, dout and dq must have unit stride (the op passes them so: the backends'
+// outputs have it, and the inputs are made so).
 template <typename T, typename A>
 struct SinkMergeParams {
   int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;  // H % Hkv == 0

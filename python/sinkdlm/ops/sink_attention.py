@@ -166,15 +166,21 @@ def sink_attention(
 # ---- op registration: fake kernels and autograd -------------------------------------------
 # Two op pairs, one rule for both: sink_attention_{fwd,bwd} (native kernel on the CPU, composed
 # on CUDA) and sink_attention_composed_{fwd,bwd}. The fakes promise the layouts the kernels
-# return: out like q on both; the gradients contiguous from the native CPU kernel, empty_like
-# from the composed path.
+# return: out like q on both; the gradients contiguous from the native CPU kernel; from the
+# composed path (B, L, H, D)-major on the CPU (ATen's CPU flash backward gives every gradient so,
+# and a copy to the inputs' strides would be one more pass over each) and empty_like on CUDA.
 
 
 def _bwd_fake(q, k, v, sink_k, sink_v, sink_logit, composed):
     def like(t):
         if t is None:
             return q.new_empty(0)
-        return torch.empty_like(t) if composed and t.dim() == 4 else t.new_empty(t.shape)
+        if not composed or t.dim() != 4:
+            return t.new_empty(t.shape)
+        if t.device.type == "cuda":
+            return torch.empty_like(t)
+        B, H, L, D = t.shape
+        return t.new_empty(B, L, H, D).transpose(1, 2)
 
     return like(q), like(k), like(v), like(sink_k), like(sink_v), like(sink_logit)
 
