@@ -57,9 +57,11 @@ CpuFeatures detect_cpu_features();
 
 // The bf16 GEMM kernels for a CPU with `cpu`, or null for float32 GEMMs on converted tiles.
 // Rule (measured with benchmarks/attention_cpu.py): vdpbf16ps where it outruns the float32 FMA,
-// i.e. on AMD CPUs with avx512_bf16 (Zen 4: 2-4x SDPA in bf16); elsewhere sgemm. Intel cores
-// run vdpbf16ps zmm at half the flop rate of vfmadd231ps (measured on a Xeon with avx512_bf16
-// and avx512_fp16: 32 vs 66 GFLOP/s per core), so there bf16 through sgemm is ~2x faster.
+// i.e. on AMD CPUs with avx512_bf16 (Zen 4: 2-4x SDPA in bf16); elsewhere sgemm. A Xeon with
+// avx512_bf16 and avx512_fp16 ran vdpbf16ps zmm at half the flop rate of vfmadd231ps (32 vs 66
+// GFLOP/s per core), so there bf16 through sgemm is ~2x faster; a Xeon with AMX runs it at 1.46x
+// (101 vs 70), yet the kernel, forced, was still 1.4-1.6x slower than sgemm there (and bf16 runs
+// the composed path on AMX CPUs anyway: ops/cpu_paths.py).
 // `override_name` (the SINKDLM_CPU_BF16_GEMM environment variable, for tests and benchmarks)
 // forces one: "avx512_bf16", "fp32" or "portable"; null, "" or "auto" apply the rule. Throws
 // std::invalid_argument for another name or for "avx512_bf16" on a CPU without it.

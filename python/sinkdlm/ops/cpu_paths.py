@@ -8,24 +8,33 @@ run on oneDNN's brgemm, AMX tiles where the CPU has them, then sinkdlm's fused s
 
 Which GEMMs the native kernel runs bfloat16 on is a second rule, in C++ (``choose_bf16_kernels``
 in csrc/common/cpu_context.h; ``sinkdlm._C.cpu_bf16_gemm()`` names the pick): vdpbf16ps on AMD
-CPUs with avx512_bf16, float32 sgemm on converted tiles elsewhere (Intel's vdpbf16ps runs at half
-its float32 FMA rate).
+CPUs with avx512_bf16, float32 sgemm on converted tiles elsewhere (on the Intel Xeon without AMX
+vdpbf16ps runs at half its float32 FMA rate; on the AMX Xeon at 1.46x it, yet the vdpbf16ps
+kernel, forced, ran 1.4-1.6x slower than sgemm on converted tiles there:
+``benchmarks/results/attention_cpu_intel_amx_vdpbf16ps.json``).
 
 The rule (``cpu_auto_backend``), each line from ``benchmarks/attention_cpu.py``:
 
-* float32, float64: native. Measured on an AMD EPYC (avx512_bf16) and an Intel Xeon
-  (avx512_bf16 + avx512_fp16, no AMX): native is at parity with ATen's flash or ahead (it
-  skips the concatenation), composed adds the merge on top. The issue's Intel AMX machine
-  measured the same (native 61 ms vs composed 67 ms, float32, 4·1024, D 128).
-* bfloat16 with ``amx_bf16``: composed. Not measured by this rule's author (no AMX machine);
-  the issue measured ATen's AMX brgemm at 4-5x sinkdlm's vdpbf16ps kernel there, forward.
-* bfloat16 with avx512_bf16, no AMX: native (vdpbf16ps), 2-4x faster than ATen's flash on
-  both the AMD and the Intel machine.
+* float32, float64: native. Measured on an AMD EPYC (avx512_bf16), an Intel Xeon
+  (avx512_bf16 + avx512_fp16, no AMX) and an Intel Xeon with AMX: native is at parity with
+  ATen's flash or ahead (it skips the concatenation). On the AMX Xeon composed, the same ATen
+  kernel plus the merge, is within 4% of native forward (ahead in 5 of 6 rows) and up to 13%
+  behind forward+backward, so native stays.
+* bfloat16 with ``amx_bf16``: composed. Measured on the AMX Xeon: ATen's flash runs its tiles on
+  oneDNN's AMX brgemm, and composed is 2.6-3.6x native forward and 1.1-2.3x forward+backward
+  (native runs bfloat16 through sgemm on converted tiles there, and its vdpbf16ps kernel is
+  slower still), 1-24% above ATen's flash with no sink at all (1-13% at L >= 1024).
+* bfloat16 with avx512_bf16, no AMX: native (vdpbf16ps on AMD, sgemm on converted tiles on
+  Intel: the second rule below), 2-4x faster than ATen's flash on the AMD machine and 1.2-2.0x
+  on the Intel one without AMX.
 * bfloat16 without avx512_bf16: native (its float32-GEMM path). Unmeasured: no such machine.
 * float16 with ``amx_fp16``: composed (unmeasured: oneDNN's AMX-FP16 brgemm).
 * float16 with avx512_fp16, no AMX-FP16: composed for a forward without gradients (ATen's
   float16 CPU flash forward measured 1.05-1.25x faster than native on the Intel Xeon, 5 of 6
-  rows), native when a backward follows (native 1.2-1.5x faster forward+backward there).
+  rows; 1.03-1.43x on the AMX Xeon, all 6), native when a backward follows (native 1.2-1.5x
+  faster forward+backward on the first Xeon; on the AMX Xeon 1.03-1.17x faster in 4 of 6 rows,
+  slower at D 128 with L <= 1024, 0.81x and 0.93x, rows that moved by up to 15% between runs:
+  a split by head dim and length is not settled by one machine's noisy rows).
 * float16 elsewhere: native (float32 GEMMs on converted tiles; ATen's CPU flash converts too).
 """
 
