@@ -6,6 +6,7 @@
 // selects and reductions below.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -40,16 +41,8 @@ SINKDLM_INLINE vhalf vload_half(const void* p) {
   return v;
 }
 SINKDLM_INLINE void vstore_half(void* p, vhalf v) { std::memcpy(p, &v, sizeof v); }
-SINKDLM_INLINE vfloat as_float(vuint u) {
-  vfloat f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-SINKDLM_INLINE vuint as_uint(vfloat f) {
-  vuint u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+SINKDLM_INLINE vfloat as_float(vuint u) { return std::bit_cast<vfloat>(u); }
+SINKDLM_INLINE vuint as_uint(vfloat f) { return std::bit_cast<vuint>(f); }
 SINKDLM_INLINE float hsum(vfloat v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -113,7 +106,7 @@ SINKDLM_INLINE float fast_exp(float x) {
 // its series to t^9 (error below 1e-9 before rounding). NaN stays NaN.
 SINKDLM_INLINE vfloat fast_log(vfloat x) {
   const vuint u = as_uint(x);
-  vint e = reinterpret_cast<const vint&>(u) >> 23;
+  vint e = std::bit_cast<vint>(u) >> 23;
   vfloat m = as_float((u & 0x7fffffu) | 0x3f800000u);
   const vint big = m > 1.41421356f;  // -1 where m is past sqrt(2)
   m = big ? m * 0.5f : m;
