@@ -114,12 +114,14 @@ void run_case(const Case& c, double tol) {
 TEST(AttentionMassCpu, MatchesDenseFloat64) {
   for (const Case& c :
        {Case{2, 4, 2, 70, 16, true, false, true}, Case{1, 3, 3, 1, 8, false, false, false},
-        Case{3, 2, 1, 65, 5, true, true, true}, Case{2, 2, 2, 9, 4, false, true, false}})
+        Case{3, 2, 1, 65, 5, true, true, true}, Case{2, 2, 2, 9, 4, false, true, false},
+        Case{1, 2, 2, 530, 8, true, false, true}})
     run_case<double>(c, 1e-12);
 }
 
 TEST(AttentionMassCpu, MatchesDenseFloat32) {
   run_case<float>(Case{2, 4, 2, 130, 32, true, true, true}, 2e-5);
+  run_case<float>(Case{1, 2, 1, 1100, 24, true, false, true}, 2e-5);  // several key blocks
 }
 
 TEST(AttentionMassCpu, RejectsInconsistentHeads) {
