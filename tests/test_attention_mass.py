@@ -98,6 +98,29 @@ def test_attention_mass_matches_dense(device, dtype, case, path, monkeypatch):
     torch.testing.assert_close(total, torch.ones_like(total), **tol)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_attention_mass_bfloat16_inputs_on_the_cpu(case):
+    """bfloat16 q and k go to the CPU kernel as they are (its scores on the BLAS's bfloat16
+    GEMM); the result is float32 and matches the dense form over the same rounded values."""
+    (q, k, _, sk, sl, kpm), scale = make_inputs(case, torch.float64, "cpu")
+    q16, k16 = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    lse = dense_lse(q16.double(), k16.double(), sk, sl, kpm, scale)
+    if kpm is not None:
+        lse = lse.masked_fill(~kpm[:, None, :], 0.0)
+    sk32, sl32 = (None if t is None else t.float() for t in (sk, sl))
+    args = (q16, k16, lse.float(), sk32, sl32, kpm, scale)
+    torch.library.opcheck(torch.ops.sinkdlm.attention_mass.default, args)
+    mass, sink_mass = attention_mass(
+        q16, k16, lse.float(), sk32, sink_logit=sl32, key_padding_mask=kpm, scale=scale
+    )
+    want, want_sink = attention_mass_reference(
+        q16.double(), k16.double(), sk, sink_logit=sl, key_padding_mask=kpm, scale=scale
+    )
+    assert mass.dtype == sink_mass.dtype == torch.float32
+    torch.testing.assert_close(mass.double(), want, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(sink_mass.double(), want_sink, rtol=2e-5, atol=1e-6)
+
+
 def test_attention_mass_with_lse_from_sink_attention():
     (q, k, _, sk, _, kpm), scale = make_inputs(CASES[0], torch.float64, "cpu", seed=3)
     v = torch.randn_like(k)
@@ -144,8 +167,11 @@ def test_attention_mass_bad_input():
         attention_mass(q, k, lse, key_padding_mask=kpm[:, :3])
     with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
         torch.ops.sinkdlm.attention_mass(q, k, lse, None, None, kpm[:, :3], scale)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32, float64 or bfloat16, got Half"):
         torch.ops.sinkdlm.attention_mass(q.half(), k.half(), lse.half(), None, None, None, scale)
+    with pytest.raises(TypeError, match="lse dtype Float, got BFloat16 and BFloat16"):
+        q16, k16 = q.bfloat16(), k.bfloat16()
+        torch.ops.sinkdlm.attention_mass(q16, k16, lse.bfloat16(), None, None, None, scale)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "common/half.h"
 #include "common/row_ops.h"
 
 namespace sinkdlm {
@@ -19,24 +21,32 @@ bool valid(const AttentionMassParams& p) {
   return p.q && p.k && p.lse && p.mass && p.sink_mass &&
          (p.dtype == ScalarType::kFloat32 || p.dtype == ScalarType::kFloat64) && p.batch >= 0 &&
          p.heads > 0 && p.kv_heads > 0 && p.heads % p.kv_heads == 0 && p.seq_len >= 0 &&
-         p.head_dim > 0;
+         p.head_dim > 0 && !(p.qk_bfloat16 && p.dtype != ScalarType::kFloat32);
 }
 
-// One thread's buffers, reused across its heads.
+// One thread's buffers, reused across its heads: K and a block of Q in T, and in bfloat16 where
+// the scores run on the bfloat16 GEMM.
 template <typename T>
 struct Scratch {
   std::vector<T> k, q, scores, block_sum;
+  std::vector<bfloat16> k16, q16;
   std::vector<double> acc;
 };
 
-// rows x D rows of x (row stride ls, element stride ds) copied densely into dst.
-template <typename T>
-void gather_rows(const T* x, int64_t ls, int64_t ds, int64_t rows, int64_t D, T* dst) {
+// rows x D rows of x (row stride ls, element stride ds) densely into dst, converted to Out.
+template <typename Out, typename In>
+void gather_rows(const In* x, int64_t ls, int64_t ds, int64_t rows, int64_t D, Out* dst) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = x[r * ls + d * ds];
+    for (int64_t d = 0; d < D; ++d) {
+      if constexpr (std::is_same_v<Out, In>)
+        dst[r * D + d] = x[r * ls + d * ds];
+      else
+        dst[r * D + d] = load<Out>(x[r * ls + d * ds]);
+    }
 }
 
-template <typename T>
+// In: the storage type of q and k (T, or bfloat16 with T float).
+template <typename In, typename T>
 void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, int64_t h,
               Scratch<T>& s) {
   const int64_t L = p.seq_len, D = p.head_dim;
@@ -47,33 +57,50 @@ void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, in
   for (int64_t i = 0; i < L; ++i) n_real += real(i) ? 1 : 0;
 
   const Strides4 &qs = p.q_stride, &ks = p.k_stride;
-  const T* qb = static_cast<const T*>(p.q) + b * qs.b + h * qs.h;
+  const In* qb = static_cast<const In*>(p.q) + b * qs.b + h * qs.h;
+  const In* kb = static_cast<const In*>(p.k) + b * ks.b + hk * ks.h;
   const T* lb = static_cast<const T*>(p.lse) + (b * p.heads + h) * L;
   const T* sk =
       p.sink_k ? static_cast<const T*>(p.sink_k) + b * p.sink_batch_stride + hk * D : nullptr;
   const T* sink_logit = static_cast<const T*>(p.sink_logit);
-  gather_rows(static_cast<const T*>(p.k) + b * ks.b + hk * ks.h, ks.l, ks.d, L, D, s.k.data());
+  // bfloat16 scores on the BLAS's bfloat16 GEMM where it has one, else q and k converted.
+  constexpr bool kBf16 = std::is_same_v<In, bfloat16>;
+  const bool on_bf16_gemm = kBf16 && ctx.bf16_gemm != nullptr;
+  if (on_bf16_gemm)
+    gather_rows(kb, ks.l, ks.d, L, D, s.k16.data());
+  else
+    gather_rows(kb, ks.l, ks.d, L, D, s.k.data());
   s.acc.assign(L, 0.0);
   double sink_acc = 0.0;
   const GemmFn<T> gemm = ctx.gemm<T>();
+  const T scale = static_cast<T>(p.scale);
 
   for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
     const int64_t m = std::min(kQueryBlock, L - i0);
     gather_rows(qb + i0 * qs.l, qs.l, qs.d, m, D, s.q.data());
+    if (on_bf16_gemm) gather_rows(qb + i0 * qs.l, qs.l, qs.d, m, D, s.q16.data());
     for (int64_t r = 0; r < m; ++r) {  // the sink is one more key, and the logit sink one more
       if (!real(i0 + r)) continue;
       const double lse_i = static_cast<double>(lb[i0 + r]);
       if (sk != nullptr) {
         const T dot = row::dot(s.q.data() + r * D, sk, D);
-        sink_acc += std::exp(static_cast<double>(dot * static_cast<T>(p.scale)) - lse_i);
+        sink_acc += std::exp(static_cast<double>(dot * scale) - lse_i);
       }
       if (sink_logit != nullptr) sink_acc += std::exp(static_cast<double>(sink_logit[h]) - lse_i);
     }
     for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, L - j0);
       T* scores = s.scores.data();
-      gemm(false, true, m, n, D, static_cast<T>(p.scale), s.q.data(), D, s.k.data() + j0 * D, D,
-           T(0), scores, n);
+      if constexpr (kBf16) {
+        if (on_bf16_gemm) {
+          ctx.bf16_gemm(false, true, m, n, D, scale, s.q16.data(), D, s.k16.data() + j0 * D, D,
+                        0.0f, scores, n);
+        } else {
+          gemm(false, true, m, n, D, scale, s.q.data(), D, s.k.data() + j0 * D, D, T(0), scores, n);
+        }
+      } else {
+        gemm(false, true, m, n, D, scale, s.q.data(), D, s.k.data() + j0 * D, D, T(0), scores, n);
+      }
       // P_ij = exp(S_ij - lse_i), summed over the block's real rows in T, then into the double
       // totals: a rounding error of at most kQueryBlock terms in float.
       T* block_sum = s.block_sum.data();
@@ -93,15 +120,21 @@ void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, in
   static_cast<T*>(p.sink_mass)[b * p.heads + h] = static_cast<T>(sink_acc * inv);
 }
 
-template <typename T>
+template <typename In, typename T>
 void all_heads(const AttentionMassParams& p, const CpuContext& ctx) {
   ctx.parallel_for(p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s;
-    s.k.resize(p.seq_len * p.head_dim);
+    const bool bf16 = std::is_same_v<In, bfloat16> && ctx.bf16_gemm != nullptr;
+    if (bf16) {
+      s.k16.resize(p.seq_len * p.head_dim);
+      s.q16.resize(kQueryBlock * p.head_dim);
+    } else {
+      s.k.resize(p.seq_len * p.head_dim);
+    }
     s.q.resize(kQueryBlock * p.head_dim);
     s.scores.resize(kQueryBlock * kKeyBlock);
     s.block_sum.resize(kKeyBlock);
-    for (int64_t bh = begin; bh < end; ++bh) one_head(p, ctx, bh / p.heads, bh % p.heads, s);
+    for (int64_t bh = begin; bh < end; ++bh) one_head<In>(p, ctx, bh / p.heads, bh % p.heads, s);
   });
 }
 
@@ -110,9 +143,11 @@ void all_heads(const AttentionMassParams& p, const CpuContext& ctx) {
 bool attention_mass_cpu(const AttentionMassParams& p, const CpuContext& ctx) {
   if (!valid(p)) return false;
   if (p.dtype == ScalarType::kFloat64)
-    all_heads<double>(p, ctx);
+    all_heads<double, double>(p, ctx);
+  else if (p.qk_bfloat16)
+    all_heads<bfloat16, float>(p, ctx);
   else
-    all_heads<float>(p, ctx);
+    all_heads<float, float>(p, ctx);
   return true;
 }
 

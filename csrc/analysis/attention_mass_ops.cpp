@@ -21,28 +21,31 @@ AttentionMassParams make_attention_mass_params(const at::Tensor& q, const at::Te
   TORCH_CHECK(k.size(0) == B && k.size(2) == L && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
               "attention_mass: k must be (B,Hkv,L,D) with H % Hkv == 0 for q ", q.sizes(), ", got ",
               k.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "attention_mass: q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && lse.scalar_type() == q.scalar_type(),
-              "attention_mass: k and lse must have q's dtype ", q.scalar_type(), ", got ",
-              k.scalar_type(), " and ", lse.scalar_type());
+  // bfloat16 q and k (CPU) keep their dtype for the score GEMMs; the rest is float32 then.
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || bf16,
+                   "attention_mass: q must be float32, float64 or bfloat16, got ", q.scalar_type());
+  const at::ScalarType acc = bf16 ? at::kFloat : q.scalar_type();
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && lse.scalar_type() == acc,
+                   "attention_mass: k must have q's dtype ", q.scalar_type(), " and lse dtype ",
+                   acc, ", got ", k.scalar_type(), " and ", lse.scalar_type());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == L,
               "attention_mass: lse must be (B,H,L) = (", B, ",", H, ",", L, "), got ", lse.sizes());
   std::vector<const at::Tensor*> all = {&k, &lse};
   if (sink_k.has_value()) {
     const at::Tensor& sk = *sink_k;
-    TORCH_CHECK(sk.scalar_type() == q.scalar_type(), "attention_mass: sink_k dtype must be ",
-                q.scalar_type(), ", got ", sk.scalar_type());
+    TORCH_CHECK(sk.scalar_type() == acc, "attention_mass: sink_k dtype must be ", acc, ", got ",
+                sk.scalar_type());
     const bool ok = (sk.dim() == 2 && sk.size(0) == Hkv && sk.size(1) == D) ||
                     (sk.dim() == 3 && sk.size(0) == B && sk.size(1) == Hkv && sk.size(2) == D);
     TORCH_CHECK(ok, "attention_mass: sink_k must be (Hkv,D) or (B,Hkv,D), got ", sk.sizes());
     all.push_back(&sk);
   }
   if (sink_logit.has_value()) {
-    TORCH_CHECK(sink_logit->dim() == 1 && sink_logit->size(0) == H &&
-                    sink_logit->scalar_type() == q.scalar_type(),
-                "attention_mass: sink_logit must be (H,) of dtype ", q.scalar_type(), ", got ",
-                sink_logit->sizes(), " ", sink_logit->scalar_type());
+    TORCH_CHECK(
+        sink_logit->dim() == 1 && sink_logit->size(0) == H && sink_logit->scalar_type() == acc,
+        "attention_mass: sink_logit must be (H,) of dtype ", acc, ", got ", sink_logit->sizes(),
+        " ", sink_logit->scalar_type());
     all.push_back(&*sink_logit);
   }
   if (key_padding_mask.has_value()) {
@@ -58,7 +61,8 @@ AttentionMassParams make_attention_mass_params(const at::Tensor& q, const at::Te
   }
 
   AttentionMassParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
+  p.dtype = kernel_dtype(acc);
+  p.qk_bfloat16 = bf16;
   p.batch = B, p.heads = H, p.kv_heads = Hkv, p.seq_len = L, p.head_dim = D, p.scale = scale;
   p.q = q.data_ptr(), p.q_stride = strides4(q);
   p.k = k.data_ptr(), p.k_stride = strides4(k);
@@ -82,8 +86,9 @@ AttentionMassParams make_attention_mass_params(const at::Tensor& q, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> attention_mass_outputs(const at::Tensor& q,
                                                           AttentionMassParams& p) {
-  at::Tensor mass = at::empty({p.batch, p.heads, p.seq_len}, q.options());
-  at::Tensor sink_mass = at::empty({p.batch, p.heads}, q.options());
+  const auto options = q.options().dtype(p.qk_bfloat16 ? at::kFloat : q.scalar_type());
+  at::Tensor mass = at::empty({p.batch, p.heads, p.seq_len}, options);
+  at::Tensor sink_mass = at::empty({p.batch, p.heads}, options);
   p.mass = mass.data_ptr();
   p.sink_mass = sink_mass.data_ptr();
   return {mass, sink_mass};

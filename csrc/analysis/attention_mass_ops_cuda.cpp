@@ -19,6 +19,9 @@ std::tuple<at::Tensor, at::Tensor> attention_mass_cuda_impl(
   AttentionMassParams p =
       make_attention_mass_params(q, k, lse, sink_k, sink_logit, key_padding_mask, scale, keep);
   TORCH_CHECK(q.device().is_cuda(), "attention_mass: CUDA kernel got q on ", q.device());
+  TORCH_CHECK_TYPE(!p.qk_bfloat16,
+                   "attention_mass: the CUDA kernel takes float32 or float64 q and k, got "
+                   "bfloat16 (sinkdlm.analysis.attention_mass converts them)");
   const c10::cuda::CUDAGuard guard(q.device());
   auto outputs = attention_mass_outputs(q, p);
   C10_CUDA_CHECK(attention_mass_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -13,6 +13,9 @@ namespace sinkdlm {
 // averaged over the S real query rows of each sequence (0 when S = 0); padded keys get 0.
 // sink_mass adds the key sink and the logit sink when both are given.
 struct AttentionMassParams : AttentionScoreParams {
+  // q and k are bfloat16 (the CPU kernel only; dtype stays float32 for everything else): the
+  // score GEMMs then run bfloat16 x bfloat16 -> float32.
+  bool qk_bfloat16 = false;
   const void* lse = nullptr;  // the call's log-sum-exp (B,H,L), contiguous, dtype
   void* mass = nullptr;
   void* sink_mass = nullptr;

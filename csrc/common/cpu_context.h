@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "common/half.h"
+
 namespace sinkdlm {
 
 namespace bf16 {
@@ -18,6 +20,12 @@ using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
                         const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                         int64_t ldc);
 
+// The same with bfloat16 A and B and a float C: the BLAS's mixed-precision GEMM (MKL's
+// gemm_bf16bf16f32, on AMX tiles or vdpbf16ps as the CPU has them).
+using GemmBf16Fn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                            float alpha, const bfloat16* a, int64_t lda, const bfloat16* b,
+                            int64_t ldb, float beta, float* c, int64_t ldc);
+
 // Runs fn(begin, end) over disjoint chunks covering [0, n), possibly in parallel, each chunk of
 // at least `grain` items where n allows (at::parallel_for's grain_size: small work stays on one
 // thread).
@@ -28,6 +36,8 @@ struct CpuContext {
   ParallelFor parallel_for;
   GemmFn<float> sgemm;
   GemmFn<double> dgemm;
+  // Null where the host's BLAS has no bfloat16 GEMM (then bfloat16 is converted for sgemm).
+  GemmBf16Fn bf16_gemm = nullptr;
   // bf16 x bf16 -> fp32 GEMM kernels for bf16 inputs; null: bf16 runs through sgemm.
   const bf16::Kernels* bf16 = nullptr;
 

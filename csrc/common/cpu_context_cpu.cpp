@@ -15,6 +15,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's (torch's x86 builds link it): bfloat16 as uint16_t bit patterns, a float C.
+void gemm_bf16bf16f32_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const uint16_t* a, const int* lda,
+                       const uint16_t* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
 }
 
 namespace sinkdlm {
@@ -42,10 +47,11 @@ template void reference_gemm<double>(bool, bool, int64_t, int64_t, int64_t, doub
 
 namespace {
 
-// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-template <typename T, typename Blas>
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands. In: the
+// element type of A and B as the BLAS takes it; T: that of C and the scalars.
+template <typename T, typename In, typename Blas>
 void blas_gemm(Blas blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
-               const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+               const In* a, int64_t lda, const In* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   const char ta = trans_b ? 'T' : 'N';
   const char tb = trans_a ? 'T' : 'N';
@@ -63,6 +69,13 @@ void sgemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, 
 void dgemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   blas_gemm<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void bf16_gemm_blas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                    const bfloat16* a, int64_t lda, const bfloat16* b, int64_t ldb, float beta,
+                    float* c, int64_t ldc) {
+  static_assert(sizeof(bfloat16) == sizeof(uint16_t));
+  blas_gemm<float>(gemm_bf16bf16f32_, ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a),
+                   lda, reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 }
 
 }  // namespace
@@ -111,6 +124,7 @@ CpuContext make_cpu_context(ParallelFor parallel_for) {
   ctx.parallel_for = std::move(parallel_for);
   ctx.sgemm = sgemm_ ? &sgemm_blas : &reference_gemm<float>;
   ctx.dgemm = dgemm_ ? &dgemm_blas : &reference_gemm<double>;
+  ctx.bf16_gemm = gemm_bf16bf16f32_ ? &bf16_gemm_blas : nullptr;
   ctx.bf16 = this_cpu_bf16_kernels();
   return ctx;
 }

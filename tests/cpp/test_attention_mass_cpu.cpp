@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "analysis/attention_mass_cpu.h"
+#include "common/half.h"
 
 namespace {
 
@@ -66,8 +67,24 @@ void reference(const Case& c, const std::vector<double>& q, const std::vector<do
     }
 }
 
+// A bfloat16 GEMM for the tests (no BLAS here): the inputs widened, then the reference GEMM.
+void reference_bf16_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                         const sinkdlm::bfloat16* a, int64_t lda, const sinkdlm::bfloat16* b,
+                         int64_t ldb, float beta, float* c, int64_t ldc) {
+  const auto widen = [](const sinkdlm::bfloat16* x, int64_t count) {
+    std::vector<float> out(count);
+    for (int64_t i = 0; i < count; ++i) out[i] = sinkdlm::to_float(x[i]);
+    return out;
+  };
+  const std::vector<float> af = widen(a, (ta ? k : m) * lda), bf = widen(b, (tb ? n : k) * ldb);
+  sinkdlm::reference_gemm<float>(ta, tb, m, n, k, alpha, af.data(), lda, bf.data(), ldb, beta, c,
+                                 ldc);
+}
+
+// bf16_qk: q and k stored as bfloat16 (the reference sees the same rounded values).
 template <typename T>
-void run_case(const Case& c, double tol) {
+void run_case(const Case& c, double tol, bool bf16_qk = false,
+              const sinkdlm::CpuContext& ctx = kTwoChunks) {
   std::mt19937 rng(1234 + c.L * 7 + c.D);
   std::normal_distribution<double> n01(0.0, 1.0);
   auto randn = [&](size_t n) {
@@ -82,6 +99,9 @@ void run_case(const Case& c, double tol) {
   if (c.padding)
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t i = L - b; i < L; ++i) mask[b * L + i] = 0;  // batch b has b padded tail tokens
+  if (bf16_qk)
+    for (std::vector<double>* v : {&q, &k})
+      for (double& x : *v) x = sinkdlm::to_float(sinkdlm::to_bfloat16(static_cast<float>(x)));
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   std::vector<double> want, want_sink, lse;
   reference(c, q, k, sk, sl, mask, scale, want, want_sink, lse);
@@ -97,15 +117,21 @@ void run_case(const Case& c, double tol) {
       std::is_same_v<T, double> ? sinkdlm::ScalarType::kFloat64 : sinkdlm::ScalarType::kFloat32;
   p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hkv, p.seq_len = L, p.head_dim = D;
   p.scale = scale;
-  p.q = qt.data(), p.q_stride = {c.H * L * D, L * D, D, 1};
-  p.k = kt.data(), p.k_stride = {c.Hkv * L * D, L * D, D, 1};
+  std::vector<sinkdlm::bfloat16> q16(q.size()), k16(k.size());
+  for (size_t i = 0; i < q.size(); ++i) q16[i] = sinkdlm::to_bfloat16(static_cast<float>(q[i]));
+  for (size_t i = 0; i < k.size(); ++i) k16[i] = sinkdlm::to_bfloat16(static_cast<float>(k[i]));
+  p.qk_bfloat16 = bf16_qk;
+  p.q = bf16_qk ? static_cast<const void*>(q16.data()) : qt.data();
+  p.q_stride = {c.H * L * D, L * D, D, 1};
+  p.k = bf16_qk ? static_cast<const void*>(k16.data()) : kt.data();
+  p.k_stride = {c.Hkv * L * D, L * D, D, 1};
   p.lse = lset.data();
   if (c.sink_k) p.sink_k = skt.data(), p.sink_batch_stride = 0;  // one sink for the batch
   if (c.sink_logit) p.sink_logit = slt.data();
   if (c.padding) p.key_padding_mask = mask_b.get();
   p.mass = mass.data();
   p.sink_mass = sink_mass.data();
-  ASSERT_TRUE(sinkdlm::attention_mass_cpu(p, kTwoChunks));
+  ASSERT_TRUE(sinkdlm::attention_mass_cpu(p, ctx));
   for (size_t i = 0; i < mass.size(); ++i) EXPECT_NEAR(mass[i], want[i], tol) << "key " << i;
   for (size_t i = 0; i < sink_mass.size(); ++i)
     EXPECT_NEAR(sink_mass[i], want_sink[i], tol) << "sink " << i;
@@ -122,6 +148,18 @@ TEST(AttentionMassCpu, MatchesDenseFloat64) {
 TEST(AttentionMassCpu, MatchesDenseFloat32) {
   run_case<float>(Case{2, 4, 2, 130, 32, true, true, true}, 2e-5);
   run_case<float>(Case{1, 2, 1, 1100, 24, true, false, true}, 2e-5);  // several key blocks
+}
+
+// bfloat16 q and k: through a bfloat16 GEMM where the context has one, else widened for sgemm.
+TEST(AttentionMassCpu, MatchesDenseBfloat16Inputs) {
+  sinkdlm::CpuContext with_bf16_gemm = kTwoChunks;
+  with_bf16_gemm.bf16_gemm = &reference_bf16_gemm;
+  sinkdlm::CpuContext without = kTwoChunks;
+  without.bf16_gemm = nullptr;
+  for (const sinkdlm::CpuContext* ctx : {&with_bf16_gemm, &without}) {
+    run_case<float>(Case{2, 4, 2, 130, 32, true, true, true}, 2e-5, true, *ctx);
+    run_case<float>(Case{1, 2, 1, 600, 16, true, false, false}, 2e-5, true, *ctx);
+  }
 }
 
 TEST(AttentionMassCpu, RejectsInconsistentHeads) {

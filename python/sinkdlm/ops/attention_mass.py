@@ -40,15 +40,19 @@ def attention_mass(q, k, lse, sink_k=None, *, sink_logit=None, key_padding_mask=
     check_attention_mass_args(q, k, lse, sink_k, sink_logit, key_padding_mask, scale)
     dtype = accumulation_dtype(q.dtype)
     scale = softmax_scale(scale, q.shape[-1])
+    native = has_native_kernel(_OP, q.device.type)
+    # bfloat16 q and k reach the CPU kernel as they are: its score GEMMs then run bfloat16 x
+    # bfloat16 -> float32 (the BLAS's, on AMX tiles where the CPU has them).
+    keep = native and q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16
     args = [
-        q.to(dtype),
-        k.to(dtype),
+        q if keep else q.to(dtype),
+        k if keep else k.to(dtype),
         lse.to(dtype),
         None if sink_k is None else sink_k.to(dtype),
         None if sink_logit is None else sink_logit.to(dtype),
         key_padding_mask,
     ]
-    if has_native_kernel(_OP, q.device.type):
+    if native:
         return torch.ops.sinkdlm.attention_mass(*args, scale)
     return _attention_mass_chunked(*args, scale)
 
@@ -85,7 +89,7 @@ def _attention_mass_chunked(q, k, lse, sink_k, sink_logit, key_padding_mask, sca
 @torch.library.register_fake(_OP)
 def _attention_mass_fake(q, k, lse, sink_k, sink_logit, key_padding_mask, scale):
     b, h, n, _ = q.shape
-    return q.new_empty(b, h, n), q.new_empty(b, h)
+    return lse.new_empty(b, h, n), lse.new_empty(b, h)  # lse's dtype: float32 for bfloat16 q
 
 
 def _attention_mass_backward(ctx, *grads):
