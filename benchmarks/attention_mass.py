@@ -105,7 +105,7 @@ def main(argv=None):
                 max_abs_diff=diff,
                 dense_over_sinkdlm=ms["dense"] / ms["sinkdlm"],
                 sinkdlm_over_attention=ms["sinkdlm"] / ms["attention"],
-            )  # fmt: skip
+            )
         )
     print("| dtype | D | L | B | sinkdlm ms | dense ms | attention fwd ms | dense / sinkdlm | "
           "sinkdlm / attention |")  # fmt: skip

@@ -24,14 +24,38 @@ bool valid(const AttentionMassParams& p) {
          p.head_dim > 0 && !(p.qk_bfloat16 && p.dtype != ScalarType::kFloat32);
 }
 
-// One thread's buffers, reused across its heads: K and a block of Q in T, and in bfloat16 where
-// the scores run on the bfloat16 GEMM.
+// One thread's buffers, reused across its heads: K and a block of Q, in T, or in bfloat16 where
+// the scores run on the bfloat16 GEMM (bf16_gemm; q is then also kept in T for the sink's dot).
 template <typename T>
 struct Scratch {
+  Scratch(const AttentionMassParams& p, bool on_bf16_gemm)
+      : bf16_gemm(on_bf16_gemm),
+        k(on_bf16_gemm ? 0 : p.seq_len * p.head_dim),
+        q(kQueryBlock * p.head_dim),
+        scores(kQueryBlock * kKeyBlock),
+        block_sum(kKeyBlock),
+        k16(on_bf16_gemm ? p.seq_len * p.head_dim : 0),
+        q16(on_bf16_gemm ? kQueryBlock * p.head_dim : 0) {}
+  bool bf16_gemm;
   std::vector<T> k, q, scores, block_sum;
   std::vector<bfloat16> k16, q16;
   std::vector<double> acc;
 };
+
+// scores = scale Q K[j0, j0 + n)^T (m x n, row stride n) from the rows the scratch holds.
+template <typename T>
+void score_block(const CpuContext& ctx, Scratch<T>& s, int64_t m, int64_t n, int64_t D, int64_t j0,
+                 T scale) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16_gemm) {
+      ctx.bf16_gemm(false, true, m, n, D, scale, s.q16.data(), D, s.k16.data() + j0 * D, D, 0.0f,
+                    s.scores.data(), n);
+      return;
+    }
+  }
+  ctx.gemm<T>()(false, true, m, n, D, scale, s.q.data(), D, s.k.data() + j0 * D, D, T(0),
+                s.scores.data(), n);
+}
 
 // rows x D rows of x (row stride ls, element stride ds) densely into dst, converted to Out.
 template <typename Out, typename In>
@@ -63,22 +87,18 @@ void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, in
   const T* sk =
       p.sink_k ? static_cast<const T*>(p.sink_k) + b * p.sink_batch_stride + hk * D : nullptr;
   const T* sink_logit = static_cast<const T*>(p.sink_logit);
-  // bfloat16 scores on the BLAS's bfloat16 GEMM where it has one, else q and k converted.
-  constexpr bool kBf16 = std::is_same_v<In, bfloat16>;
-  const bool on_bf16_gemm = kBf16 && ctx.bf16_gemm != nullptr;
-  if (on_bf16_gemm)
+  if (s.bf16_gemm)
     gather_rows(kb, ks.l, ks.d, L, D, s.k16.data());
   else
     gather_rows(kb, ks.l, ks.d, L, D, s.k.data());
   s.acc.assign(L, 0.0);
   double sink_acc = 0.0;
-  const GemmFn<T> gemm = ctx.gemm<T>();
   const T scale = static_cast<T>(p.scale);
 
   for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
     const int64_t m = std::min(kQueryBlock, L - i0);
     gather_rows(qb + i0 * qs.l, qs.l, qs.d, m, D, s.q.data());
-    if (on_bf16_gemm) gather_rows(qb + i0 * qs.l, qs.l, qs.d, m, D, s.q16.data());
+    if (s.bf16_gemm) gather_rows(qb + i0 * qs.l, qs.l, qs.d, m, D, s.q16.data());
     for (int64_t r = 0; r < m; ++r) {  // the sink is one more key, and the logit sink one more
       if (!real(i0 + r)) continue;
       const double lse_i = static_cast<double>(lb[i0 + r]);
@@ -90,17 +110,8 @@ void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, in
     }
     for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, L - j0);
+      score_block(ctx, s, m, n, D, j0, scale);
       T* scores = s.scores.data();
-      if constexpr (kBf16) {
-        if (on_bf16_gemm) {
-          ctx.bf16_gemm(false, true, m, n, D, scale, s.q16.data(), D, s.k16.data() + j0 * D, D,
-                        0.0f, scores, n);
-        } else {
-          gemm(false, true, m, n, D, scale, s.q.data(), D, s.k.data() + j0 * D, D, T(0), scores, n);
-        }
-      } else {
-        gemm(false, true, m, n, D, scale, s.q.data(), D, s.k.data() + j0 * D, D, T(0), scores, n);
-      }
       // P_ij = exp(S_ij - lse_i), summed over the block's real rows in T, then into the double
       // totals: a rounding error of at most kQueryBlock terms in float.
       T* block_sum = s.block_sum.data();
@@ -123,17 +134,8 @@ void one_head(const AttentionMassParams& p, const CpuContext& ctx, int64_t b, in
 template <typename In, typename T>
 void all_heads(const AttentionMassParams& p, const CpuContext& ctx) {
   ctx.parallel_for(p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s;
-    const bool bf16 = std::is_same_v<In, bfloat16> && ctx.bf16_gemm != nullptr;
-    if (bf16) {
-      s.k16.resize(p.seq_len * p.head_dim);
-      s.q16.resize(kQueryBlock * p.head_dim);
-    } else {
-      s.k.resize(p.seq_len * p.head_dim);
-    }
-    s.q.resize(kQueryBlock * p.head_dim);
-    s.scores.resize(kQueryBlock * kKeyBlock);
-    s.block_sum.resize(kKeyBlock);
+    // bfloat16 scores on the BLAS's bfloat16 GEMM where it has one, else q and k converted.
+    Scratch<T> s(p, std::is_same_v<In, bfloat16> && ctx.bf16_gemm != nullptr);
     for (int64_t bh = begin; bh < end; ++bh) one_head<In>(p, ctx, bh / p.heads, bh % p.heads, s);
   });
 }

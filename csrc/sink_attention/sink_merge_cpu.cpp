@@ -98,7 +98,7 @@ SINKDLM_INLINE void fwd_block_weights(FwdBlock<A>& k) {
     vstore(k.w_tok, e_tok * inv);
     vstore(k.w_sink, e_sink * inv);
     const vfloat lse = m + fast_log(sum);
-    vstore(k.lse, m == -std::numeric_limits<float>::infinity() ? m : lse);
+    vstore(k.lse, m == kNegInf<float> ? m : lse);
   } else {
     for (int64_t j = 0; j < kBlock; ++j) {
       const A m = std::max({k.lse_tok[j], k.s[j], k.lam[j]});
