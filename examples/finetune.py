@@ -92,7 +92,8 @@ def parse_args():
 
 
 def tiny_byte_model(seed):
-    """A random 2-layer bidirectional DLM over bytes (no download)."""
+    """A random 2-layer bidirectional DLM over bytes (no download); built by from_config, which
+    partitions it under a ZeRO-3 config as from_pretrained does."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=BYTE_VOCAB,
@@ -104,7 +105,7 @@ def tiny_byte_model(seed):
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
-    return transformers.LlamaForCausalLM(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def with_lora(model, rank):
@@ -207,27 +208,7 @@ class MaskedDiffusionTrainer(transformers.Trainer):
         return (loss, None) if return_outputs else loss
 
 
-def main():
-    args = parse_args()
-    model, tokenizer = load_model_and_tokenizer(args)
-    mask_id = args.mask_id
-    if mask_id is None:
-        mask_id = BYTE_VOCAB - 1 if tokenizer is None else tokenizer.mask_token_id
-    if mask_id is None:
-        raise SystemExit("the tokenizer has no mask token; pass --mask_id")
-    init = int(args.sink_init) if args.sink_init.isdigit() else args.sink_init
-    sinkdlm.hf.add_sink_token(
-        model, sink_position=args.sink_position, init=init, train_only_sink=args.train_only_sink
-    )
-    if args.lora:
-        model = with_lora(model, args.lora)
-
-    files = sorted({f for pattern in args.train_files for f in glob.glob(pattern)})
-    if args.packing:
-        dataset = TextDocuments(files, tokenizer, args.seq_len)
-        collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
-    else:
-        dataset, collator = TokenBlocks(files, tokenizer, args.seq_len), None
+def training_arguments(args):
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing
     fields = transformers.TrainingArguments.__dataclass_fields__
     checkpointing = (
@@ -235,7 +216,7 @@ def main():
         if "activation_checkpointing" in fields
         else "gradient_checkpointing"
     )
-    training_args = transformers.TrainingArguments(
+    return transformers.TrainingArguments(
         # non-reentrant: reentrant checkpoints cannot share the sink pass between layers
         **{
             checkpointing: args.gradient_checkpointing,
@@ -256,6 +237,33 @@ def main():
         deepspeed=args.deepspeed,
         dataloader_drop_last=True,
     )
+
+
+def main():
+    args = parse_args()
+    # Before the model: under a ZeRO-3 config this makes from_pretrained / from_config load each
+    # rank's partition only (deepspeed.zero.Init), not a whole model per rank; add_sink_token
+    # takes the partitioned model, and the Trainer's engine partitions the sink with the rest.
+    training_args = training_arguments(args)
+    model, tokenizer = load_model_and_tokenizer(args)
+    mask_id = args.mask_id
+    if mask_id is None:
+        mask_id = BYTE_VOCAB - 1 if tokenizer is None else tokenizer.mask_token_id
+    if mask_id is None:
+        raise SystemExit("the tokenizer has no mask token; pass --mask_id")
+    init = int(args.sink_init) if args.sink_init.isdigit() else args.sink_init
+    sinkdlm.hf.add_sink_token(
+        model, sink_position=args.sink_position, init=init, train_only_sink=args.train_only_sink
+    )
+    if args.lora:
+        model = with_lora(model, args.lora)
+
+    files = sorted({f for pattern in args.train_files for f in glob.glob(pattern)})
+    if args.packing:
+        dataset = TextDocuments(files, tokenizer, args.seq_len)
+        collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    else:
+        dataset, collator = TokenBlocks(files, tokenizer, args.seq_len), None
     trainer = MaskedDiffusionTrainer(
         model=model,
         args=training_args,

@@ -97,9 +97,29 @@ def _reference(variant):
 
 
 def _engine(variant):
-    model = _model(variant)
+    """``zero_init``: the model built partitioned (under ``deepspeed.zero.Init``, as the Trainer's
+    ``from_pretrained`` loads it under a ZeRO-3 config), then patched; the engine partitions the
+    sink embedding when it is built. Its reference is the plain model."""
+    if variant == "zero_init":
+        import sinkdlm.hf
+
+        # Built first outside zero.Init (which also imports modeling_llama outside it: zero.Init
+        # replaces tensor construction, which breaks the import of torch._dynamo that
+        # transformers' lazy import runs), then loaded into the partitioned model the way
+        # from_pretrained does under ZeRO-3 (zero.Init skips transformers' weight init).
+        weights = _tiny_llama().state_dict()
+        with deepspeed.zero.Init(config_dict_or_path=_config()):
+            base = _tiny_llama()
+        for name, param in base.named_parameters():
+            assert hasattr(param, "ds_id") and param.numel() == 0, name  # partitioned
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(weights[name])
+        model = sinkdlm.hf.add_sink_token(base).train()
+    else:
+        model = _model(variant)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config())
+    assert all(hasattr(p, "ds_id") for p in engine.module.parameters())  # the sink's too
     return engine
 
 
@@ -173,7 +193,7 @@ def _check_patching_a_partitioned_model_raises():
     model = _tiny_llama()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config())
-    with pytest.raises(ValueError, match="before DeepSpeed ZeRO-3 partitions the model"):
+    with pytest.raises(ValueError, match="before a DeepSpeed ZeRO-3 engine wraps the model"):
         sinkdlm.hf.add_sink_token(engine.module)
 
 
@@ -190,7 +210,7 @@ def _run_rank(rank, out_dir):
     )
     torch.set_num_threads(1)
     try:
-        for variant in ("plain", "checkpointing", "lora"):
+        for variant in ("plain", "checkpointing", "lora", "zero_init"):
             engine = _engine(variant)
             assert len(_trained_names(_unwrapped(engine.module))) > 0
             _check_training(engine, variant, rank)
@@ -209,7 +229,21 @@ def test_zero3_training_equals_one_process_and_checkpoints_reload(tmp_path):
 
 
 ZERO3_CHECK = """
+import sinkdlm.hf
+
+# The example creates its TrainingArguments first, so from_config loads the model partitioned
+# (deepspeed.zero.Init), and add_sink_token receives it so.
+partitioned_when_patched = []
+_add_sink_token = sinkdlm.hf.add_sink_token
+
+def recording_add_sink_token(model, **kwargs):
+    partitioned_when_patched.append(all(hasattr(p, "ds_id") for p in model.parameters()))
+    return _add_sink_token(model, **kwargs)
+
+sinkdlm.hf.add_sink_token = recording_add_sink_token
+
 def check(model):
+    assert partitioned_when_patched == [True], partitioned_when_patched
     # the Trainer's model: a ZeRO-3 engine, every parameter (the sink's too) partitioned
     assert type(model).__name__ == "DeepSpeedEngine", type(model)
     assert model.zero_optimization_stage() == 3
@@ -221,8 +255,9 @@ def check(model):
 
 def test_finetune_example_trains_under_zero3_with_the_shipped_config(tmp_path):
     """examples/finetune.py --deepspeed examples/deepspeed_zero3.json under torchrun, 2 CPU
-    ranks: the Trainer partitions the patched model with ZeRO-3, the sink trains, and the final
-    save (stage3_gather_16bit_weights_on_model_save) reloads with the sink."""
+    ranks: the model loads partitioned (zero.Init) and is patched so, the Trainer's ZeRO-3
+    engine partitions the sink with it, the sink trains, and the final save
+    (stage3_gather_16bit_weights_on_model_save) reloads with the sink."""
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_zero3.json"

@@ -135,18 +135,31 @@ def _full(tensor):
     return tensor if full_tensor is None else full_tensor()
 
 
+def _gathered(param):
+    """A context in which a parameter partitioned by DeepSpeed ZeRO-3 (``ds_id``: loaded under
+    ``deepspeed.zero.Init``) holds its whole value on every rank (a collective: every rank
+    enters it); a no-op for any other parameter."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
 def _initial_weight(model, init):
-    table = _full(model.get_input_embeddings().weight.detach())
-    if init == "mean":
-        return table.detach().float().mean(dim=0).to(table.dtype)
-    if init == "zeros":
-        return torch.zeros_like(table[0]).detach()
-    if isinstance(init, int) and not isinstance(init, bool):
-        if not 0 <= init < table.shape[0]:
-            raise ValueError(
-                f"init token id {init} is outside the vocabulary [0, {table.shape[0]})"
-            )
-        return table[init].detach().clone()
+    param = model.get_input_embeddings().weight
+    with _gathered(param):  # each branch returns a new tensor: the gathered one is freed after
+        table = _full(param.detach())
+        if init == "mean":
+            return table.float().mean(dim=0).to(table.dtype)
+        if init == "zeros":
+            return torch.zeros_like(table[0])
+        if isinstance(init, int) and not isinstance(init, bool):
+            if not 0 <= init < table.shape[0]:
+                raise ValueError(
+                    f"init token id {init} is outside the vocabulary [0, {table.shape[0]})"
+                )
+            return table[init].clone()
     raise ValueError(f"init must be 'mean', 'zeros' or a token id (int), got {init!r}")
 
 
@@ -355,10 +368,12 @@ def _weights_key(state):
 
 
 def _refuse_wrapped_first(model, inner):
-    """FSDP1 flattens the parameters it wraps, and DeepSpeed ZeRO-3 partitions them (each rank
-    holds an empty ``.data`` outside the modules' calls): a sink embedding added afterwards would
-    be left out of their sharding and gradient reduction, and its initial weight read from an
-    empty table."""
+    """FSDP1 flattens the parameters it wraps: a sink embedding added afterwards would be left out
+    of its sharding and gradient reduction. A DeepSpeed ZeRO-3 engine (``deepspeed.initialize``,
+    the Trainer's training set-up) registers its modules' gather hooks and its optimizer's
+    partitions once: a parameter added later would have neither. A model only partitioned by
+    ``deepspeed.zero.Init`` (``from_pretrained`` under a ZeRO-3 config) is accepted: the engine
+    partitions the sink embedding with the rest when it is built."""
     wrapped = [model, *inner.modules()]
     if any(type(m).__name__ == "FullyShardedDataParallel" for m in wrapped):
         raise ValueError(
@@ -366,11 +381,11 @@ def _refuse_wrapped_first(model, inner):
             "(FullyShardedDataParallel): patch first, then wrap (FSDP2's fully_shard accepts "
             "either order)"
         )
-    if any(hasattr(p, "ds_id") for p in inner.parameters()):
+    if any(hasattr(m, "ds_id") for m in wrapped):  # set on modules by the engine only
         raise ValueError(
-            "add_sink_token must run before DeepSpeed ZeRO-3 partitions the model: patch, then "
-            "deepspeed.initialize / Trainer (a model loaded under deepspeed.zero.Init, e.g. with "
-            "TrainingArguments(deepspeed=...) created first, is partitioned already)"
+            "add_sink_token must run before a DeepSpeed ZeRO-3 engine wraps the model: patch, "
+            "then deepspeed.initialize / Trainer (a model loaded under deepspeed.zero.Init may "
+            "be patched: the engine partitions the sink embedding with the rest)"
         )
 
 
