@@ -17,15 +17,27 @@
 #   - through the device tool, whose $OUT returns 8 files at most:
 #       bash scripts/device-check.sh /tmp/dc; rc=$?; tar -czf $OUT/device-check.tgz -C /tmp dc; exit $rc
 #
-# Environment (all optional): PYTHON (python3); SINKDLM_CUDA_ARCHS (default: this GPU's
-# architecture alone, e.g. 90-real: the default list's other architectures cannot run here);
-# SINKDLM_SANITIZER_TOOLS (default: memcheck; e.g. "memcheck racecheck initcheck");
+# Environment (all optional): SINKDLM_DEVICE_CHECK_PARTS (default "tests sanitizer bench": the
+# parts run after the build and the ops check, which always run; a second call on a machine still
+# warm rebuilds incrementally in build/device, e.g. SINKDLM_DEVICE_CHECK_PARTS="sanitizer bench"
+# after a first call whose deadline cut them); PYTHON (python3); SINKDLM_CUDA_ARCHS (default:
+# this GPU's architecture alone, e.g. 90-real: the default list's other architectures cannot run
+# here); SINKDLM_SANITIZER_TOOLS (default: memcheck; e.g. "memcheck racecheck initcheck");
 # CMAKE_BUILD_PARALLEL_LEVEL (default: the number of cores).
 set -uo pipefail
 if [ $# != 1 ]; then
   echo "usage: bash scripts/device-check.sh DIR   (logs and JSON are written to DIR)" >&2
   exit 2
 fi
+PARTS=" ${SINKDLM_DEVICE_CHECK_PARTS:-tests sanitizer bench} "
+for part in $PARTS; do
+  case $part in tests | sanitizer | bench) ;; *)
+    echo "SINKDLM_DEVICE_CHECK_PARTS: unknown part '$part' (expected: tests sanitizer bench)" >&2
+    exit 2
+    ;;
+  esac
+done
+wanted() { case $PARTS in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$1" || exit 2
 DIR=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -38,6 +50,7 @@ STEPS=$DIR/steps.tsv
 failed=0
 
 say() { echo "device-check: $*"; }
+
 
 # record NAME STATUS SECONDS NOTE: one line of steps.tsv (summary.json is made from it)
 record() {
@@ -128,31 +141,35 @@ fi
 step ops 60 "$PY" scripts/cuda_smoke.py --ops
 
 # ---- every CUDA test (the CUDA parameters of tests/devices.py are named "cuda") -----------------
-step tests 240 "$PY" -m pytest -q tests -k cuda -rfEs -p no:cacheprovider \
-  --junitxml "$DIR/pytest-cuda.xml"
+if wanted tests; then
+  step tests 240 "$PY" -m pytest -q tests -k cuda -rfEs -p no:cacheprovider \
+    --junitxml "$DIR/pytest-cuda.xml"
+fi
 
 # ---- compute-sanitizer over every kernel (scripts/cuda_smoke.py) --------------------------------
-sanitizer=$(command -v compute-sanitizer || true)
-for d in "${CUDA_HOME:-}" /usr/local/cuda; do
-  [ -z "$sanitizer" ] && [ -n "$d" ] && sanitizer=$(find "$d/" -maxdepth 2 -name compute-sanitizer -type f 2>/dev/null | head -n 1)
-done
-smoke_plain() { step smoke 90 "$PY" scripts/cuda_smoke.py --json "$DIR/smoke.json"; }
-if [ -z "$sanitizer" ]; then
-  say "WARNING: *** compute-sanitizer not found (PATH, \$CUDA_HOME, /usr/local/cuda): the kernels run without it ***"
-  record sanitizer skipped 0 "compute-sanitizer not found"
-  smoke_plain
-elif ! timeout 90 "$sanitizer" --tool memcheck --error-exitcode 3 \
-  "$PY" -c "import torch; torch.ones(8, device='cuda').sum().item()" >"$DIR/sanitizer_probe.log" 2>&1; then
-  # Seen on gVisor machines: "Device not supported". Not a fault of the kernels: run them plainly.
-  say "WARNING: *** compute-sanitizer cannot run on this machine (sanitizer_probe.log): the kernels run without it ***"
-  record sanitizer skipped 0 "$sanitizer cannot run here: $(grep -m1 -i error "$DIR/sanitizer_probe.log")"
-  smoke_plain
-else
-  # No caching allocator: each tensor is its own allocation, so an access past its end is caught.
-  for tool in ${SINKDLM_SANITIZER_TOOLS:-memcheck}; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_$tool" 180 "$sanitizer" --tool "$tool" \
-      --error-exitcode 3 --print-limit 50 "$PY" scripts/cuda_smoke.py --json "$DIR/smoke_$tool.json"
+if wanted sanitizer; then
+  sanitizer=$(command -v compute-sanitizer || true)
+  for d in "${CUDA_HOME:-}" /usr/local/cuda; do
+    [ -z "$sanitizer" ] && [ -n "$d" ] && sanitizer=$(find "$d/" -maxdepth 2 -name compute-sanitizer -type f 2>/dev/null | head -n 1)
   done
+  smoke_plain() { step smoke 90 "$PY" scripts/cuda_smoke.py --json "$DIR/smoke.json"; }
+  if [ -z "$sanitizer" ]; then
+    say "WARNING: *** compute-sanitizer not found (PATH, \$CUDA_HOME, /usr/local/cuda): the kernels run without it ***"
+    record sanitizer skipped 0 "compute-sanitizer not found"
+    smoke_plain
+  elif ! timeout 90 "$sanitizer" --tool memcheck --error-exitcode 3 \
+    "$PY" -c "import torch; torch.ones(8, device='cuda').sum().item()" >"$DIR/sanitizer_probe.log" 2>&1; then
+    # Seen on gVisor machines: "Device not supported". Not a fault of the kernels: run them plainly.
+    say "WARNING: *** compute-sanitizer cannot run on this machine (sanitizer_probe.log): the kernels run without it ***"
+    record sanitizer skipped 0 "$sanitizer cannot run here: $(grep -m1 -i error "$DIR/sanitizer_probe.log")"
+    smoke_plain
+  else
+    # No caching allocator: each tensor is its own allocation, so an access past its end is caught.
+    for tool in ${SINKDLM_SANITIZER_TOOLS:-memcheck}; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_$tool" 180 "$sanitizer" --tool "$tool" \
+        --error-exitcode 3 --print-limit 50 "$PY" scripts/cuda_smoke.py --json "$DIR/smoke_$tool.json"
+    done
+  fi
 fi
 
 # ---- CUDA benchmarks (they write benchmarks/results/, copied to DIR/bench/) ---------------------
@@ -169,12 +186,14 @@ bench() {  # bench NAME SCRIPT ARGS...
   find benchmarks/results -newer "$marker" -type f -exec cp {} "$DIR/bench/" \; 2>/dev/null
   rm -f "$marker"
 }
-bench remask benchmarks/remask.py --devices cuda --repeats 3
-# A slice of the README grid that fits the step's time (the whole grid: run it on its own).
-bench attention_cuda benchmarks/attention_cuda.py --lengths 4096 --head-dims 128 --reps 5
-# Issue 14's GPU rows at gen 512 (the ~125M preset, sliced head; each uncached run over 64 calls).
-bench generate benchmarks/generate.py --device cuda --preset issue --repeats 1 --heads sliced \
-  --gen-lengths 512 --no-cache-calls 64 --skip-threshold
+if wanted bench; then
+  bench remask benchmarks/remask.py --devices cuda --repeats 3
+  # A slice of the README grid that fits the step's time (the whole grid: run it on its own).
+  bench attention_cuda benchmarks/attention_cuda.py --lengths 4096 --head-dims 128 --reps 5
+  # Issue 14's GPU rows at gen 512 (the ~125M preset, sliced head; each uncached run over 64 calls).
+  bench generate benchmarks/generate.py --device cuda --preset issue --repeats 1 --heads sliced \
+    --gen-lengths 512 --no-cache-calls 64 --skip-threshold
+fi
 
 # ---- summary --------------------------------------------------------------------------------
 "$PY" - "$DIR" <<'EOF' || say "could not write summary.json"
