@@ -187,6 +187,24 @@ def _check_checkpoints(engine, rank, out_dir):
     dist.barrier()
 
 
+def _check_partitioned_reload(full_dir):
+    """``sinkdlm.hf.from_pretrained`` with a ZeRO-3 config active (``HfDeepSpeedConfig``, what
+    ``TrainingArguments(deepspeed=...)`` sets up): transformers loads the checkpoint partitioned,
+    and the saved sink embedding is restored onto it, equal to an unpartitioned reload's."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import sinkdlm.hf
+
+    want = sinkdlm.hf.from_pretrained(full_dir).model.sink_embedding.weight
+    ds_config = HfDeepSpeedConfig(_config())  # transformers holds it weakly: keep it alive
+    model = sinkdlm.hf.from_pretrained(full_dir)
+    del ds_config
+    sink = model.model.sink_embedding.weight
+    others = [n for n, p in model.named_parameters() if p is not sink and not hasattr(p, "ds_id")]
+    assert not others, others  # loaded partitioned; the sink waits for the engine
+    torch.testing.assert_close(sink, want, rtol=0, atol=0)
+
+
 def _check_patching_a_partitioned_model_raises():
     import sinkdlm.hf
 
@@ -216,6 +234,7 @@ def _run_rank(rank, out_dir):
             _check_training(engine, variant, rank)
             if variant == "plain":
                 _check_checkpoints(engine, rank, os.path.join(out_dir, "zero3"))
+                _check_partitioned_reload(os.path.join(out_dir, "zero3", "full"))
         _check_patching_a_partitioned_model_raises()
         dist.barrier()
     finally:
