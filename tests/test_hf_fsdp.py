@@ -268,9 +268,33 @@ spec.loader.exec_module(example)
 compute_loss = example.MaskedDiffusionTrainer.compute_loss
 
 losses = []
+rank = int(os.environ.get("RANK", "0"))
+record_dir, replay_dir = os.environ.get("RECORD_DIR"), os.environ.get("REPLAY_DIR")
+recorded = []
+replayed = None
+if replay_dir:  # every rank's recorded steps, rank by rank
+    import glob, torch
+    files = sorted(glob.glob(os.path.join(replay_dir, "steps.*.pt")))
+    replayed = [torch.load(f, weights_only=False) for f in files]
 
 def checked_compute_loss(self, model, inputs, **kwargs):
     check(model)
+    if replayed is not None:
+        # One process on the recorded global batch: each rank's inputs with the random state that
+        # drew its masks, the loss their mean (what averaging the ranks' gradients optimises).
+        import torch
+        step = len(losses)
+        halves = []
+        for steps in replayed:
+            step_inputs, rng = steps[step]
+            torch.set_rng_state(rng)
+            halves.append(compute_loss(self, model, step_inputs, **kwargs))
+        losses.append([h.item() for h in halves])
+        return torch.stack(halves).mean()
+    if record_dir:
+        import torch
+        recorded.append(({k: v.clone() for k, v in inputs.items()}, torch.get_rng_state()))
+        torch.save(recorded, os.path.join(record_dir, f"steps.{rank}.pt"))
     loss = compute_loss(self, model, inputs, **kwargs)
     losses.append(loss.item())
     return loss
@@ -328,7 +352,7 @@ def run_finetune_probe(tmp_path, check, launcher, example_args, env=None):
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "probe.py").write_text(check + FINETUNE_PROBE)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", *launcher, str(tmp_path / "probe.py")]
+    command = [sys.executable, *(["-m", *launcher] if launcher else []), str(tmp_path / "probe.py")]
     command += [str(root / "examples" / "finetune.py"), "--output_dir", str(out)]
     command += ["--max_steps", "3", "--batch_size", "2", "--seq_len", "32", "--lr", "1e-2"]
     command += ["--logging_steps", "1", "--save_steps", "1000", *example_args]
@@ -438,26 +462,39 @@ def test_accelerate_launch_trains_the_finetune_example(mode, tmp_path):
     _accelerate_run(mode, tmp_path)
 
 
-def test_accelerate_fsdp2_trains_to_the_losses_of_accelerate_ddp(tmp_path):
+def test_accelerate_fsdp2_trains_to_the_losses_of_one_process_and_of_accelerate_ddp(tmp_path):
     """The same command, the same 2 ranks, seeds and batches: accelerate's FSDP2 (forced on CPU)
     and its DDP give each rank the same loss at each of 3 steps, to LOSS_TOLERANCE (a
-    reduce-scatter instead of an all-reduce). The example draws its masks from each rank's RNG,
-    so the loss is compared between two 2-rank runs rather than with one process (the
-    fully_shard tests above do that with fixed masks)."""
+    reduce-scatter instead of an all-reduce). And one process, fed each step's global batch (both
+    ranks' recorded inputs, each with the random state that drew its masks, the loss their mean)
+    by the example's own Trainer (the same optimizer, schedule and clipping), gives each half the
+    FSDP2 rank's loss at every step."""
     pytest.importorskip("accelerate")
     import json
+
+    def rank_losses(run_dir, ranks):
+        return torch.tensor(
+            [json.loads((run_dir / f"losses.json.{r}").read_text()) for r in ranks],
+            dtype=torch.float64,
+        )
 
     losses = {}
     for mode in ("cpu-ddp", "cpu-fsdp2"):
         (tmp_path / mode).mkdir()
-        log = tmp_path / mode / "losses.json"
-        _accelerate_run(mode, tmp_path / mode, env=dict(LOSS_LOG=str(log)))
-        ranks = [json.loads((tmp_path / mode / f"losses.json.{r}").read_text()) for r in (0, 1)]
-        losses[mode] = torch.tensor(ranks, dtype=torch.float64)
+        env = dict(LOSS_LOG=str(tmp_path / mode / "losses.json"), RECORD_DIR=str(tmp_path / mode))
+        _accelerate_run(mode, tmp_path / mode, env=env)
+        losses[mode] = rank_losses(tmp_path / mode, (0, 1))
     assert losses["cpu-ddp"].shape == (2, 3), losses
     assert not torch.allclose(losses["cpu-ddp"][0], losses["cpu-ddp"][1])  # each its own batch
     assert not torch.allclose(losses["cpu-ddp"][:, 0], losses["cpu-ddp"][:, -1])  # it trains
     torch.testing.assert_close(losses["cpu-fsdp2"], losses["cpu-ddp"], **LOSS_TOLERANCE)
+
+    one = tmp_path / "one-process"
+    one.mkdir()
+    env = dict(LOSS_LOG=str(one / "losses.json"), REPLAY_DIR=str(tmp_path / "cpu-fsdp2"))
+    run_finetune_probe(one, "def check(model):\n    pass\n", [], ["--use_cpu"], env)
+    halves = rank_losses(one, (0,))[0].T  # (step, rank) -> (rank, step)
+    torch.testing.assert_close(halves, losses["cpu-fsdp2"], **LOSS_TOLERANCE)
 
 
 def _example():
